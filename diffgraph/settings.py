@@ -1,0 +1,64 @@
+"""One settings object, read from environment variables that all start with DIFFGRAPH_.
+
+Every component takes its paths and endpoints from here, so a test or a deployment changes
+behaviour by setting variables rather than by editing code.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PREFIX = "DIFFGRAPH_"
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(PREFIX + name)
+    return value if value not in (None, "") else default
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved configuration. Build it with :func:`get_settings`."""
+
+    home: Path
+    llm_base_url: str | None = None
+    llm_model: str | None = None
+    llm_api_key: str | None = None
+    chroma_url: str | None = None
+    db_url: str | None = None
+    ray_address: str | None = None
+    device: str = "auto"
+    allow_pickle: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def artifacts_dir(self) -> Path:
+        """Where images and downloaded/cached files of this home live."""
+        return self.home / "outputs"
+
+    @property
+    def torch_device(self) -> str:
+        """CUDA when present unless the user pinned a device."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def get_settings() -> Settings:
+    """Read the environment now (not at import), so tests can set variables per test."""
+    home = Path(_env("HOME", str(Path.home() / ".diffgraph"))).expanduser()
+    return Settings(
+        home=home,
+        llm_base_url=_env("LLM_BASE_URL"),
+        llm_model=_env("LLM_MODEL"),
+        llm_api_key=_env("LLM_API_KEY"),
+        chroma_url=_env("CHROMA_URL"),
+        db_url=_env("DB_URL"),
+        ray_address=_env("RAY_ADDRESS"),
+        device=_env("DEVICE", "auto"),
+        allow_pickle=_env("ALLOW_PICKLE", "0") in ("1", "true", "yes"),
+    )

@@ -1,0 +1,221 @@
+"""`diffgraph miniworld build`: train the whole mini world from seeds, in one process.
+
+Order: tokenizer -> VAE -> scorers -> base (UNet + text encoder) -> experts -> report.
+Everything lands in one artifacts folder with a manifest of sha256 hashes; the committed copy
+under miniworld/artifacts is what tests and the demo load, so nothing retrains at run time.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from . import domain, lora_files, models, scorers, training
+from .artifacts_io import ARTIFACTS
+from .experts import EXPERTS, ExpertSpec
+
+UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+TE_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+@dataclass
+class BuildConfig:
+    seed: int = 1234
+    vae_steps: int = 1500
+    base_steps: int = 4000
+    base_scenes: int = 30000
+    expert_scenes: int = 3000
+    expert_step_scale: float = 1.0
+    scorer_steps: int = 800
+    batch: int = 64
+    expert_batch: int = 48
+
+    @classmethod
+    def quick(cls) -> "BuildConfig":
+        """A smoke-test build (minutes, poor quality): exercises every step."""
+        return cls(vae_steps=30, base_steps=30, base_scenes=600, expert_scenes=200, expert_step_scale=0.05,
+                   scorer_steps=30, batch=16, expert_batch=16)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+
+
+def _train_scorers(vae, cfg: BuildConfig, rng: random.Random, progress: Progress, out: Path) -> None:
+    """Train the attribute classifier and MiniClip on clean and VAE-reconstructed images."""
+    from safetensors.torch import save_file
+
+    from diffgraph.text_embedding import embed
+
+    net, clip = scorers.AttributeNet(), scorers.MiniClip()
+    opt = torch.optim.AdamW(list(net.parameters()) + list(clip.parameters()), lr=2e-3)
+    task = progress.add_task("scorers", total=cfg.scorer_steps)
+    batch = cfg.batch
+    for step in range(cfg.scorer_steps):
+        scenes = [domain.sample_scene(rng, rare_rate=0.3) for _ in range(batch)]
+        x = training.render_batch(scenes)
+        if step % 2:  # half the batches go through the VAE, as generated images will
+            with torch.no_grad():
+                x = vae.decode(vae.encode(x).latent_dist.sample()).sample.clamp(-1, 1)
+        x = x + 0.03 * torch.randn_like(x)
+        logits = net(x)
+        loss = sum(F.cross_entropy(logits[a], torch.tensor([domain.ATTRIBUTES[a].index(s.attrs[a]) for s in scenes]))
+                   for a in domain.ATTRIBUTES)
+        texts = [domain.caption(s.attrs, rng) for s in scenes]
+        img_e, txt_e = clip(x, torch.as_tensor(embed(texts)))
+        sim = img_e @ txt_e.T * clip.logit_scale.exp()
+        labels = torch.arange(batch)
+        loss = loss + (F.cross_entropy(sim, labels) + F.cross_entropy(sim.T, labels)) / 2
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        progress.update(task, advance=1, description=f"scorers loss {loss.item():.3f}")
+    net.eval()
+    clip.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(out / "attribute_net.safetensors"))
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(out / "miniclip.safetensors"))
+    scorers.save_config(out)
+
+
+def _expert_data(spec: ExpertSpec, vae, cfg: BuildConfig, rng: random.Random) -> training.LatentSet:
+    n = cfg.expert_scenes
+    scenes = []
+    for _ in range(n):
+        force = spec.skill if (spec.skill and rng.random() < spec.skill_share) else None
+        scenes.append(domain.sample_scene(rng, rare_rate=0.06, force=force))
+    corrupt = random.Random(rng.randrange(2**31)) if spec.corrupt else None
+    return training.LatentSet(scenes, training.encode_scenes(vae, scenes, corrupt))
+
+
+def _train_lora(spec, base, tokenizer, scheduler, data, cfg, rng, progress, out_dir: Path) -> Path:
+    from peft import LoraConfig
+
+    unet, te = copy.deepcopy(base["unet"]), copy.deepcopy(base["text_encoder"])
+    unet_cfg = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, init_lora_weights="gaussian", target_modules=UNET_LORA_TARGETS)
+    te_cfg = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, init_lora_weights="gaussian", target_modules=TE_LORA_TARGETS)
+    unet.add_adapter(unet_cfg)
+    te.add_adapter(te_cfg)
+    params = [p for m in (unet, te) for n, p in m.named_parameters() if "lora_" in n]
+    for m in (unet, te):
+        for n, p in m.named_parameters():
+            p.requires_grad_("lora_" in n)
+    steps = max(5, int(spec.steps * cfg.expert_step_scale))
+    training.train_denoiser(unet=unet, text_encoder=te, tokenizer=tokenizer, scheduler=scheduler, data=data,
+                            params=params, steps=steps, lr=2e-3, batch=cfg.expert_batch, rng=rng,
+                            progress=progress, label=f"lora {spec.slug}")
+    path = out_dir / f"{spec.slug}.safetensors"
+    if spec.file_format == "kohya":
+        lora_files.save_kohya_lora(path, unet, te, spec.alpha, {"ss_network_dim": spec.rank, "ss_network_alpha": spec.alpha,
+                                                                "ss_base_model_version": "miniworld-sd"})
+    else:
+        lora_files.save_diffusers_lora(path, unet, te, unet_cfg, te_cfg)
+    return path
+
+
+def _train_ckpt(spec, base, tokenizer, scheduler, data, cfg, rng, progress, out_dir: Path) -> Path:
+    unet, te = copy.deepcopy(base["unet"]), copy.deepcopy(base["text_encoder"])
+    params = list(unet.parameters()) + list(te.parameters())
+    steps = max(5, int(spec.steps * cfg.expert_step_scale))
+    training.train_denoiser(unet=unet, text_encoder=te, tokenizer=tokenizer, scheduler=scheduler, data=data,
+                            params=params, steps=steps, lr=3e-4, batch=cfg.expert_batch, rng=rng,
+                            progress=progress, label=f"ckpt {spec.slug}")
+    path = out_dir / f"{spec.slug}.safetensors"
+    lora_files.save_single_file(path, unet, base["vae"], te, {"base_model": "miniworld-sd", "title": spec.title})
+    return path
+
+
+def _save_base(base: dict, tokenizer, out: Path) -> None:
+    """A diffusers folder in float16, with the tokenizer as vocab.json + merges.txt (small)."""
+    pipe = models.assemble_pipeline(base["unet"], base["vae"], base["text_encoder"], tokenizer)
+    pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
+    pipe.to(torch.float32)
+    tok_dir = out / "tokenizer"
+    shutil.rmtree(tok_dir)
+    models.clip_bpe_files(tok_dir)
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": models.MAX_TOKENS,
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>"}, indent=1))
+
+
+def build(out: Path = ARTIFACTS, cfg: BuildConfig | None = None, console: Console | None = None) -> dict:
+    """Rebuild every artifact into ``out`` (replacing it) and return the build report."""
+    cfg = cfg or BuildConfig()
+    console = console or Console()
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    started = time.time()
+    tmp = out.with_name(out.name + ".building")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "experts").mkdir(parents=True)
+    timings = {}
+    with _progress() as progress:
+        tokenizer = models.build_tokenizer(tmp / "_tok")
+        shutil.rmtree(tmp / "_tok")
+        base = models.new_components(cfg.seed)
+        t0 = time.time()
+        training.train_vae(base["vae"], cfg.vae_steps, cfg.batch, rng, progress)
+        probe = training.render_batch([domain.sample_scene(rng, rare_rate=0.25) for _ in range(512)])
+        with torch.no_grad():
+            std = base["vae"].encode(probe).latent_dist.mean.std().item()
+        base["vae"].register_to_config(scaling_factor=1.0 / std)
+        timings["vae_s"] = time.time() - t0
+
+        t0 = time.time()
+        _train_scorers(base["vae"], cfg, rng, progress, tmp / "scorers")
+        timings["scorers_s"] = time.time() - t0
+
+        t0 = time.time()
+        scenes = [domain.sample_scene(rng, rare_rate=0.06) for _ in range(cfg.base_scenes)]
+        data = training.LatentSet(scenes, training.encode_scenes(base["vae"], scenes))
+        params = list(base["unet"].parameters()) + list(base["text_encoder"].parameters())
+        training.train_denoiser(unet=base["unet"], text_encoder=base["text_encoder"], tokenizer=tokenizer,
+                                scheduler=base["scheduler"], data=data, params=params, steps=cfg.base_steps,
+                                lr=2e-3, batch=cfg.batch, rng=rng, progress=progress, label="base")
+        _save_base(base, tokenizer, tmp / "base")
+        timings["base_s"] = time.time() - t0
+
+        t0 = time.time()
+        experts = []
+        for spec in EXPERTS:
+            data = _expert_data(spec, base["vae"], cfg, rng)
+            train = _train_lora if spec.kind == "lora" else _train_ckpt
+            path = train(spec, base, tokenizer, base["scheduler"], data, cfg, rng, progress, tmp / "experts")
+            experts.append({"slug": spec.slug, "kind": spec.kind, "format": spec.file_format,
+                            "file": f"experts/{path.name}", "sha256": sha256_file(path), "bytes": path.stat().st_size})
+        timings["experts_s"] = time.time() - t0
+    timings["total_s"] = time.time() - started
+    manifest = {"base_model": "miniworld-sd", "base": "base", "scorers": "scorers", "experts": experts,
+                "build": {"config": asdict(cfg), "timings": timings, "torch": torch.__version__}}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    console.print(f"[green]mini world built in {timings['total_s'] / 60:.1f} min -> {out}")
+    return manifest
+
+
+def artifact_bytes(root: Path = ARTIFACTS) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+

@@ -1,0 +1,146 @@
+"""The toy-size Stable Diffusion the mini world is made of: configs, tokenizer and assembly.
+
+Every part is a stock diffusers/transformers class (UNet2DConditionModel, AutoencoderKL,
+CLIPTextModel, CLIPTokenizer, a standard scheduler), so whatever DiffGraph does to these
+models (LoRA loading, checkpoint merging, rendering) is what it does to real ones.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import torch
+
+LATENT_SIZE = 8
+TEXT_DIM = 16
+MAX_TOKENS = 77
+
+UNET_CONFIG = dict(
+    sample_size=LATENT_SIZE,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=TEXT_DIM,
+    attention_head_dim=8,
+    norm_num_groups=16,
+)
+VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(16, 32, 32),
+    latent_channels=4,
+    layers_per_block=1,
+    norm_num_groups=8,
+    sample_size=32,
+)
+TEXT_CONFIG = dict(
+    vocab_size=49408,
+    hidden_size=TEXT_DIM,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    max_position_embeddings=MAX_TOKENS,
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=49407,
+    projection_dim=TEXT_DIM,
+)
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    prediction_type="epsilon",
+    timestep_spacing="leading",
+    steps_offset=1,
+)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable-character table."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def clip_bpe_files(out_dir: Path) -> tuple[Path, Path]:
+    """Write CLIP's vocab.json and merges.txt from the BPE table shipped in open_clip_torch.
+
+    This is the same construction as OpenAI CLIP's SimpleTokenizer: 256 byte symbols, their
+    end-of-word variants, one symbol per merge, then the two special tokens (49408 in all).
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("open_clip_torch is needed to build the CLIP tokenizer: pip install --no-deps open_clip_torch")
+    bpe = Path(spec.origin).parent / "bpe_simple_vocab_16e6.txt.gz"
+    lines = gzip.open(bpe).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    merges = [tuple(line.split()) for line in lines]
+    symbols = list(_bytes_to_unicode().values())
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vocab_path, merges_path = out_dir / "vocab.json", out_dir / "merges.txt"
+    vocab_path.write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
+    merges_path.write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return vocab_path, merges_path
+
+
+def build_tokenizer(work_dir: Path):
+    """A real CLIPTokenizer over CLIP's BPE, built offline."""
+    from transformers import CLIPTokenizer
+
+    vocab_path, merges_path = clip_bpe_files(work_dir)
+    # transformers 5 takes vocab= and merges= (vocab_file= would be ignored silently)
+    vocab = json.loads(vocab_path.read_text())
+    merges = [tuple(line.split()) for line in merges_path.read_text().splitlines()[1:] if line]
+    tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS)
+    return tok
+
+
+def new_components(seed: int = 0) -> dict:
+    """Fresh, randomly initialised components (the starting point of the build)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    return dict(
+        unet=UNet2DConditionModel(**UNET_CONFIG),
+        vae=AutoencoderKL(**VAE_CONFIG),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG)),
+        scheduler=DDPMScheduler(**SCHEDULER_CONFIG, clip_sample=False),
+    )
+
+
+def assemble_pipeline(unet, vae, text_encoder, tokenizer, scheduler=None):
+    """A StableDiffusionPipeline around the given parts, with the sampler used for rendering."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    sched = DPMSolverMultistepScheduler(**SCHEDULER_CONFIG) if scheduler is None else scheduler
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=sched,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def load_base_pipeline(path: Path, device: str = "cpu"):
+    """Load a mini-world pipeline (a diffusers folder) offline, in float32 for the CPU."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(path), torch_dtype=torch.float32, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)

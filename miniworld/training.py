@@ -1,0 +1,109 @@
+"""Training loops of the mini world: the VAE, the denoiser (base, checkpoint and LoRA experts).
+
+Images are rendered from scenes, encoded once to latents, and captions are re-drawn at every
+step from the scene's attributes, so the text side sees many phrasings of the same picture.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.progress import Progress
+
+from . import domain
+from .models import MAX_TOKENS
+
+
+@dataclass
+class LatentSet:
+    """Scenes with their (scaled) latents, the training set of a denoiser."""
+
+    scenes: list
+    latents: torch.Tensor
+
+
+def render_batch(scenes, corrupt_rng: random.Random | None = None) -> torch.Tensor:
+    """Render scenes to a (N, 3, 32, 32) tensor in [-1, 1]; ``corrupt_rng`` damages images
+    (noise and colour swaps) to make the harmful expert's training data."""
+    images = [domain.render(s) for s in scenes]
+    arr = domain.to_tensor_array(images)
+    if corrupt_rng is not None:
+        g = np.random.default_rng(corrupt_rng.randrange(2**31))
+        arr = arr[:, g.permutation(3)] * 0.6 + g.normal(0, 0.45, arr.shape).astype(np.float32)
+    return torch.from_numpy(np.clip(arr, -1, 1).astype(np.float32))
+
+
+def train_vae(vae, steps: int, batch: int, rng: random.Random, progress: Progress) -> None:
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    task = progress.add_task("VAE", total=steps)
+    vae.train()
+    for _ in range(steps):
+        x = render_batch([domain.sample_scene(rng, rare_rate=0.25) for _ in range(batch)])
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-6 * post.kl().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        progress.update(task, advance=1, description=f"VAE loss {loss.item():.4f}")
+    vae.eval()
+
+
+@torch.no_grad()
+def encode_scenes(vae, scenes, corrupt_rng: random.Random | None = None, chunk: int = 512) -> torch.Tensor:
+    out = []
+    for i in range(0, len(scenes), chunk):
+        x = render_batch(scenes[i : i + chunk], corrupt_rng)
+        out.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
+    return torch.cat(out)
+
+
+def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
+    return tokenizer(texts, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
+
+
+def train_denoiser(
+    *, unet, text_encoder, tokenizer, scheduler, data: LatentSet, params, steps: int, lr: float, batch: int,
+    rng: random.Random, progress: Progress, label: str, drop_caption: float = 0.1,
+) -> list[float]:
+    """Epsilon-prediction training of ``params`` (the whole model, or only LoRA weights).
+
+    Captions are dropped to "" with probability ``drop_caption`` so classifier-free guidance
+    works at render time.
+    """
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    lr_sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=max(0.05, 2 / steps))
+    task = progress.add_task(label, total=steps)
+    unet.train()
+    text_encoder.train()
+    gen = torch.Generator().manual_seed(rng.randrange(2**31))
+    losses = []
+    n = len(data.scenes)
+    for _ in range(steps):
+        idx = [rng.randrange(n) for _ in range(batch)]
+        texts = ["" if rng.random() < drop_caption else domain.caption(data.scenes[i].attrs, rng) for i in idx]
+        latents = data.latents[idx]
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)
+        noisy = scheduler.add_noise(latents, noise, t)
+        cond = text_encoder(tokenize(tokenizer, texts))[0]
+        pred = unet(noisy, t, cond).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        lr_sched.step()
+        losses.append(loss.item())
+        if len(losses) % 10 == 0:
+            progress.update(task, advance=10, description=f"{label} loss {np.mean(losses[-50:]):.4f}")
+    progress.update(task, completed=steps)
+    unet.eval()
+    text_encoder.eval()
+    return losses

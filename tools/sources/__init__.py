@@ -1,0 +1,1 @@
+"""DiffGraph tools/sources."""
