@@ -11,7 +11,7 @@ DEFAULT_GUIDANCE = 5.0
 
 @torch.no_grad()
 def render(pipe, prompts: list[str], seeds: list[int], steps: int = DEFAULT_STEPS,
-           guidance: float = DEFAULT_GUIDANCE, batch: int = 32) -> list[Image.Image]:
+           guidance: float = DEFAULT_GUIDANCE, batch: int = 32, negative_prompt: str = "") -> list[Image.Image]:
     """One image per (prompt, seed). Each image has its own CPU generator, so an image does
     not depend on which batch it was rendered in."""
     if len(prompts) != len(seeds):
@@ -19,7 +19,8 @@ def render(pipe, prompts: list[str], seeds: list[int], steps: int = DEFAULT_STEP
     images: list[Image.Image] = []
     for i in range(0, len(prompts), batch):
         gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[i : i + batch]]
-        out = pipe(prompt=list(prompts[i : i + batch]), generator=gens, num_inference_steps=steps,
-                   guidance_scale=guidance, output_type="pil")
+        chunk = list(prompts[i : i + batch])
+        out = pipe(prompt=chunk, negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
+                   generator=gens, num_inference_steps=steps, guidance_scale=guidance, output_type="pil")
         images.extend(out.images)
     return images

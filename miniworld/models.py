@@ -141,6 +141,6 @@ def load_base_pipeline(path: Path, device: str = "cpu"):
     """Load a mini-world pipeline (a diffusers folder) offline, in float32 for the CPU."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(path), torch_dtype=torch.float32, local_files_only=True)
+    pipe = StableDiffusionPipeline.from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

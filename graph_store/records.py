@@ -1,0 +1,86 @@
+"""The typed values that flow from sources into the universal graph.
+
+A source (Civitai, Hugging Face, a local folder, the mini world's hub) yields ExpertRecords;
+the Graph Construction Agent enriches them (homepage text, skill description, local files)
+and the catalog stores them. Everything here is plain data, serialisable to JSON.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+Kind = Literal["ckpt", "lora"]
+Status = Literal["pending", "active", "rejected", "failed", "removed"]
+
+
+@dataclass
+class ExpertFile:
+    """One downloadable file of an expert version."""
+
+    name: str  # as published; never used as a path
+    url: str
+    sha256: str | None  # lower-case hex as published (None when the source publishes none)
+    size: int | None = None
+    primary: bool = True
+    local_path: str | None = None  # set once downloaded into the content-addressed store
+
+
+@dataclass
+class ExpertRecord:
+    """An expert version as a source describes it.
+
+    ``id`` is stable across runs: "<source>:<source_id>", so a re-crawl finds the same row,
+    and a new ``version`` of the same id replaces its predecessor.
+    """
+
+    source: str  # "civitai" | "hf" | "local"
+    source_id: str  # Civitai model id, HF repo id, or a file path for local
+    version: str  # Civitai version id, HF commit sha, or file sha256 for local
+    name: str
+    kind: Kind
+    base_model: str
+    files: list[ExpertFile] = field(default_factory=list)
+    homepage_url: str | None = None
+    trigger_words: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
+    license: dict = field(default_factory=dict)
+    published_at: str | None = None  # ISO 8601
+    source_description: str = ""  # the description text the API returned (untrusted)
+
+    @property
+    def id(self) -> str:
+        return f"{self.source}:{self.source_id}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ExpertRecord":
+        d = dict(d)
+        d["files"] = [ExpertFile(**f) for f in d.get("files", [])]
+        return cls(**d)
+
+
+# The structured skill description the Graph Construction Agent writes for an expert (by an
+# LLM or the offline brain). Fixed fields, each a list of short strings, so that code rather
+# than the LLM decides what a valid description is.
+DESCRIPTION_FIELDS = ("skills", "subjects", "styles", "visual_attributes", "trigger_words", "caveats")
+
+
+def check_description(description: dict) -> dict:
+    """Return ``description`` with every field present (missing ones empty), or raise ValueError.
+
+    Unknown keys and non-string items are errors rather than being dropped, so a malformed LLM
+    answer fails loudly at registration instead of reaching the catalog.
+    """
+    unknown = set(description) - set(DESCRIPTION_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown description fields: {sorted(unknown)}")
+    checked = {}
+    for key in DESCRIPTION_FIELDS:
+        items = description.get(key, [])
+        if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+            raise ValueError(f"description field {key!r} must be a list of strings")
+        checked[key] = list(items)
+    return checked

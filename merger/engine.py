@@ -1,0 +1,138 @@
+"""MergeEngine: recipe in, merged weights and image out, with the expensive parts cached.
+
+Merged bases are cached by the checkpoint part of the recipe and LoRA deltas by file, both in
+LRU caches bounded by bytes, so refining a prompt or changing only LoRA weights never re-merges
+checkpoints, and a server under load keeps its memory bounded.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .merge import MergeError, add_deltas, lora_deltas, merge_checkpoints
+from .recipe import BASE, MergeRecipe
+from .render import render
+
+COMPONENTS = ("unet", "vae", "text_encoder")
+SCHEDULERS = ("DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+              "DDIMScheduler", "PNDMScheduler", "UniPCMultistepScheduler")
+
+
+class ByteLRU:
+    """An LRU of tensor dicts whose total size stays under ``max_bytes``."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[str, tuple[dict, int]] = OrderedDict()
+        self.evictions = 0
+
+    @staticmethod
+    def _size(value: dict) -> int:
+        return sum(t.numel() * t.element_size() for t in value.values())
+
+    def get(self, key: str):
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key][0]
+        return None
+
+    def put(self, key: str, value: dict) -> None:
+        self._items[key] = (value, self._size(value))
+        self._items.move_to_end(key)
+        while len(self._items) > 1 and self.total_bytes > self.max_bytes:
+            self._items.popitem(last=False)
+            self.evictions += 1
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(size for _, size in self._items.values())
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def pipeline_state(pipe) -> dict[str, torch.Tensor]:
+    """The pipeline's weights as one flat dict with component prefixes ("unet.<param>")."""
+    return {f"{c}.{k}": v.detach().clone() for c in COMPONENTS for k, v in getattr(pipe, c).state_dict().items()}
+
+
+def load_state(pipe, state: dict[str, torch.Tensor]) -> None:
+    for c in COMPONENTS:
+        prefix = c + "."
+        getattr(pipe, c).load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
+
+
+class MergeEngine:
+    """Merges and renders recipes on one base architecture (one device, one render at a time)."""
+
+    def __init__(self, pipe, cache_bytes: int = 256 << 20):
+        self.pipe = pipe
+        self.base_state = pipeline_state(pipe)
+        self._scratch = None  # a copy of the pipeline where LoRA files are loaded to read their deltas
+        self.bases = ByteLRU(cache_bytes)
+        self.deltas = ByteLRU(cache_bytes // 2)
+        self.lock = threading.Lock()  # renders queue on the one device
+        self._loaded_key: str | None = None
+
+    @classmethod
+    def from_pretrained(cls, base_dir: Path, device: str = "cpu", **kw) -> "MergeEngine":
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(str(base_dir), dtype=torch.float32, local_files_only=True)
+        pipe.set_progress_bar_config(disable=True)
+        return cls(pipe.to(device), **kw)
+
+    def merged_base(self, recipe: MergeRecipe) -> dict[str, torch.Tensor]:
+        """sum_i softmax(w_ckpt)_i W_i (the base itself when the recipe names no checkpoint)."""
+        if not recipe.checkpoints:
+            return self.base_state
+        key = recipe.checkpoint_key()
+        cached = self.bases.get(key)
+        if cached is None:
+            inputs = [(self.base_state if c.name == BASE else Path(c.path), w) for c, w in recipe.checkpoint_weights()]
+            cached = merge_checkpoints(inputs)
+            if set(cached) != set(self.base_state):
+                raise MergeError("a checkpoint's tensors do not match the base model's architecture")
+            self.bases.put(key, cached)
+        return cached
+
+    def lora_delta(self, path: Path, sha256: str | None = None) -> dict[str, torch.Tensor]:
+        key = sha256 or str(Path(path).resolve())
+        cached = self.deltas.get(key)
+        if cached is None:
+            if self._scratch is None:
+                self._scratch = copy.deepcopy(self.pipe)
+            cached = lora_deltas(self._scratch, Path(path))
+            self.deltas.put(key, cached)
+        return cached
+
+    def weights(self, recipe: MergeRecipe) -> dict[str, torch.Tensor]:
+        base = self.merged_base(recipe)
+        return add_deltas(base, [(self.lora_delta(Path(e.path), e.sha256), w) for e, w in recipe.lora_weights()])
+
+    def render(self, recipe: MergeRecipe) -> Image.Image:
+        """Merge (cached) and render one image; deterministic for a recipe on one machine."""
+        with self.lock:
+            weights = self.weights(recipe)
+            key = recipe.checkpoint_key() + repr([(e.name, e.sha256, w) for e, w in recipe.lora_weights()])
+            if key != self._loaded_key:
+                load_state(self.pipe, weights)
+                self._loaded_key = key
+            self._use_scheduler(recipe.scheduler)
+            return render(self.pipe, [recipe.prompt], [recipe.seed], steps=recipe.steps, guidance=recipe.guidance,
+                          negative_prompt=recipe.negative_prompt)[0]
+
+    def _use_scheduler(self, name: str) -> None:
+        if type(self.pipe.scheduler).__name__ == name:
+            return
+        if name not in SCHEDULERS:
+            raise MergeError(f"unknown scheduler {name!r}; known: {', '.join(SCHEDULERS)}")
+        import diffusers
+
+        self.pipe.scheduler = getattr(diffusers, name).from_config(self.pipe.scheduler.config)

@@ -1,0 +1,73 @@
+"""MergeRecipe: everything needed to rebuild a merged model and re-render an image.
+
+Coefficients are stored raw (as the planner produced them); the effective weights follow the
+paper: checkpoints mix as softmax(w_ckpt)_i W_i and LoRA deltas add as softmax(w_peft)_j dW_j.
+A recipe is small JSON, embedded in every PNG, so any image can be replayed bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+BASE = "base"  # a checkpoint entry with this name means "the base model's own weights"
+
+
+@dataclass
+class ExpertWeight:
+    name: str  # expert id (e.g. "civitai:12" or a mini-world slug) or BASE
+    coefficient: float
+    path: str | None = None  # local safetensors file (None for BASE)
+    sha256: str | None = None
+
+
+@dataclass
+class MergeRecipe:
+    base_model: str
+    prompt: str
+    checkpoints: list[ExpertWeight] = field(default_factory=list)
+    loras: list[ExpertWeight] = field(default_factory=list)
+    seed: int = 0
+    steps: int = 20
+    guidance: float = 5.0
+    scheduler: str = "DPMSolverMultistepScheduler"
+    negative_prompt: str = ""
+    width: int = 32
+    height: int = 32
+
+    @staticmethod
+    def softmax(values: list[float]) -> list[float]:
+        if not values:
+            return []
+        m = max(values)
+        exps = [math.exp(v - m) for v in values]
+        total = sum(exps)
+        return [e / total for e in exps]
+
+    def checkpoint_weights(self) -> list[tuple[ExpertWeight, float]]:
+        return list(zip(self.checkpoints, self.softmax([c.coefficient for c in self.checkpoints])))
+
+    def lora_weights(self) -> list[tuple[ExpertWeight, float]]:
+        return list(zip(self.loras, self.softmax([c.coefficient for c in self.loras])))
+
+    def checkpoint_key(self) -> str:
+        """Identity of the merged base: what the merged-base cache is keyed by."""
+        parts = [(c.name, c.sha256, round(w, 8)) for c, w in self.checkpoint_weights()]
+        return json.dumps([self.base_model, parts])
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["effective"] = {"checkpoints": {c.name: w for c, w in self.checkpoint_weights()},
+                          "loras": {c.name: w for c, w in self.lora_weights()}}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MergeRecipe":
+        d = {k: v for k, v in d.items() if k != "effective"}
+        d["checkpoints"] = [ExpertWeight(**c) for c in d.get("checkpoints", [])]
+        d["loras"] = [ExpertWeight(**c) for c in d.get("loras", [])]
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)

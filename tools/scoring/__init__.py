@@ -1,0 +1,12 @@
+"""Pluggable image-quality metric suites (the calibration edge features and the planner's reward).
+
+A suite has ``names`` and ``score(images, prompts) -> list[list[float]]`` (one vector per image,
+in ``names`` order). ``get_suite`` picks one by name: "miniworld" (the mini scorers) or "real"
+(CLIP Score, ImageReward, Aesthetic, PickScore, HPSv2.1 from local weights).
+"""
+
+from __future__ import annotations
+
+from .base import MetricSuite, get_suite
+
+__all__ = ["MetricSuite", "get_suite"]

@@ -1,0 +1,130 @@
+"""A client for the Civitai REST API v1 (https://developer.civitai.com/docs/api/public-rest).
+
+It walks ``/api/v1/models`` with cursor pagination and turns each model into one
+ExpertRecord: the model's newest version that passes the filters (Civitai lists versions
+newest first). One record per model, not per version, because the record's id is the model
+("civitai:<modelId>") and a newer version replaces its predecessor in the graph; yielding
+every version would let an old one overwrite the new. Only LoRA-like and checkpoint types
+map to experts.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from diffgraph.graph_store.records import ExpertFile, ExpertRecord
+
+from .base import Since, as_utc, newest
+from .download import ContentStore
+from .errors import ApiError
+from .http import Api, RetryPolicy
+
+DEFAULT_URL = "https://civitai.com"
+TOKEN_ENV = "DIFFGRAPH_CIVITAI_TOKEN"
+KINDS = {"LORA": "lora", "LoCon": "lora", "DoRA": "lora", "Checkpoint": "ckpt"}
+MODEL_FILE_TYPES = {"Model", "Pruned Model"}  # not "Training Data", "Config", "VAE", ...
+LICENSE_FIELDS = ("allowNoCredit", "allowCommercialUse", "allowDerivatives", "allowDifferentLicense")
+
+
+class CivitaiSource:
+    """Civitai at ``base_url`` (the real site by default); the API token, if any, comes from
+    ``token`` or DIFFGRAPH_CIVITAI_TOKEN and is sent as a Bearer header to that host only."""
+
+    name = "civitai"
+
+    def __init__(self, base_url: str | None = None, *, token: str | None = None,
+                 retry: RetryPolicy | None = None):
+        self.api = Api(self.name, base_url or DEFAULT_URL, token=token or os.environ.get(TOKEN_ENV),
+                       retry=retry)
+
+    @property
+    def base_url(self) -> str:
+        return self.api.base_url
+
+    def iter_models(self, *, types: Iterable[str] = ("LORA", "Checkpoint"),
+                    base_models: Iterable[str] | None = None, since: Since = None,
+                    limit: int = 100) -> Iterator[ExpertRecord]:
+        """Every model of the given Civitai ``types`` (and ``base_models``, if given) whose
+        newest matching version was published or updated at or after ``since``; ``limit`` is
+        the page size (Civitai allows at most 100)."""
+        types, bases, since = list(types), set(base_models or ()), as_utc(since)
+        params = [("limit", limit), ("sort", "Newest")]
+        params += [("types", t) for t in types] + [("baseModels", b) for b in sorted(bases)]
+        for model in self._walk(params):
+            if model.get("type") not in types:
+                continue  # the API filtered on types already; a mirror might not have
+            version = self._pick_version(model, bases, since)
+            if version is not None:
+                yield self.record(model, version)
+
+    def _walk(self, params: list) -> Iterator[dict]:
+        """Items of every page. A cursor goes back to our own endpoint with our parameters;
+        a bare ``nextPage`` is followed only on the API's own origin (it would get the token)."""
+        url, query, seen = "/api/v1/models", params, set()
+        while True:
+            page, _ = self.api.get_json(url, query)
+            if not isinstance(page, dict) or not isinstance(page.get("items"), list):
+                raise ApiError(f"civitai: GET {url} answered no 'items' list")
+            yield from page["items"]
+            metadata = page.get("metadata") or {}
+            if metadata.get("nextCursor"):
+                url, query = "/api/v1/models", params + [("cursor", str(metadata["nextCursor"]))]
+            elif metadata.get("nextPage"):
+                url, query = str(metadata["nextPage"]), None
+                if not self.api.same_origin(url):
+                    raise ApiError(f"civitai: refusing to follow nextPage to another host: {url}")
+            else:
+                return
+            if (url, str(query)) in seen:
+                raise ApiError(f"civitai: pagination does not advance ({url})")
+            seen.add((url, str(query)))
+
+    @staticmethod
+    def _pick_version(model: dict, bases: set[str], since) -> dict | None:
+        for version in model.get("modelVersions") or []:
+            if bases and version.get("baseModel") not in bases:
+                continue
+            changed = newest(version.get("publishedAt"), version.get("updatedAt"), version.get("createdAt"))
+            if since is not None and (changed is None or changed < since):
+                return None  # the newest matching version is older: nothing new in this model
+            return version
+        return None
+
+    def record(self, model: dict, version: dict) -> ExpertRecord:
+        """One model version as an ExpertRecord, in Civitai's v1 field names."""
+        model_id = model["id"]
+        return ExpertRecord(
+            source=self.name, source_id=str(model_id), version=str(version["id"]),
+            name=str(model.get("name") or model_id), kind=KINDS[model["type"]],
+            base_model=str(version.get("baseModel") or "unknown"),
+            files=[_file(f) for f in version.get("files") or [] if f.get("type", "Model") in MODEL_FILE_TYPES],
+            homepage_url=f"{self.base_url}/models/{model_id}/{_slug(str(model.get('name', '')))}",
+            trigger_words=[w for w in version.get("trainedWords") or [] if isinstance(w, str)],
+            tags=[t["name"] if isinstance(t, dict) else str(t) for t in model.get("tags") or []],
+            license={k: model[k] for k in LICENSE_FIELDS if k in model},
+            published_at=version.get("publishedAt") or version.get("createdAt"),
+            source_description=str(model.get("description") or ""),
+        )
+
+    def download(self, file: ExpertFile, store: ContentStore) -> Path:
+        return store.fetch(file, self.api.client, self.api.retry)
+
+    def close(self) -> None:
+        self.api.close()
+
+
+def _file(f: dict) -> ExpertFile:
+    sha256 = (f.get("hashes") or {}).get("SHA256")
+    size_kb = f.get("sizeKB")
+    return ExpertFile(name=str(f.get("name", "")), url=str(f.get("downloadUrl", "")),
+                      sha256=sha256.lower() if isinstance(sha256, str) else None,
+                      size=round(size_kb * 1024) if isinstance(size_kb, (int, float)) else None,
+                      primary=bool(f.get("primary", True)))
+
+
+def _slug(name: str) -> str:
+    """Civitai's decorative URL slug: lower-case words joined by dashes (the id decides)."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "model"

@@ -1,0 +1,213 @@
+"""The content-addressed store every expert file lands in: ``<home>/blobs/sha256/<aa>/<hash>``.
+
+Addressing by the published sha256 makes a download idempotent (a file already there is not
+fetched again, whichever source or name it came under) and makes verification the only way in:
+bytes stream into ``<hash>.partial`` beside their final place, resume from there after a cut
+(HTTP Range), and are renamed into place atomically only once their sha256 matches and, for
+safetensors, their header checks out. Nothing an API says is used as a path: the store's paths
+come from the hash alone (checked to be 64 hex digits), and file names are only checked for
+what they claim to be. Pickle files (.ckpt, .pt, .pth, .bin) can run code when loaded, so they
+are refused unless the caller opts in, and :func:`load_weights` then uses
+``torch.load(weights_only=True)``. One process writes a store at a time (the agent's run lock).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path, PurePosixPath
+
+import httpx
+
+from diffgraph.graph_store.records import ExpertFile
+from diffgraph.settings import get_settings
+
+from .errors import DownloadError, IntegrityError, UnsafeFileError
+from .http import RetryPolicy, TransientStatus, check_status, describe_status, retry_call
+from .validate import looks_like_safetensors, validate_safetensors
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+DEFAULT_MAX_BYTES = 64 * 2**30  # larger than any single-file checkpoint we know of
+CHUNK = 1 << 20
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def safe_name(name: str) -> PurePosixPath:
+    """An API-supplied file name, accepted only as a plain relative POSIX path (Hub repos have
+    folders, "unet/x.safetensors"); anything that could point elsewhere is refused."""
+    reason = None
+    if not isinstance(name, str) or not name:
+        reason = "empty"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in name):
+        reason = "control character or NUL"
+    elif "\\" in name or ":" in name:
+        reason = "backslash or drive/stream separator"
+    elif name.startswith("/"):
+        reason = "absolute path"
+    elif any(part in ("", ".", "..") for part in name.split("/")):
+        reason = "'.', '..' or empty path component"
+    if reason:
+        raise UnsafeFileError(f"unsafe file name {name!r}: {reason}")
+    return PurePosixPath(name)
+
+
+def checked_sha256(file: ExpertFile) -> str:
+    """The published sha256, lower-cased; the store's paths are built from it, so it must be
+    exactly 64 hex digits."""
+    digest = (file.sha256 or "").strip().lower()
+    if not _SHA256.fullmatch(digest):
+        raise UnsafeFileError(f"{file.name!r}: no usable published sha256 ({file.sha256!r}); refusing an unverifiable file")
+    return digest
+
+
+class ContentStore:
+    """Files by sha256 under ``<home>/blobs/sha256``. ``home`` defaults to DIFFGRAPH_HOME and
+    ``allow_pickle`` to DIFFGRAPH_ALLOW_PICKLE; ``max_bytes`` bounds any single file."""
+
+    def __init__(self, home: str | Path | None = None, *, allow_pickle: bool | None = None,
+                 max_bytes: int = DEFAULT_MAX_BYTES):
+        settings = get_settings()
+        self.home = Path(home) if home is not None else settings.home
+        self.root = self.home / "blobs" / "sha256"
+        self.allow_pickle = settings.allow_pickle if allow_pickle is None else allow_pickle
+        self.max_bytes = max_bytes
+
+    def path(self, sha256: str) -> Path:
+        return self.root / sha256[:2] / sha256
+
+    def get(self, sha256: str) -> Path | None:
+        """The stored file with this sha256, if present."""
+        path = self.path(sha256.lower())
+        return path if _SHA256.fullmatch(sha256.lower()) and path.is_file() else None
+
+    def admit(self, file: ExpertFile) -> str:
+        """Everything that can be refused before a byte is fetched; returns the sha256."""
+        name = safe_name(file.name)
+        suffix = name.suffix.lower()
+        if suffix in PICKLE_SUFFIXES and not self.allow_pickle:
+            raise UnsafeFileError(f"{file.name!r} is a pickle file, which can run code when loaded; refused "
+                                  "(opt in with DIFFGRAPH_ALLOW_PICKLE=1 to load it with weights_only=True)")
+        if suffix != ".safetensors" and suffix not in PICKLE_SUFFIXES:
+            raise UnsafeFileError(f"{file.name!r}: not a weights file (.safetensors or, opted in, a pickle)")
+        if file.size is not None and file.size > self.max_bytes:
+            raise UnsafeFileError(f"{file.name!r}: {file.size} bytes is over the {self.max_bytes}-byte limit")
+        return checked_sha256(file)
+
+    def fetch(self, file: ExpertFile, client: httpx.Client, retry: RetryPolicy | None = None) -> Path:
+        """Download ``file.url`` into the store (resuming a previous partial download), verify
+        it and return its path. Refusals raise UnsafeFileError, a sha256 mismatch
+        IntegrityError (nothing is kept), a network failure DownloadError (the partial file is
+        kept for the next attempt)."""
+        sha256 = self.admit(file)
+        if found := self.get(sha256):
+            return found
+        if httpx.URL(file.url).scheme not in ("http", "https"):
+            raise UnsafeFileError(f"{file.name!r}: refusing to download from {file.url!r} (not http/https)")
+        retry = retry or RetryPolicy()
+        partial = self._partial(sha256)
+        hasher = _Resumable(partial, self.max_bytes, file.name)
+        try:
+            retry_call(lambda: hasher.attempt(client, file.url), retry)
+        except TransientStatus as exc:
+            raise DownloadError(f"{file.name!r}: download from {file.url} failed after {retry.attempts} attempts: {exc}") from exc
+        except httpx.TransportError as exc:
+            raise DownloadError(f"{file.name!r}: download from {file.url} failed after {retry.attempts} attempts: "
+                                f"{type(exc).__name__}: {exc}") from exc
+        except UnsafeFileError:
+            partial.unlink(missing_ok=True)
+            raise
+        return self._commit(partial, file, sha256, hasher.hexdigest())
+
+    def ingest(self, source: str | Path, file: ExpertFile) -> Path:
+        """Copy a local file into the store under the same checks as a download."""
+        sha256 = self.admit(file)
+        if found := self.get(sha256):
+            return found
+        partial = self._partial(sha256)
+        hasher = hashlib.sha256()
+        with open(source, "rb") as src, open(partial, "wb") as dst:
+            while chunk := src.read(CHUNK):
+                hasher.update(chunk)
+                dst.write(chunk)
+        return self._commit(partial, file, sha256, hasher.hexdigest())
+
+    def _partial(self, sha256: str) -> Path:
+        path = self.path(sha256).with_suffix(".partial")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _commit(self, partial: Path, file: ExpertFile, expected: str, actual: str) -> Path:
+        """Verify, then move into place atomically; a file failing any check is deleted."""
+        try:
+            if actual != expected:
+                raise IntegrityError(f"{file.name!r}: sha256 mismatch: published {expected}, downloaded {actual}")
+            if PurePosixPath(file.name).suffix.lower() == ".safetensors":
+                validate_safetensors(partial)
+            with open(partial, "rb") as f:
+                os.fsync(f.fileno())
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        final = self.path(expected)
+        os.replace(partial, final)
+        return final
+
+
+class _Resumable:
+    """One file's download across attempts: appends to the partial file and keeps its running
+    sha256, so a resumed download is hashed without reading the file again."""
+
+    def __init__(self, partial: Path, max_bytes: int, name: str):
+        self.partial, self.max_bytes, self.name = partial, max_bytes, name
+        self.hasher, self.size = hashlib.sha256(), 0
+        if partial.exists():
+            with open(partial, "rb") as f:
+                while chunk := f.read(CHUNK):
+                    self.hasher.update(chunk)
+                    self.size += len(chunk)
+
+    def hexdigest(self) -> str:
+        return self.hasher.hexdigest()
+
+    def attempt(self, client: httpx.Client, url: str) -> None:
+        headers = {"Range": f"bytes={self.size}-"} if self.size else {}
+        with client.stream("GET", url, headers=headers) as response:
+            if response.status_code == 416 and self.size:
+                return  # we already hold every byte the server has; the hash decides
+            check_status(response)
+            if response.is_error:
+                raise DownloadError(f"{self.name!r}: download from {url} failed: {describe_status(response)}")
+            if response.status_code != 206 or not _resumes_at(response, self.size):
+                self.hasher, self.size = hashlib.sha256(), 0  # the server sent the whole file
+            total = self.size + int(response.headers.get("Content-Length") or 0)
+            if total > self.max_bytes:
+                raise UnsafeFileError(f"{self.name!r}: {total} bytes is over the {self.max_bytes}-byte limit")
+            with open(self.partial, "ab" if self.size else "wb") as f:
+                for chunk in response.iter_bytes(CHUNK):
+                    if self.size + len(chunk) > self.max_bytes:
+                        raise UnsafeFileError(f"{self.name!r}: more than {self.max_bytes} bytes; download stopped")
+                    f.write(chunk)
+                    self.hasher.update(chunk)
+                    self.size += len(chunk)
+
+
+def _resumes_at(response: httpx.Response, offset: int) -> bool:
+    match = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", response.headers.get("Content-Range", "").strip())
+    return bool(match) and int(match.group(1)) == offset
+
+
+def load_weights(path: str | Path, *, allow_pickle: bool | None = None) -> dict:
+    """A state dict from a stored file, by its content (store paths have no extension):
+    safetensors after a header check, pickle only when allowed and only with
+    ``torch.load(weights_only=True)``, which refuses anything but tensors and plain data."""
+    import torch
+    from safetensors.torch import load_file
+
+    if looks_like_safetensors(path):
+        validate_safetensors(path)
+        return load_file(path)
+    allow = get_settings().allow_pickle if allow_pickle is None else allow_pickle
+    if not allow:
+        raise UnsafeFileError(f"{Path(path).name}: not safetensors; pickle loading is off (DIFFGRAPH_ALLOW_PICKLE=1)")
+    return torch.load(path, map_location="cpu", weights_only=True)

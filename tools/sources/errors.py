@@ -1,0 +1,36 @@
+"""The errors sources raise, all one line long.
+
+The Graph Construction Agent records ``str(error)`` as the reason an expert was rejected or a
+pass failed, so every message names what went wrong and where, on a single line, and every
+error of this package derives from :class:`SourceError` so the agent needs one ``except``.
+"""
+
+from __future__ import annotations
+
+
+class SourceError(Exception):
+    """Base class: something a source or the download store refused or could not do."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))  # one line, whatever the server sent
+
+
+class ApiError(SourceError):
+    """An API answered with an error, answered garbage, or could not be reached."""
+
+
+class DownloadError(SourceError):
+    """A download did not complete (network, server or size limit)."""
+
+
+class IntegrityError(DownloadError):
+    """The downloaded bytes do not match the published sha256."""
+
+
+class UnsafeFileError(SourceError):
+    """A file was refused before or instead of being stored: a hostile name, a pickle file
+    without opt-in, a file that is too large."""
+
+
+class InvalidSafetensors(UnsafeFileError):
+    """A file is not a well-formed safetensors file (checked without loading it)."""

@@ -1,0 +1,142 @@
+"""A client for the Hugging Face Hub API (https://huggingface.co/docs/hub/api).
+
+It lists repos with ``/api/models`` (filters are Hub tags; pages follow the ``Link: rel="next"``
+header), then reads each repo's ``/api/models/{repo}?blobs=true`` for what the listing lacks:
+the model card's YAML (``cardData``: base model, trigger words, licence), the commit ``sha``
+that versions the repo, and each LFS file's sha256. Listing newest-modified first lets an
+incremental run stop at the first repo older than ``since`` instead of walking the Hub.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path, PurePosixPath
+from urllib.parse import quote
+
+from diffgraph.graph_store.records import ExpertFile, ExpertRecord
+
+from .base import Since, as_utc, newest
+from .download import PICKLE_SUFFIXES, ContentStore
+from .errors import ApiError
+from .http import Api, RetryPolicy
+
+DEFAULT_URL = "https://huggingface.co"
+TOKEN_ENV = "DIFFGRAPH_HF_TOKEN"
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_LORA_NAME = re.compile(r"(^|[^a-z])lora([^a-z]|$)")  # "pytorch_lora_weights", not "floral"
+log = logging.getLogger(__name__)
+
+
+class HFSource:
+    """The Hub at ``base_url`` (the real one by default); the token, if any, comes from
+    ``token`` or DIFFGRAPH_HF_TOKEN and is sent as a Bearer header to that host only."""
+
+    name = "hf"
+
+    def __init__(self, base_url: str | None = None, *, token: str | None = None,
+                 retry: RetryPolicy | None = None):
+        self.api = Api(self.name, base_url or DEFAULT_URL, token=token or os.environ.get(TOKEN_ENV), retry=retry)
+
+    @property
+    def base_url(self) -> str:
+        return self.api.base_url
+
+    def iter_models(self, *, filter_tags: Iterable[str] = ("text-to-image",), base_model: str | None = None,
+                    since: Since = None, limit: int = 100) -> Iterator[ExpertRecord]:
+        """Every repo carrying all ``filter_tags`` (and fine-tuned from ``base_model``, if
+        given) last modified at or after ``since``, with at least one weights file; ``limit``
+        is the page size."""
+        since = as_utc(since)
+        tags = [*filter_tags, *([f"base_model:{base_model}"] if base_model else [])]
+        params = [("filter", t) for t in tags] + [
+            ("sort", "lastModified"), ("direction", "-1"), ("limit", limit),
+            ("expand", "lastModified"), ("expand", "sha")]
+        for item in self._walk(params):
+            listed = newest(item.get("lastModified"))
+            if since is not None and listed is not None and listed < since:
+                return  # newest first: every later repo is older still
+            repo_id = str(item.get("id", ""))
+            if not _REPO_ID.fullmatch(repo_id) or ".." in repo_id:
+                log.warning("hf: skipping a repo with an unusable id %r", repo_id)
+                continue
+            info, _ = self.api.get_json(f"/api/models/{repo_id}", {"blobs": "true"})
+            changed = newest(info.get("lastModified"))
+            if since is not None and (changed is None or changed < since):
+                continue
+            record = self.record(info)
+            if base_model and record.base_model != base_model:
+                continue
+            if record.files:
+                yield record
+
+    def _walk(self, params: list) -> Iterator[dict]:
+        """Items of every page; the next page's URL (from the Link header) is followed only on
+        the API's own origin."""
+        url, query, seen = "/api/models", params, set()
+        while True:
+            items, response = self.api.get_json(url, query)
+            if not isinstance(items, list):
+                raise ApiError(f"hf: GET {url} answered no list of models")
+            yield from items
+            next_url = response.links.get("next", {}).get("url")
+            if not next_url:
+                return
+            if not self.api.same_origin(next_url):
+                raise ApiError(f"hf: refusing to follow the next page to another host: {next_url}")
+            if next_url in seen:
+                raise ApiError(f"hf: pagination does not advance ({next_url})")
+            seen.add(next_url)
+            url, query = next_url, None
+
+    def record(self, info: dict) -> ExpertRecord:
+        """A repo's model info (``?blobs=true``) as an ExpertRecord at its current commit."""
+        repo_id, sha = str(info["id"]), str(info.get("sha") or "main")
+        card = info.get("cardData") or {}
+        files = _weight_files(info.get("siblings") or [])
+        tags = [str(t) for t in (card.get("tags") or info.get("tags") or [])]
+        lora = "lora" in {t.lower() for t in [*tags, *(info.get("tags") or [])]} or any(
+            _LORA_NAME.search(PurePosixPath(s["rfilename"]).name.lower()) for s in files)
+        base = card.get("base_model")
+        base = base[0] if isinstance(base, list) and base else base
+        words = card.get("instance_prompt")
+        return ExpertRecord(
+            source=self.name, source_id=repo_id, version=sha, name=repo_id,
+            kind="lora" if lora else "ckpt", base_model=str(base or "unknown"),
+            files=[self._file(repo_id, sha, s, primary) for s, primary in _with_primary(files)],
+            homepage_url=f"{self.base_url}/{repo_id}",
+            trigger_words=[w.strip() for w in words.split(",") if w.strip()] if isinstance(words, str) else [],
+            tags=tags,
+            license={k: card[k] for k in ("license", "license_name", "license_link") if card.get(k)},
+            published_at=info.get("lastModified") or info.get("createdAt"),
+        )
+
+    def _file(self, repo_id: str, sha: str, sibling: dict, primary: bool) -> ExpertFile:
+        name = sibling["rfilename"]
+        lfs = sibling.get("lfs") or {}
+        return ExpertFile(name=name, url=f"{self.base_url}/{repo_id}/resolve/{sha}/{quote(name)}",
+                          sha256=str(lfs["sha256"]).lower() if lfs.get("sha256") else None,
+                          size=lfs.get("size", sibling.get("size")), primary=primary)
+
+    def download(self, file: ExpertFile, store: ContentStore) -> Path:
+        return store.fetch(file, self.api.client, self.api.retry)
+
+    def close(self) -> None:
+        self.api.close()
+
+
+def _weight_files(siblings: list[dict]) -> list[dict]:
+    """The repo's .safetensors files; only when it has none, its pickle weights (so a
+    pickle-only expert is seen, and refused with a reason, rather than silently missed)."""
+    named = [s for s in siblings if isinstance(s, dict) and isinstance(s.get("rfilename"), str)]
+    safetensors = [s for s in named if s["rfilename"].lower().endswith(".safetensors")]
+    return safetensors or [s for s in named if PurePosixPath(s["rfilename"]).suffix.lower() in PICKLE_SUFFIXES]
+
+
+def _with_primary(files: list[dict]) -> list[tuple[dict, bool]]:
+    """Top-level files are the expert; files in folders (a diffusers layout) are parts of it,
+    all primary only when nothing sits at the top level."""
+    top = {id(s) for s in files if "/" not in s["rfilename"]}
+    return [(s, id(s) in top or not top) for s in files]

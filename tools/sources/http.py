@@ -1,0 +1,163 @@
+"""HTTP for the source clients: one httpx client per source, bounded retries with backoff.
+
+Civitai and the Hub both rate-limit (429, often with Retry-After) and have transient 5xx and
+dropped connections, so every API call and every download attempt runs under the same
+:class:`RetryPolicy`; anything that is not transient fails at once. Errors leave here as
+one-line :class:`~.errors.ApiError` messages naming the source, the request and the reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+from typing import TypeVar
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+
+from .errors import ApiError
+
+T = TypeVar("T")
+USER_AGENT = "diffgraph/0.1 (+https://github.com/diffgraph)"
+TIMEOUT = httpx.Timeout(60.0, connect=10.0)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How hard to try: ``attempts`` in all, exponential backoff with jitter from
+    ``initial_wait`` up to ``max_wait`` seconds. A Retry-After longer than ``max_wait`` is
+    not waited out: the call fails, saying how long the server asked for."""
+
+    attempts: int = 5
+    initial_wait: float = 1.0
+    max_wait: float = 60.0
+
+
+class TransientStatus(Exception):
+    """An HTTP answer worth retrying (429 or 5xx); carries what the error message needs."""
+
+    def __init__(self, response: httpx.Response):
+        self.status = response.status_code
+        self.retry_after = _retry_after(response.headers.get("Retry-After"))
+        super().__init__(describe_status(response))
+
+
+def describe_status(response: httpx.Response) -> str:
+    """``HTTP 404 Not Found: <the server's own error message, if any>``."""
+    text = f"HTTP {response.status_code} {response.reason_phrase}".rstrip()
+    detail = response.headers.get("X-Error-Message") or _json_error(response)
+    return f"{text}: {detail[:200]}" if detail and detail != response.reason_phrase else text
+
+
+def _json_error(response: httpx.Response) -> str | None:
+    try:
+        body = response.json()
+    except (ValueError, httpx.ResponseNotRead):
+        return None
+    error = body.get("error") if isinstance(body, dict) else None
+    return error if isinstance(error, str) else None
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After as seconds: either delay-seconds or an HTTP date (RFC 9110 10.2.3)."""
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value)
+    try:
+        return max(0.0, (parsedate_to_datetime(value) - datetime.now(timezone.utc)).total_seconds())
+    except (TypeError, ValueError):
+        return None
+
+
+def is_transient(exc: BaseException, policy: RetryPolicy) -> bool:
+    if isinstance(exc, TransientStatus):
+        return exc.retry_after is None or exc.retry_after <= policy.max_wait
+    return isinstance(exc, httpx.TransportError)
+
+
+def check_status(response: httpx.Response) -> None:
+    """Raise TransientStatus for 429/5xx so the retry loop sees them; leave others to the caller."""
+    if response.status_code == 429 or response.status_code >= 500:
+        raise TransientStatus(response)
+
+
+def retry_call(fn: Callable[[], T], policy: RetryPolicy) -> T:
+    """Run ``fn`` until it returns or fails with something not transient, at most
+    ``policy.attempts`` times. The last exception is re-raised unchanged."""
+    backoff = wait_exponential_jitter(initial=policy.initial_wait, max=policy.max_wait,
+                                      jitter=policy.initial_wait)
+
+    def wait(state) -> float:
+        after = getattr(state.outcome.exception(), "retry_after", None)
+        return after if after is not None else backoff(state)
+
+    return Retrying(stop=stop_after_attempt(policy.attempts), wait=wait, reraise=True,
+                    retry=retry_if_exception(lambda e: is_transient(e, policy)))(fn)
+
+
+class _BearerForOrigin(httpx.Auth):
+    """Send the token only to the API's own origin: not to a CDN a download redirects to,
+    nor to any other host an API response points at."""
+
+    def __init__(self, token: str, origin: tuple[str, str, int | None]):
+        self.token, self.origin = token, origin
+
+    def auth_flow(self, request: httpx.Request):
+        if (request.url.scheme, request.url.host, request.url.port) == self.origin:
+            request.headers["Authorization"] = f"Bearer {self.token}"
+        yield request
+
+
+class Api:
+    """One source's HTTP session: its base URL, optional token and retry policy."""
+
+    def __init__(self, name: str, base_url: str, *, token: str | None = None,
+                 retry: RetryPolicy | None = None):
+        self.name = name
+        self.base_url = base_url.rstrip("/")
+        self.retry = retry or RetryPolicy()
+        url = httpx.URL(self.base_url)
+        auth = _BearerForOrigin(token, (url.scheme, url.host, url.port)) if token else None
+        self.client = httpx.Client(auth=auth, timeout=TIMEOUT, follow_redirects=True,
+                                   headers={"User-Agent": USER_AGENT})
+
+    def url(self, path_or_url: str) -> str:
+        return urljoin(self.base_url + "/", path_or_url.lstrip("/")) if "://" not in path_or_url else path_or_url
+
+    def same_origin(self, url: str) -> bool:
+        a, b = urlsplit(self.base_url), urlsplit(url)
+        return (a.scheme, a.netloc) == (b.scheme, b.netloc)
+
+    def get_json(self, path_or_url: str, params: dict | list | None = None) -> tuple[object, httpx.Response]:
+        """GET and decode JSON, retrying transient failures; any failure is an ApiError."""
+        url = self.url(path_or_url)
+
+        def attempt() -> httpx.Response:
+            response = self.client.get(url, params=params)
+            check_status(response)
+            return response
+
+        where = f"{self.name}: GET {url}"
+        try:
+            response = retry_call(attempt, self.retry)
+        except TransientStatus as exc:
+            if not is_transient(exc, self.retry):
+                raise ApiError(f"{where} refused: {exc} (server asks to wait {exc.retry_after:.0f} s, "
+                               f"more than the {self.retry.max_wait:.0f} s allowed)") from exc
+            raise ApiError(f"{where} failed after {self.retry.attempts} attempts: {exc}") from exc
+        except httpx.TransportError as exc:
+            raise ApiError(f"{where} failed after {self.retry.attempts} attempts: "
+                           f"{type(exc).__name__}: {exc}") from exc
+        if response.is_error:
+            raise ApiError(f"{where} failed: {describe_status(response)}")
+        try:
+            return response.json(), response
+        except ValueError as exc:
+            raise ApiError(f"{where} answered invalid JSON: {exc}") from exc
+
+    def close(self) -> None:
+        self.client.close()
