@@ -18,7 +18,35 @@ app = typer.Typer(help="DiffGraph: pick, weigh and merge community text-to-image
 miniworld_app = typer.Typer(help="The bundled mini world: a small real text-to-image ecosystem for offline use.",
                             no_args_is_help=True)
 app.add_typer(miniworld_app, name="miniworld")
+graph_app = typer.Typer(help="The universal graph: status, reconcile, export and import.", no_args_is_help=True)
+app.add_typer(graph_app, name="graph")
+gca_app = typer.Typer(help="The Graph Construction Agent: crawl sources into the universal graph.", no_args_is_help=True)
+app.add_typer(gca_app, name="gca")
 console = Console()
+
+
+def _quiet_libraries() -> None:
+    """transformers/diffusers print load reports for every adapter; the CLI shows its own."""
+    import logging
+
+    for name in ("transformers", "diffusers", "httpx", "chromadb"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import transformers.utils.logging as tlog
+
+    tlog.disable_progress_bar()
+
+
+def _fail(message: str) -> None:
+    console.print(f"[red]error:[/] {message}")
+    raise typer.Exit(1)
+
+
+def _parse_interval(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        return float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
+    except (ValueError, IndexError):
+        raise typer.BadParameter(f"interval like 30m, 1h or 3600, not {text!r}") from None
 
 
 def _version(value: bool) -> None:
@@ -31,6 +59,7 @@ def _version(value: bool) -> None:
 def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                       help="Print the version and exit.")) -> None:
     """DiffGraph command line."""
+    _quiet_libraries()
 
 
 @app.command()
@@ -93,6 +122,82 @@ def miniworld_serve(
 
     console.print(f"mini-world hub on http://{host}:{port}  (Civitai API at /api/v1, HF API at /api/models)")
     serve(host=host, port=port)
+
+
+@graph_app.command("status")
+def graph_status_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables.")) -> None:
+    """Experts by kind/base/status, reference prompts, calibration edges, last run, failures."""
+    import json
+
+    from diffgraph.graph_store.status import graph_status, render_status
+    from diffgraph.graph_store.store import GraphStore
+
+    with GraphStore.from_settings() as store:
+        status = graph_status(store)
+    if as_json:
+        print(json.dumps(status, indent=1, default=str))
+    else:
+        console.print(render_status(status))
+
+
+@graph_app.command("reconcile")
+def graph_reconcile(dry_run: bool = typer.Option(False, "--dry-run", help="Report drift without repairing it.")) -> None:
+    """Find (and repair) drift between the catalog and the vector store."""
+    from diffgraph.graph_store.reconcile import reconcile
+    from diffgraph.graph_store.store import GraphStore
+
+    with GraphStore.from_settings() as store:
+        report = reconcile(store, repair=not dry_run)
+    console.print(report)
+
+
+@graph_app.command("export")
+def graph_export(directory: Path = typer.Argument(..., help="Folder to write (COO edges, .npz features, manifest).")) -> None:
+    """Export the graph in the paper's format (COO edge index + .npz features + JSON manifest)."""
+    from diffgraph.graph_store.export import export_graph
+    from diffgraph.graph_store.store import GraphStore
+
+    with GraphStore.from_settings() as store:
+        manifest = export_graph(store, directory)
+    console.print(f"exported {len(manifest.get('experts', []))} experts to {directory}")
+
+
+@graph_app.command("import")
+def graph_import(directory: Path = typer.Argument(..., help="A folder written by `graph export`.")) -> None:
+    """Import an exported graph into an empty DIFFGRAPH_HOME."""
+    from diffgraph.graph_store.export import import_graph
+
+    s = get_settings()
+    console.print(import_graph(directory, s.home, db_url=s.db_url, chroma_url=s.chroma_url))
+
+
+@gca_app.command("run")
+def gca_run(
+    source: list[str] = typer.Option(..., "--source", help="civitai[:URL], hf[:URL], local:DIR or miniworld (repeatable)."),
+    no_browser: bool = typer.Option(False, "--no-browser", help="Describe from API fields only (no Chromium)."),
+) -> None:
+    """One pass: discover, read homepages, describe, register, calibrate; resumes a killed pass."""
+    from diffgraph.agents.gca import GCABusy, run_pass
+
+    try:
+        result = run_pass(source, console=console, read_pages=not no_browser)
+    except GCABusy as exc:
+        _fail(str(exc))
+    console.print(result["counts"])
+    for failure in result["failures"]:
+        console.print(f"  [yellow]{failure}")
+
+
+@gca_app.command("watch")
+def gca_watch(
+    source: list[str] = typer.Option(..., "--source", help="Source spec(s), as for `gca run`."),
+    interval: str = typer.Option("1h", help="Time between passes: 30m, 1h, 1d or seconds."),
+    passes: int = typer.Option(0, help="Stop after this many passes (0: run until stopped)."),
+) -> None:
+    """Keep the graph current in the background: a pass every INTERVAL; failures retried later."""
+    from diffgraph.agents.gca import watch
+
+    watch(source, _parse_interval(interval), passes=passes, console=console)
 
 
 if __name__ == "__main__":  # pragma: no cover

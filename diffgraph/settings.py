@@ -7,7 +7,7 @@ behaviour by setting variables rather than by editing code.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 PREFIX = "DIFFGRAPH_"
@@ -31,7 +31,7 @@ class Settings:
     ray_address: str | None = None
     device: str = "auto"
     allow_pickle: bool = False
-    extra: dict = field(default_factory=dict)
+    miniworld_port: int = 8765  # fixed, so URLs the catalog stores for mini-world experts are stable
 
     @property
     def artifacts_dir(self) -> Path:
@@ -61,4 +61,5 @@ def get_settings() -> Settings:
         ray_address=_env("RAY_ADDRESS"),
         device=_env("DEVICE", "auto"),
         allow_pickle=_env("ALLOW_PICKLE", "0") in ("1", "true", "yes"),
+        miniworld_port=int(_env("MINIWORLD_PORT", "8765")),
     )

@@ -63,21 +63,24 @@ class ExpertRecord:
 
 
 # The structured skill description the Graph Construction Agent writes for an expert (by an
-# LLM or the offline brain). Fixed fields, each a list of short strings, so that code rather
-# than the LLM decides what a valid description is.
+# LLM or the offline brain): a one- or two-sentence "summary" plus these fields, each a list of
+# short strings. Fixed fields, so that code rather than the LLM decides what a valid description is.
 DESCRIPTION_FIELDS = ("skills", "subjects", "styles", "visual_attributes", "trigger_words", "caveats")
 
 
 def check_description(description: dict) -> dict:
     """Return ``description`` with every field present (missing ones empty), or raise ValueError.
 
-    Unknown keys and non-string items are errors rather than being dropped, so a malformed LLM
-    answer fails loudly at registration instead of reaching the catalog.
+    Unknown keys and values of the wrong type are errors rather than being dropped, so a
+    malformed LLM answer fails loudly at registration instead of reaching the catalog.
     """
-    unknown = set(description) - set(DESCRIPTION_FIELDS)
+    unknown = set(description) - {"summary", *DESCRIPTION_FIELDS}
     if unknown:
         raise ValueError(f"unknown description fields: {sorted(unknown)}")
-    checked = {}
+    summary = description.get("summary", "")
+    if not isinstance(summary, str):
+        raise ValueError("description field 'summary' must be a string")
+    checked = {"summary": summary}
     for key in DESCRIPTION_FIELDS:
         items = description.get(key, [])
         if not isinstance(items, list) or not all(isinstance(x, str) for x in items):

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from . import ARTIFACTS
 from .lora_files import CKPT_PREFIXES
 
-ARTIFACTS = Path(__file__).parent / "artifacts"
 
 
 class MissingArtifacts(RuntimeError):

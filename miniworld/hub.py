@@ -40,11 +40,9 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
-from . import homepages
+from . import ARTIFACTS, homepages
 from .experts import EXPERTS, ExpertSpec
 
-# Same folder as build.ARTIFACTS; not imported from build, which would pull torch into the hub.
-DEFAULT_ARTIFACTS = Path(__file__).parent / "artifacts"
 HF_OWNER = "miniworld"
 CIVITAI_CREATOR = "miniworld"
 CIVITAI_TYPES = {"lora": "LORA", "ckpt": "Checkpoint"}
@@ -272,7 +270,7 @@ class Hub:
 
 
 def _build_hub(artifacts_dir: Path | None, experts: Iterable[tuple[ExpertSpec, dict]] | None) -> Hub:
-    root = Path(artifacts_dir or DEFAULT_ARTIFACTS)
+    root = Path(artifacts_dir or ARTIFACTS)
     manifest = load_manifest(root)
     hub = Hub(root, manifest["base_model"])
     for spec, entry in manifest_experts(manifest) if experts is None else experts:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -13,11 +12,10 @@ def artifacts_dir() -> Path:
     """The committed mini-world artifacts (trained base, scorers, experts and their manifest).
 
     They are built once by ``diffgraph miniworld build`` and committed, so tests never train.
-    DIFFGRAPH_TEST_ARTIFACTS points the tests at another build (e.g. a `--quick` one).
+    DIFFGRAPH_MINIWORLD_DIR points them at another build (e.g. a `--quick` one).
     """
-    from diffgraph.miniworld.artifacts_io import ARTIFACTS
+    from diffgraph.miniworld import ARTIFACTS as root
 
-    root = Path(os.environ.get("DIFFGRAPH_TEST_ARTIFACTS", ARTIFACTS))
     if not (root / "manifest.json").exists():
         pytest.fail(f"mini-world artifacts are missing ({root / 'manifest.json'}); run `diffgraph miniworld build`")
     return root

@@ -90,12 +90,6 @@ def _page_text(page: str) -> str:
     return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", page)))
 
 
-def test_default_artifacts_folder_is_the_build_output():
-    from diffgraph.miniworld.build import ARTIFACTS
-
-    assert hub_module.DEFAULT_ARTIFACTS == ARTIFACTS
-
-
 # ----------------------------------------------------------------------------- Civitai
 
 @pytest.mark.parametrize("sort", ["Highest Rated", "Most Downloaded", "Newest"])

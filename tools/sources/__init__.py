@@ -1,1 +1,22 @@
-"""DiffGraph tools/sources."""
+"""Where experts come from: the Civitai and Hugging Face Hub APIs, a local folder, and the
+mini world's hub (both APIs at once), each yielding ExpertRecords; and the content-addressed
+store their files are downloaded into, verified, and checked for safety.
+
+Every error raised here is a one-line :class:`SourceError`, for the agent to record as a reason.
+"""
+
+from .base import Source
+from .civitai import CivitaiSource
+from .download import ContentStore, load_weights, safe_name
+from .errors import ApiError, DownloadError, IntegrityError, InvalidSafetensors, SourceError, UnsafeFileError
+from .hf import HFSource
+from .http import RetryPolicy
+from .local import LocalFolderSource
+from .spec import SourceSpec, open_sources, parse_source_spec
+from .validate import Header, validate_safetensors
+
+__all__ = [
+    "ApiError", "CivitaiSource", "ContentStore", "DownloadError", "HFSource", "Header", "IntegrityError",
+    "InvalidSafetensors", "LocalFolderSource", "RetryPolicy", "Source", "SourceError", "SourceSpec",
+    "UnsafeFileError", "load_weights", "open_sources", "parse_source_spec", "safe_name", "validate_safetensors",
+]

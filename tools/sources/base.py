@@ -57,8 +57,9 @@ def newest(*times: str | None) -> datetime | None:
     """The latest of the given ISO times, ignoring missing or unparsable ones."""
     parsed = []
     for text in times:
-        try:
-            parsed.append(parse_time(text))
-        except (ValueError, AttributeError):
-            continue
+        if isinstance(text, str):
+            try:
+                parsed.append(parse_time(text))
+            except ValueError:
+                continue
     return max(parsed, default=None)

@@ -10,6 +10,7 @@ map to experts.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -27,18 +28,20 @@ TOKEN_ENV = "DIFFGRAPH_CIVITAI_TOKEN"
 KINDS = {"LORA": "lora", "LoCon": "lora", "DoRA": "lora", "Checkpoint": "ckpt"}
 MODEL_FILE_TYPES = {"Model", "Pruned Model"}  # not "Training Data", "Config", "VAE", ...
 LICENSE_FIELDS = ("allowNoCredit", "allowCommercialUse", "allowDerivatives", "allowDifferentLicense")
+log = logging.getLogger(__name__)
 
 
 class CivitaiSource:
-    """Civitai at ``base_url`` (the real site by default); the API token, if any, comes from
-    ``token`` or DIFFGRAPH_CIVITAI_TOKEN and is sent as a Bearer header to that host only."""
+    """Civitai at ``base_url`` (the real site by default). The API token is ``token``, or
+    DIFFGRAPH_CIVITAI_TOKEN when ``token`` is None ("" sends none); it goes as a Bearer
+    header to that host only."""
 
     name = "civitai"
 
     def __init__(self, base_url: str | None = None, *, token: str | None = None,
                  retry: RetryPolicy | None = None):
-        self.api = Api(self.name, base_url or DEFAULT_URL, token=token or os.environ.get(TOKEN_ENV),
-                       retry=retry)
+        token = os.environ.get(TOKEN_ENV) if token is None else token
+        self.api = Api(self.name, base_url or DEFAULT_URL, token=token, retry=retry)
 
     @property
     def base_url(self) -> str:
@@ -51,14 +54,19 @@ class CivitaiSource:
         newest matching version was published or updated at or after ``since``; ``limit`` is
         the page size (Civitai allows at most 100)."""
         types, bases, since = list(types), set(base_models or ()), as_utc(since)
+        if unknown := [t for t in types if t not in KINDS]:
+            raise ValueError(f"civitai: {', '.join(unknown)} not an expert type; use {', '.join(KINDS)}")
         params = [("limit", limit), ("sort", "Newest")]
         params += [("types", t) for t in types] + [("baseModels", b) for b in sorted(bases)]
         for model in self._walk(params):
-            if model.get("type") not in types:
-                continue  # the API filtered on types already; a mirror might not have
-            version = self._pick_version(model, bases, since)
-            if version is not None:
-                yield self.record(model, version)
+            try:
+                version = self._pick_version(model, bases, since) if model.get("type") in types else None
+                record = self.record(model, version) if version is not None else None
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                log.warning("civitai: skipping a malformed model: %s: %s", type(exc).__name__, exc)
+                continue
+            if record is not None:
+                yield record
 
     def _walk(self, params: list) -> Iterator[dict]:
         """Items of every page. A cursor goes back to our own endpoint with our parameters;

@@ -57,7 +57,8 @@ def checked_sha256(file: ExpertFile) -> str:
     exactly 64 hex digits."""
     digest = (file.sha256 or "").strip().lower()
     if not _SHA256.fullmatch(digest):
-        raise UnsafeFileError(f"{file.name!r}: no usable published sha256 ({file.sha256!r}); refusing an unverifiable file")
+        raise UnsafeFileError(f"{file.name!r}: no usable published sha256 ({file.sha256!r}); "
+                              "refusing a file that cannot be verified")
     return digest
 
 
@@ -78,8 +79,8 @@ class ContentStore:
 
     def get(self, sha256: str) -> Path | None:
         """The stored file with this sha256, if present."""
-        path = self.path(sha256.lower())
-        return path if _SHA256.fullmatch(sha256.lower()) and path.is_file() else None
+        sha256 = sha256.lower()
+        return self.path(sha256) if _SHA256.fullmatch(sha256) and self.path(sha256).is_file() else None
 
     def admit(self, file: ExpertFile) -> str:
         """Everything that can be refused before a byte is fetched; returns the sha256."""
@@ -106,18 +107,18 @@ class ContentStore:
             raise UnsafeFileError(f"{file.name!r}: refusing to download from {file.url!r} (not http/https)")
         retry = retry or RetryPolicy()
         partial = self._partial(sha256)
-        hasher = _Resumable(partial, self.max_bytes, file.name)
+        download = _Resumable(partial, self.max_bytes, file.name)
+        failed = f"{file.name!r}: download from {file.url} failed after {retry.attempts} attempts"
         try:
-            retry_call(lambda: hasher.attempt(client, file.url), retry)
+            retry_call(lambda: download.attempt(client, file.url), retry)
         except TransientStatus as exc:
-            raise DownloadError(f"{file.name!r}: download from {file.url} failed after {retry.attempts} attempts: {exc}") from exc
+            raise DownloadError(f"{failed}: {exc}") from exc
         except httpx.TransportError as exc:
-            raise DownloadError(f"{file.name!r}: download from {file.url} failed after {retry.attempts} attempts: "
-                                f"{type(exc).__name__}: {exc}") from exc
+            raise DownloadError(f"{failed}: {type(exc).__name__}: {exc}") from exc
         except UnsafeFileError:
             partial.unlink(missing_ok=True)
             raise
-        return self._commit(partial, file, sha256, hasher.hexdigest())
+        return self._commit(partial, file, sha256, download.hexdigest())
 
     def ingest(self, source: str | Path, file: ExpertFile) -> Path:
         """Copy a local file into the store under the same checks as a download."""
@@ -171,20 +172,26 @@ class _Resumable:
         return self.hasher.hexdigest()
 
     def attempt(self, client: httpx.Client, url: str) -> None:
-        headers = {"Range": f"bytes={self.size}-"} if self.size else {}
+        headers = {"Accept-Encoding": "identity"}  # byte ranges of the file itself, not of a gzip stream
+        if self.size:
+            headers["Range"] = f"bytes={self.size}-"
         with client.stream("GET", url, headers=headers) as response:
             if response.status_code == 416 and self.size:
                 return  # we already hold every byte the server has; the hash decides
             check_status(response)
             if response.is_error:
                 raise DownloadError(f"{self.name!r}: download from {url} failed: {describe_status(response)}")
-            if response.status_code != 206 or not _resumes_at(response, self.size):
+            if response.status_code == 206 and not _resumes_at(response, self.size):
+                self.partial.unlink(missing_ok=True)  # start afresh next time
+                raise DownloadError(f"{self.name!r}: {url} answered a range other than the one asked for")
+            if response.status_code != 206:
                 self.hasher, self.size = hashlib.sha256(), 0  # the server sent the whole file
-            total = self.size + int(response.headers.get("Content-Length") or 0)
+            length = response.headers.get("Content-Length", "")
+            total = self.size + (int(length) if length.isdigit() else 0)
             if total > self.max_bytes:
                 raise UnsafeFileError(f"{self.name!r}: {total} bytes is over the {self.max_bytes}-byte limit")
             with open(self.partial, "ab" if self.size else "wb") as f:
-                for chunk in response.iter_bytes(CHUNK):
+                for chunk in response.iter_bytes():  # as received: a cut loses nothing already read
                     if self.size + len(chunk) > self.max_bytes:
                         raise UnsafeFileError(f"{self.name!r}: more than {self.max_bytes} bytes; download stopped")
                     f.write(chunk)

@@ -31,14 +31,16 @@ log = logging.getLogger(__name__)
 
 
 class HFSource:
-    """The Hub at ``base_url`` (the real one by default); the token, if any, comes from
-    ``token`` or DIFFGRAPH_HF_TOKEN and is sent as a Bearer header to that host only."""
+    """The Hub at ``base_url`` (the real one by default). The token is ``token``, or
+    DIFFGRAPH_HF_TOKEN when ``token`` is None ("" sends none); it goes as a Bearer header to
+    that host only."""
 
     name = "hf"
 
     def __init__(self, base_url: str | None = None, *, token: str | None = None,
                  retry: RetryPolicy | None = None):
-        self.api = Api(self.name, base_url or DEFAULT_URL, token=token or os.environ.get(TOKEN_ENV), retry=retry)
+        token = os.environ.get(TOKEN_ENV) if token is None else token
+        self.api = Api(self.name, base_url or DEFAULT_URL, token=token, retry=retry)
 
     @property
     def base_url(self) -> str:
@@ -63,10 +65,14 @@ class HFSource:
                 log.warning("hf: skipping a repo with an unusable id %r", repo_id)
                 continue
             info, _ = self.api.get_json(f"/api/models/{repo_id}", {"blobs": "true"})
-            changed = newest(info.get("lastModified"))
+            changed = newest(info.get("lastModified")) if isinstance(info, dict) else None
             if since is not None and (changed is None or changed < since):
                 continue
-            record = self.record(info)
+            try:
+                record = self.record(info)
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                log.warning("hf: skipping malformed model info of %s: %s: %s", repo_id, type(exc).__name__, exc)
+                continue
             if base_model and record.base_model != base_model:
                 continue
             if record.files:

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from typing import TypeVar
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
 import httpx
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from .errors import ApiError
 
@@ -27,9 +27,10 @@ TIMEOUT = httpx.Timeout(60.0, connect=10.0)
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How hard to try: ``attempts`` in all, exponential backoff with jitter from
-    ``initial_wait`` up to ``max_wait`` seconds. A Retry-After longer than ``max_wait`` is
-    not waited out: the call fails, saying how long the server asked for."""
+    """How hard to try: ``attempts`` in all, waiting a random time up to an exponentially
+    growing bound (``initial_wait`` doubling, at most ``max_wait`` seconds) between them.
+    A Retry-After is obeyed instead; one longer than ``max_wait`` is not waited out: the
+    call fails, saying how long the server asked for."""
 
     attempts: int = 5
     initial_wait: float = 1.0
@@ -88,8 +89,7 @@ def check_status(response: httpx.Response) -> None:
 def retry_call(fn: Callable[[], T], policy: RetryPolicy) -> T:
     """Run ``fn`` until it returns or fails with something not transient, at most
     ``policy.attempts`` times. The last exception is re-raised unchanged."""
-    backoff = wait_exponential_jitter(initial=policy.initial_wait, max=policy.max_wait,
-                                      jitter=policy.initial_wait)
+    backoff = wait_random_exponential(multiplier=policy.initial_wait, max=policy.max_wait)  # "full jitter"
 
     def wait(state) -> float:
         after = getattr(state.outcome.exception(), "retry_after", None)
@@ -97,6 +97,11 @@ def retry_call(fn: Callable[[], T], policy: RetryPolicy) -> T:
 
     return Retrying(stop=stop_after_attempt(policy.attempts), wait=wait, reraise=True,
                     retry=retry_if_exception(lambda e: is_transient(e, policy)))(fn)
+
+
+def _origin(url: str | httpx.URL) -> tuple[str, str, int | None]:
+    url = httpx.URL(url)
+    return url.scheme, url.host, url.port  # httpx drops default ports, so :443 == no port
 
 
 class _BearerForOrigin(httpx.Auth):
@@ -107,7 +112,7 @@ class _BearerForOrigin(httpx.Auth):
         self.token, self.origin = token, origin
 
     def auth_flow(self, request: httpx.Request):
-        if (request.url.scheme, request.url.host, request.url.port) == self.origin:
+        if _origin(request.url) == self.origin:
             request.headers["Authorization"] = f"Bearer {self.token}"
         yield request
 
@@ -120,8 +125,7 @@ class Api:
         self.name = name
         self.base_url = base_url.rstrip("/")
         self.retry = retry or RetryPolicy()
-        url = httpx.URL(self.base_url)
-        auth = _BearerForOrigin(token, (url.scheme, url.host, url.port)) if token else None
+        auth = _BearerForOrigin(token, _origin(self.base_url)) if token else None
         self.client = httpx.Client(auth=auth, timeout=TIMEOUT, follow_redirects=True,
                                    headers={"User-Agent": USER_AGENT})
 
@@ -129,8 +133,7 @@ class Api:
         return urljoin(self.base_url + "/", path_or_url.lstrip("/")) if "://" not in path_or_url else path_or_url
 
     def same_origin(self, url: str) -> bool:
-        a, b = urlsplit(self.base_url), urlsplit(url)
-        return (a.scheme, a.netloc) == (b.scheme, b.netloc)
+        return _origin(url) == _origin(self.base_url)
 
     def get_json(self, path_or_url: str, params: dict | list | None = None) -> tuple[object, httpx.Response]:
         """GET and decode JSON, retrying transient failures; any failure is an ApiError."""

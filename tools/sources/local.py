@@ -57,14 +57,12 @@ class LocalFolderSource:
         for path in sorted(self.root.rglob("*")):
             if path.suffix.lower() not in WEIGHT_SUFFIXES or not path.is_file() or _hidden(path, self.root):
                 continue
-            sidecars = [p for p in (path.with_suffix(".civitai.info"), path.with_suffix(".json")) if p.is_file()]
-            changed = max(_mtime(p) for p in [path, *sidecars])
+            changed = max(_mtime(p) for p in (path, *_sidecars(path)) if p.is_file())
             if since is None or changed >= since:
-                yield self.record(path, sidecars, changed)
+                yield self.record(path, changed)
 
-    def record(self, path: Path, sidecars: list[Path], changed: datetime) -> ExpertRecord:
-        info, own = (_read_json(p) if p.is_file() else {} for p in
-                     (path.with_suffix(".civitai.info"), path.with_suffix(".json")))
+    def record(self, path: Path, changed: datetime) -> ExpertRecord:
+        info, own = (_read_json(p) for p in _sidecars(path))
         model = info.get("model") if isinstance(info.get("model"), dict) else {}
         a1111_base = own.get("sd version") if own.get("sd version") not in (None, "", "Unknown") else None
         words = own.get("trigger_words") or info.get("trainedWords") or _split(own.get("activation text"))
@@ -74,8 +72,7 @@ class LocalFolderSource:
         return ExpertRecord(
             source=self.name, source_id=path.relative_to(self.root).as_posix(), version=sha256,
             name=str(own.get("name") or model.get("name") or path.stem),
-            kind=own.get("kind") if own.get("kind") in ("lora", "ckpt") else
-            CIVITAI_KINDS.get(model.get("type")) or _kind_from_file(path),
+            kind=_kind(own.get("kind"), model.get("type"), path),
             base_model=str(own.get("base_model") or info.get("baseModel") or a1111_base or "unknown"),
             files=[ExpertFile(name=path.name, url=path.as_uri(), sha256=sha256, size=path.stat().st_size)],
             homepage_url=homepage,
@@ -101,9 +98,19 @@ class LocalFolderSource:
         """Nothing to release; present for the Source interface."""
 
 
-def _kind_from_file(path: Path) -> str:
-    """LoRA if the tensor names say so (kohya lora_*, PEFT lora_A/B, LyCORIS hada/lokr), or,
-    for pickle files and unreadable headers, if the folder is a LoRA folder."""
+def _sidecars(path: Path) -> tuple[Path, Path]:
+    """Where Civitai Helper's and A1111's (or our own) metadata for ``path`` would be."""
+    return path.with_suffix(".civitai.info"), path.with_suffix(".json")
+
+
+def _kind(own: str | None, civitai_type: str | None, path: Path) -> str:
+    """Our sidecar's kind, else Civitai's model type, else what the file shows: LoRA if the
+    tensor names say so (kohya lora_*, PEFT lora_A/B, LyCORIS hada/lokr) or, for pickle files
+    and unreadable headers, if the folder is a LoRA folder."""
+    if own in ("lora", "ckpt"):
+        return own
+    if isinstance(civitai_type, str) and civitai_type in CIVITAI_KINDS:
+        return CIVITAI_KINDS[civitai_type]
     if path.suffix.lower() == ".safetensors":
         try:
             header = validate_safetensors(path)
@@ -115,7 +122,9 @@ def _kind_from_file(path: Path) -> str:
 
 
 def _read_json(path: Path) -> dict:
-    """A sidecar as a dict; a sidecar that is too big or not a JSON object is ignored (logged)."""
+    """A sidecar as a dict ({} when absent); one too big or not a JSON object is ignored (logged)."""
+    if not path.is_file():
+        return {}
     try:
         if path.stat().st_size > MAX_SIDECAR_BYTES:
             raise ValueError("too large")
@@ -133,8 +142,11 @@ def _split(text) -> list[str]:
 
 
 def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _mtime(path: Path) -> datetime:

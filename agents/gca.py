@@ -1,0 +1,319 @@
+"""The Graph Construction Agent (paper Sec. 3.1) as a LangGraph StateGraph.
+
+    discover -> next -> fetch -> read -> describe -> register -> calibrate -> commit -> next ...
+                     \\-> sweep (experts gone from the source are removed) -> END
+
+One pass crawls the configured sources, and each new or changed expert is downloaded and
+checked, its homepage read, its skill described and embedded (registration), then rendered
+on the reference prompts and scored (calibration) before it becomes active. The state holds
+only ids and small dicts; records are looked up in this process's fresh listing, so a resumed
+run uses the sources' current URLs. Every store write is idempotent, so a node re-run after a
+kill duplicates nothing; the SQLite checkpointer (durability "sync") makes the kill resumable.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypedDict
+from urllib.parse import urlparse
+
+from rich.console import Console
+
+from diffgraph.graph_store.records import ExpertFile, ExpertRecord
+from diffgraph.graph_store.store import GraphStore
+from diffgraph.settings import Settings, get_settings
+
+from .llm import chat_model
+from .registration import register
+
+MAX_ATTEMPTS = 3  # a failed expert is retried on later passes, up to this many times
+N_REFERENCE = 12
+N_CANDIDATES = 300
+CALIBRATION_SEEDS = (0,)
+
+
+class GCAState(TypedDict, total=False):
+    run_id: int
+    queue: list[str]  # expert ids still to process in this pass
+    current: str | None
+    page: dict | None
+    registration: dict | None
+    calibration: list | None
+    listed: list[str]  # every id the sources listed (for the removal sweep)
+    listing_complete: bool
+    counts: dict
+    failures: list[str]
+
+
+class GCABusy(RuntimeError):
+    """Another GCA run holds the store's lock."""
+
+
+@dataclass
+class Context:
+    """What the nodes use but the checkpoint must not hold: live clients and models."""
+
+    store: GraphStore
+    settings: Settings
+    sources: list
+    listing: dict[str, tuple[ExpertRecord, object]] = field(default_factory=dict)  # id -> (record, source)
+    reader: object | None = None
+    llm: object | None = None
+    console: Console = field(default_factory=Console)
+    reference_count: int = N_REFERENCE
+
+
+@contextmanager
+def store_lock(home: Path):
+    """An exclusive lock on the store for the length of a run (released if the process dies)."""
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / "gca.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise GCABusy(f"another GCA run is writing {home} (lock held by pid {handle.read().strip() or '?'})") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
+
+
+def _fail(ctx: Context, state: GCAState, expert_id: str, status: str, reason: str) -> dict:
+    reason = " ".join(str(reason).split())[:300]
+    ctx.store.set_status(expert_id, status, reason)
+    ctx.console.print(f"  [red]{status}[/] {expert_id}: {reason}")
+    counts = dict(state.get("counts", {}))
+    counts[status] = counts.get(status, 0) + 1
+    return {"current": None, "counts": counts, "failures": [*state.get("failures", []), f"{expert_id}: {reason}"]}
+
+
+def _needs_work(ctx: Context, record: ExpertRecord) -> bool:
+    row = ctx.store.catalog.get(record.id)
+    if row is None or row.version != record.version:
+        return True
+    if row.status == "failed":
+        return row.attempts < MAX_ATTEMPTS
+    return row.status in ("pending", "removed")
+
+
+def build_graph(ctx: Context, checkpointer=None):
+    from langgraph.graph import END, START, StateGraph
+
+    def discover(state: GCAState) -> dict:
+        ids = list(ctx.listing)
+        queue = [i for i in ids if _needs_work(ctx, ctx.listing[i][0])]
+        for i in queue:
+            ctx.store.upsert_expert(ctx.listing[i][0])
+        _ensure_reference_prompts(ctx)
+        ctx.console.print(f"GCA: {len(ids)} experts listed, {len(queue)} to process")
+        return {"queue": queue, "listed": ids, "counts": {"listed": len(ids)}, "failures": []}
+
+    def next_expert(state: GCAState) -> dict:
+        queue = list(state.get("queue", []))
+        current = queue.pop(0) if queue else None
+        return {"queue": queue, "current": current, "page": None, "registration": None, "calibration": None}
+
+    def fetch(state: GCAState) -> dict:
+        expert_id = state["current"]
+        record, source = ctx.listing[expert_id]
+        from diffgraph.tools import bases
+        from diffgraph.tools.sources import ContentStore, SourceError
+
+        try:
+            bases.profile(record.base_model)
+        except KeyError as exc:
+            return _fail(ctx, state, expert_id, "rejected", f"base model {record.base_model!r} is not supported: {exc}")
+        store = ContentStore(ctx.settings.home, allow_pickle=ctx.settings.allow_pickle)
+        files: list[ExpertFile] = []
+        try:
+            for f in record.files:
+                path = source.download(f, store)
+                files.append(ExpertFile(**{**f.__dict__, "local_path": str(path)}))
+        except SourceError as exc:
+            rejected = type(exc).__name__ in ("IntegrityError", "UnsafeFileError", "InvalidSafetensors")
+            return _fail(ctx, state, expert_id, "rejected" if rejected else "failed", str(exc))
+        if not any(f.name.endswith(".safetensors") for f in files):
+            return _fail(ctx, state, expert_id, "rejected", "no safetensors weights (pickle checkpoints are not loaded)")
+        ctx.store.catalog.set_files(expert_id, files)
+        return {}
+
+    def read(state: GCAState) -> dict:
+        record, _ = ctx.listing[state["current"]]
+        if not record.homepage_url or ctx.reader is None:
+            return {"page": None}
+        from diffgraph.tools.browser import PageError
+
+        try:
+            page = ctx.reader.read(record.homepage_url)
+        except PageError as exc:
+            return _fail(ctx, state, state["current"], "failed", f"homepage unreadable: {exc}")
+        return {"page": page.to_dict()}
+
+    def describe(state: GCAState) -> dict:
+        from diffgraph.tools.browser import PageReading
+
+        record, _ = ctx.listing[state["current"]]
+        page = PageReading.from_dict(state["page"]) if state.get("page") else None
+        reg = register(record, page, ctx.llm)
+        return {"registration": {"description": reg.description, "text": reg.text, "brain": reg.brain,
+                                 "dropped": reg.dropped, "page_sha256": page.text_sha256 if page else None}}
+
+    def register_node(state: GCAState) -> dict:
+        reg = state["registration"]
+        ctx.store.register(state["current"], reg["description"], reg["text"], reg["page_sha256"])
+        return {}
+
+    def calibrate_node(state: GCAState) -> dict:
+        from diffgraph.merger.merge import MergeError
+        from diffgraph.tools import bases
+        from diffgraph.tools.calibrate import calibrate
+
+        expert_id = state["current"]
+        row = ctx.store.catalog.get(expert_id)
+        weights = next(f for f in row.files if f.local_path and f.name.endswith(".safetensors"))
+        prompts = ctx.store.catalog.reference_prompts()
+        try:
+            vectors = calibrate(bases.engine_for(row.base_model), bases.suite_for(row.base_model), row.base_model,
+                                row.kind, expert_id, Path(weights.local_path), weights.sha256,
+                                [p.text for p in prompts], CALIBRATION_SEEDS)
+        except MergeError as exc:
+            return _fail(ctx, state, expert_id, "rejected", str(exc))
+        return {"calibration": [[p.id, v] for p, v in zip(prompts, vectors)]}
+
+    def commit(state: GCAState) -> dict:
+        from diffgraph.tools import bases
+
+        expert_id = state["current"]
+        row = ctx.store.catalog.get(expert_id)
+        names = list(bases.suite_for(row.base_model).names)
+        with ctx.store.catalog.transaction():
+            for prompt_id, vector in state["calibration"]:
+                ctx.store.catalog.put_calibration(expert_id, prompt_id, vector, names, CALIBRATION_SEEDS[0])
+        ctx.store.set_status(expert_id, "active", f"registered by the {state['registration']['brain']} brain")
+        counts = dict(state.get("counts", {}))
+        counts["active"] = counts.get("active", 0) + 1
+        ctx.console.print(f"  [green]active[/] {expert_id} ({row.name})")
+        return {"current": None, "counts": counts}
+
+    def sweep(state: GCAState) -> dict:
+        listed = set(state.get("listed", []))
+        source_names = {s.name for s in ctx.sources}
+        removed = 0
+        for row in ctx.store.catalog.list_experts():
+            if row.source in source_names and row.id not in listed and row.status != "removed":
+                ctx.store.set_status(row.id, "removed", "no longer published by its source")
+                removed += 1
+        return {"counts": {**state.get("counts", {}), "removed": removed}}
+
+    def after_step(state: GCAState) -> str:
+        return "next" if state.get("current") is None else "continue"
+
+    g = StateGraph(GCAState)
+    for name, fn in (("discover", discover), ("next", next_expert), ("fetch", fetch), ("read", read),
+                     ("describe", describe), ("register", register_node), ("calibrate", calibrate_node),
+                     ("commit", commit), ("sweep", sweep)):
+        g.add_node(name, fn)
+    g.add_edge(START, "discover")
+    g.add_edge("discover", "next")
+    g.add_conditional_edges("next", lambda s: "fetch" if s.get("current") else "sweep", ["fetch", "sweep"])
+    for a, b in (("fetch", "read"), ("read", "describe"), ("calibrate", "commit")):
+        g.add_conditional_edges(a, after_step, {"next": "next", "continue": b})
+    g.add_edge("describe", "register")
+    g.add_edge("register", "calibrate")
+    g.add_edge("commit", "next")
+    g.add_edge("sweep", END)
+    return g.compile(checkpointer=checkpointer)
+
+
+def _ensure_reference_prompts(ctx: Context) -> None:
+    """Choose the reference prompts once per store (paper's diversity recipe)."""
+    if ctx.store.catalog.reference_prompts():
+        return
+    from diffgraph.text_embedding import embed
+    from diffgraph.tools import bases
+    from diffgraph.tools.calibrate import select_reference_prompts
+
+    base_models = {rec.base_model for rec, _ in ctx.listing.values()} & set(bases.PROFILES)
+    candidates = [p for b in sorted(base_models) for p in bases.profile(b).reference_candidates(N_CANDIDATES)]
+    if candidates:
+        ctx.store.set_reference_prompts(select_reference_prompts(candidates, ctx.reference_count, embed))
+
+
+def _list_sources(sources) -> dict[str, tuple[ExpertRecord, object]]:
+    listing = {}
+    for source in sources:
+        for record in source.iter_models():
+            listing[record.id] = (record, source)
+    return listing
+
+
+def _allowed_hosts(sources) -> set[str]:
+    hosts = set()
+    for source in sources:
+        url = getattr(source, "base_url", None)
+        if url:
+            parsed = urlparse(url)
+            hosts.add(f"{parsed.hostname}:{parsed.port}" if parsed.port else parsed.hostname)
+    return hosts
+
+
+def run_pass(specs: list[str], settings: Settings | None = None, console: Console | None = None,
+             thread: str | None = None, read_pages: bool = True) -> dict:
+    """One GCA pass over the given source specs; resumes an interrupted pass of the same thread."""
+    from langgraph.checkpoint.sqlite import SqliteSaver
+
+    from diffgraph.tools.sources import open_sources
+
+    settings = settings or get_settings()
+    console = console or Console()
+    thread = thread or "gca:" + "+".join(specs)
+    with ExitStack() as stack:
+        stack.enter_context(store_lock(settings.home))
+        store = stack.enter_context(GraphStore.open(settings.home, db_url=settings.db_url, chroma_url=settings.chroma_url))
+        sources = [s for spec in specs for s in stack.enter_context(open_sources(spec, hub_port=settings.miniworld_port))]
+        ctx = Context(store=store, settings=settings, sources=sources, console=console, llm=chat_model(settings))
+        ctx.listing = _list_sources(sources)
+        if read_pages:
+            from diffgraph.tools.browser import HomepageReader
+
+            ctx.reader = stack.enter_context(HomepageReader(_allowed_hosts(sources)))
+        conn = sqlite3.connect(settings.home / "gca_checkpoints.sqlite", check_same_thread=False)
+        stack.callback(conn.close)
+        graph = build_graph(ctx, SqliteSaver(conn))
+        config = {"configurable": {"thread_id": thread}, "recursion_limit": 100_000}
+        snapshot = graph.get_state(config)
+        resuming = bool(snapshot.next)
+        run_id = snapshot.values.get("run_id") if resuming else store.catalog.start_run("+".join(specs))
+        console.print(f"GCA run {run_id} ({'resuming' if resuming else 'new'}; brain: {'llm' if ctx.llm else 'offline'})")
+        final = graph.invoke(None if resuming else {"run_id": run_id}, config, durability="sync")
+        counts = final.get("counts", {})
+        store.catalog.finish_run(run_id, "completed", counts,
+                                 "; ".join(final.get("failures", []))[:2000] or None)
+        return {"run_id": run_id, "counts": counts, "failures": final.get("failures", []), "resumed": resuming}
+
+
+def watch(specs: list[str], interval_s: float, passes: int = 0, console: Console | None = None,
+          settings: Settings | None = None) -> None:
+    """Run passes forever (or ``passes`` times); one failing pass is logged, not fatal."""
+    import time
+
+    console = console or Console()
+    done = 0
+    while passes == 0 or done < passes:
+        try:
+            result = run_pass(specs, settings=settings, console=console)
+            console.print(f"pass {result['run_id']}: {result['counts']}")
+        except GCABusy as exc:
+            console.print(f"[yellow]skipped a pass: {exc}")
+        except Exception as exc:  # a dead source must not end a days-long watch
+            console.print(f"[red]pass failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        done += 1
+        if passes == 0 or done < passes:
+            time.sleep(interval_s)

@@ -1,0 +1,515 @@
+"""The catalog: the universal graph's source of truth, in SQL.
+
+Everything about an expert except its vector lives here: the source record, files, the skill
+description, the status with its reason, the reference prompts and the calibration edges, and
+the Graph Construction Agent's runs. Chroma holds only a derived copy (the description
+embedding), so whenever the two disagree the catalog wins and ``reconcile`` rebuilds Chroma
+from it.
+
+Portability: the schema uses only TEXT, INTEGER and BIGINT columns, JSON stored as TEXT,
+ISO-8601 UTC timestamps as TEXT, ``ON CONFLICT`` upserts and ids that the code assigns itself
+(no AUTOINCREMENT / SERIAL), so the same statements run on PostgreSQL. What stays
+SQLite-specific is the connection: the ``?`` placeholders, the PRAGMAs and ``BEGIN IMMEDIATE``.
+TODO(postgres): a psycopg connection adapter (``postgresql://`` URLs) once psycopg is a
+dependency; ``Catalog.open`` refuses such URLs with a clear message until then.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import threading
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from ..text_embedding import DIM
+from .records import ExpertFile, ExpertRecord, check_description
+
+SCHEMA_VERSION = 1
+STATUSES = ("pending", "active", "rejected", "failed", "removed")
+KINDS = ("ckpt", "lora")
+
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS experts (
+    id TEXT PRIMARY KEY,
+    source TEXT NOT NULL,
+    source_id TEXT NOT NULL,
+    version TEXT NOT NULL,
+    name TEXT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN {KINDS}),
+    base_model TEXT NOT NULL,
+    files TEXT NOT NULL,
+    license TEXT NOT NULL,
+    trigger_words TEXT NOT NULL,
+    tags TEXT NOT NULL,
+    homepage_url TEXT,
+    source_description TEXT NOT NULL,
+    page_sha256 TEXT,
+    description TEXT,
+    description_text TEXT,
+    status TEXT NOT NULL CHECK (status IN {STATUSES}),
+    status_reason TEXT,
+    published_at TEXT,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    UNIQUE (source, source_id)
+);
+CREATE INDEX IF NOT EXISTS experts_partition ON experts (base_model, kind, status);
+CREATE TABLE IF NOT EXISTS reference_prompts (
+    id INTEGER PRIMARY KEY,
+    text TEXT NOT NULL UNIQUE,
+    embedding TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS calibration (
+    expert_id TEXT NOT NULL REFERENCES experts (id) ON DELETE CASCADE,
+    prompt_id INTEGER NOT NULL REFERENCES reference_prompts (id) ON DELETE CASCADE,
+    scores TEXT NOT NULL,
+    metric_names TEXT NOT NULL,
+    seed BIGINT NOT NULL,
+    PRIMARY KEY (expert_id, prompt_id)
+);
+CREATE INDEX IF NOT EXISTS calibration_prompt ON calibration (prompt_id);
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY,
+    source_spec TEXT NOT NULL,
+    started_at TEXT NOT NULL,
+    finished_at TEXT,
+    status TEXT NOT NULL,
+    counts TEXT NOT NULL,
+    error TEXT
+);
+"""
+
+# Columns of the experts table, in schema order; ExpertRow has the same fields.
+_EXPERT_COLUMNS = ("id", "source", "source_id", "version", "name", "kind", "base_model", "files", "license",
+                   "trigger_words", "tags", "homepage_url", "source_description", "page_sha256", "description",
+                   "description_text", "status", "status_reason", "published_at", "created_at", "updated_at",
+                   "attempts")
+_JSON_COLUMNS = ("files", "license", "trigger_words", "tags", "description")
+
+
+def utcnow() -> str:
+    """An ISO-8601 UTC timestamp with milliseconds; text so that it sorts and ports as is."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _dumps(value) -> str:
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, allow_nan=False)
+
+
+def one_line(reason: str | None, limit: int = 500) -> str | None:
+    """Status reasons are shown in tables and logs: whitespace collapsed, length bounded."""
+    return None if reason is None else " ".join(str(reason).split())[:limit]
+
+
+@dataclass(frozen=True)
+class ExpertRow:
+    """One row of the experts table, JSON columns decoded."""
+
+    id: str
+    source: str
+    source_id: str
+    version: str
+    name: str
+    kind: str
+    base_model: str
+    files: list[ExpertFile]
+    license: dict
+    trigger_words: list[str]
+    tags: list[str]
+    homepage_url: str | None
+    source_description: str
+    page_sha256: str | None
+    description: dict | None
+    description_text: str | None
+    status: str
+    status_reason: str | None
+    published_at: str | None
+    created_at: str
+    updated_at: str
+    attempts: int
+
+    def record(self) -> ExpertRecord:
+        """The source-side view of this expert."""
+        return ExpertRecord(source=self.source, source_id=self.source_id, version=self.version, name=self.name,
+                            kind=self.kind, base_model=self.base_model, files=list(self.files),
+                            homepage_url=self.homepage_url, trigger_words=list(self.trigger_words),
+                            tags=list(self.tags), license=dict(self.license), published_at=self.published_at,
+                            source_description=self.source_description)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ExpertRow":
+        return cls(**{**d, "files": [ExpertFile(**f) for f in d["files"]]})
+
+
+@dataclass(frozen=True)
+class ReferencePrompt:
+    id: int
+    text: str
+
+
+@dataclass(frozen=True)
+class CalibrationEdge:
+    """Expert -> reference prompt, holding the metric values of the expert's image for that prompt."""
+
+    expert_id: str
+    prompt_id: int
+    scores: list[float]
+    metric_names: list[str]
+    seed: int
+
+
+def sqlite_path(url: str | Path) -> Path:
+    """The file behind a catalog URL: a plain path or ``sqlite:///path`` (``sqlite:////abs`` for an
+    absolute path, as in SQLAlchemy)."""
+    text = str(url)
+    if text.startswith("sqlite:///"):
+        return Path(text[len("sqlite:///"):])
+    if "://" in text:
+        scheme = text.split("://", 1)[0]
+        if scheme.startswith("postgres"):
+            raise NotImplementedError("a PostgreSQL catalog is not supported yet (the schema is portable, the "
+                                      "psycopg connection adapter is a TODO); use a SQLite path or sqlite:///path")
+        raise ValueError(f"unsupported catalog URL {text!r}: use a path or sqlite:///path")
+    return Path(text)
+
+
+class Catalog:
+    """The SQLite catalog. Every write runs in a transaction; nested ``transaction()`` blocks join
+    the outer one, so callers can group several writes into one atomic step."""
+
+    def __init__(self, conn: sqlite3.Connection):
+        self._conn = conn
+        self._lock = threading.RLock()  # LangGraph may call tools from worker threads
+        self._depth = 0
+        self._ref_cache: tuple[str, dict[int, np.ndarray]] | None = None
+
+    @classmethod
+    def open(cls, url: str | Path) -> "Catalog":
+        path = sqlite_path(url)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")  # readers (status, ESA) never block the GCA's writes
+        conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a killed process loses no commit
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA busy_timeout=30000")
+        catalog = cls(conn)
+        with catalog.transaction():
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            version = catalog._meta("schema_version")
+            if version is None:
+                catalog._set_meta("schema_version", str(SCHEMA_VERSION))
+            elif int(version) != SCHEMA_VERSION:
+                raise RuntimeError(f"catalog {path} has schema version {version}; this code reads {SCHEMA_VERSION}")
+        return catalog
+
+    def close(self) -> None:
+        self._conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator["Catalog"]:
+        with self._lock:
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield self
+                finally:
+                    self._depth -= 1
+                return
+            # IMMEDIATE takes the write lock up front, so two writers queue instead of deadlocking
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._depth = 1
+            try:
+                yield self
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            else:
+                self._conn.execute("COMMIT")
+            finally:
+                self._depth = 0
+
+    def _query(self, sql: str, params: Iterable = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._conn.execute(sql, tuple(params)).fetchall()
+
+    def _meta(self, key: str) -> str | None:
+        rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
+        return rows[0]["value"] if rows else None
+
+    def _set_meta(self, key: str, value: str) -> None:
+        with self.transaction():
+            self._conn.execute("INSERT INTO meta (key, value) VALUES (?, ?) "
+                               "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
+
+    # ---- experts -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _row(row: sqlite3.Row) -> ExpertRow:
+        values = {key: row[key] for key in _EXPERT_COLUMNS}
+        for key in _JSON_COLUMNS:
+            if values[key] is not None:
+                values[key] = json.loads(values[key])
+        values["files"] = [ExpertFile(**f) for f in values["files"]]
+        return ExpertRow(**values)
+
+    def _write_row(self, row: ExpertRow) -> None:
+        values = row.to_dict()
+        for key in _JSON_COLUMNS:
+            if values[key] is not None:
+                values[key] = _dumps(values[key])
+        columns = ", ".join(_EXPERT_COLUMNS)
+        marks = ", ".join("?" for _ in _EXPERT_COLUMNS)
+        updates = ", ".join(f"{c} = excluded.{c}" for c in _EXPERT_COLUMNS if c != "id")
+        with self.transaction():
+            self._conn.execute(f"INSERT INTO experts ({columns}) VALUES ({marks}) "
+                               f"ON CONFLICT (id) DO UPDATE SET {updates}",
+                               [values[c] for c in _EXPERT_COLUMNS])
+
+    def upsert_expert(self, record: ExpertRecord) -> str:
+        """Insert or update the expert a source reported. Returns what happened:
+
+        - "inserted": a new expert, status pending;
+        - "replaced": a new version of a known expert. It replaces its predecessor: status back to
+          pending, attempts reset, calibration edges dropped (they measured other weights). The
+          description and page hash stay, so the agent can skip re-describing an unchanged page;
+        - "updated": same version, some field changed (status, description, edges untouched);
+        - "unchanged": nothing to write, so a re-crawl leaves the catalog byte for byte as it was.
+
+        Local paths of already-downloaded files survive an update of the same version.
+        """
+        if record.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, not {record.kind!r}")
+        fields = record.to_dict()
+        fields.pop("files")
+        with self.transaction():
+            old = self.get(record.id)
+            now = utcnow()
+            if old is None:
+                self._write_row(ExpertRow(id=record.id, **fields, files=list(record.files), page_sha256=None,
+                                          description=None, description_text=None, status="pending",
+                                          status_reason=None, created_at=now, updated_at=now, attempts=0))
+                return "inserted"
+            if old.version != record.version:
+                self._write_row(replace(old, **fields, files=list(record.files), status="pending",
+                                        status_reason=f"new version {record.version} replaces {old.version}",
+                                        attempts=0, updated_at=now))
+                self._conn.execute("DELETE FROM calibration WHERE expert_id = ?", (record.id,))
+                return "replaced"
+            known = {(f.name, f.sha256): f.local_path for f in old.files}
+            files = [f if f.local_path else replace(f, local_path=known.get((f.name, f.sha256)))
+                     for f in record.files]
+            new = replace(old, **fields, files=files)
+            if new == old:
+                return "unchanged"
+            self._write_row(replace(new, updated_at=now))
+            return "updated"
+
+    def _update(self, expert_id: str, **changes) -> None:
+        with self.transaction():
+            old = self.get(expert_id)
+            if old is None:
+                raise KeyError(f"no expert {expert_id!r} in the catalog")
+            self._write_row(replace(old, **changes, updated_at=utcnow()))
+
+    def set_status(self, expert_id: str, status: str, reason: str | None = None) -> None:
+        """Set the status and its one-line reason. A "failed" status counts one more attempt of
+        this version, so a background watcher can back off experts that keep failing."""
+        if status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, not {status!r}")
+        with self.transaction():
+            old = self.get(expert_id)
+            if old is None:
+                raise KeyError(f"no expert {expert_id!r} in the catalog")
+            attempts = old.attempts + 1 if status == "failed" else old.attempts
+            self._update(expert_id, status=status, status_reason=one_line(reason), attempts=attempts)
+
+    def set_description(self, expert_id: str, description: dict, text: str, page_sha256: str | None) -> None:
+        """Store the structured skill description, the text that gets embedded, and the hash of the
+        homepage text it was written from."""
+        if not text.strip():
+            raise ValueError("an empty description text cannot be embedded")
+        self._update(expert_id, description=check_description(description), description_text=text,
+                     page_sha256=page_sha256)
+
+    def set_files(self, expert_id: str, files: list[ExpertFile]) -> None:
+        self._update(expert_id, files=list(files))
+
+    def restore_expert(self, row: ExpertRow) -> None:
+        """Write a row exactly as given (used by graph import)."""
+        self._write_row(row)
+
+    def get(self, expert_id: str) -> ExpertRow | None:
+        rows = self._query("SELECT * FROM experts WHERE id = ?", (expert_id,))
+        return self._row(rows[0]) if rows else None
+
+    def get_many(self, expert_ids: list[str]) -> list[ExpertRow]:
+        """Rows in the order of ``expert_ids``; KeyError names the unknown ids."""
+        ids = list(expert_ids)
+        if not ids:
+            return []
+        rows = self._query(f"SELECT * FROM experts WHERE id IN ({', '.join('?' for _ in ids)})", ids)
+        by_id = {row["id"]: self._row(row) for row in rows}
+        missing = [i for i in ids if i not in by_id]
+        if missing:
+            raise KeyError(f"not in the catalog: {missing}")
+        return [by_id[i] for i in ids]
+
+    def list_experts(self, status: str | None = None, kind: str | None = None,
+                     base_model: str | None = None) -> list[ExpertRow]:
+        """Experts sorted by id, optionally filtered."""
+        where, params = [], []
+        for column, value in (("status", status), ("kind", kind), ("base_model", base_model)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        return [self._row(r) for r in self._query(f"SELECT * FROM experts{clause} ORDER BY id", params)]
+
+    def expert_counts(self) -> list[tuple[str, str, str, int]]:
+        """(base_model, kind, status, count) for every combination present."""
+        rows = self._query("SELECT base_model, kind, status, COUNT(*) AS n FROM experts "
+                           "GROUP BY base_model, kind, status ORDER BY base_model, kind, status")
+        return [(r["base_model"], r["kind"], r["status"], r["n"]) for r in rows]
+
+    # ---- reference prompts ---------------------------------------------------------------------
+    # Their embeddings are stored here as JSON text rather than in Chroma: they are few (N_r is in
+    # the tens to hundreds), never searched by similarity, needed as one fixed-order matrix in
+    # every subgraph, and part of every export. JSON keeps the schema BLOB-free and portable, and
+    # float32 -> JSON -> float32 is exact.
+
+    def set_reference_prompts(self, texts: list[str], embeddings: dict[str, np.ndarray]) -> list[int]:
+        """Make ``texts`` the reference set. Prompts already present keep their id (and their
+        calibration edges); new ones get fresh ids and their vector from ``embeddings`` (text ->
+        vector, needed for new texts only); prompts no longer in the set are deleted with their
+        edges. Returns the ids in the order of ``texts``."""
+        texts = list(texts)
+        if len(set(texts)) != len(texts):
+            raise ValueError("reference prompts must be distinct")
+        with self.transaction():
+            existing = {r["text"]: r["id"] for r in self._query("SELECT id, text FROM reference_prompts")}
+            missing = [t for t in texts if t not in existing and t not in embeddings]
+            if missing:
+                raise ValueError(f"no embedding given for new reference prompts {missing}")
+            keep = set(texts)
+            for text, pid in existing.items():
+                if text not in keep:
+                    self._conn.execute("DELETE FROM reference_prompts WHERE id = ?", (pid,))
+            next_id = max(existing.values(), default=0) + 1
+            ids = []
+            for text in texts:
+                if text not in existing:
+                    self.restore_reference_prompt(next_id, text, embeddings[text])
+                    existing[text] = next_id
+                    next_id += 1
+                ids.append(existing[text])
+            return ids
+
+    def restore_reference_prompt(self, prompt_id: int, text: str, embedding: np.ndarray) -> None:
+        """Insert one prompt with a given id (set_reference_prompts and graph import)."""
+        vector = np.asarray(embedding, dtype=np.float32).tolist()
+        with self.transaction():
+            self._conn.execute("INSERT INTO reference_prompts (id, text, embedding) VALUES (?, ?, ?)",
+                               (int(prompt_id), text, json.dumps(vector)))
+            self._set_meta("reference_prompts_rev", str(int(self._meta("reference_prompts_rev") or 0) + 1))
+
+    def reference_prompts(self) -> list[ReferencePrompt]:
+        return [ReferencePrompt(r["id"], r["text"])
+                for r in self._query("SELECT id, text FROM reference_prompts ORDER BY id")]
+
+    def reference_prompt_embeddings(self, prompt_ids: list[int]) -> np.ndarray:
+        """float32 matrix (len(prompt_ids), dim), rows in the order given.
+
+        Decoded once and cached: subgraphs are built per user prompt. A revision counter bumped
+        by every insert invalidates the cache, also when another process changed the set
+        (deletions only remove rows, which the cache never needs to forget)."""
+        rev = self._meta("reference_prompts_rev") or ""
+        if self._ref_cache is None or self._ref_cache[0] != rev:
+            rows = self._query("SELECT id, embedding FROM reference_prompts")
+            self._ref_cache = (rev, {r["id"]: np.asarray(json.loads(r["embedding"]), dtype=np.float32)
+                                     for r in rows})
+        cache = self._ref_cache[1]
+        missing = [p for p in prompt_ids if p not in cache]
+        if missing:
+            raise KeyError(f"unknown reference prompt ids: {missing}")
+        if not prompt_ids:
+            return np.zeros((0, DIM), dtype=np.float32)
+        return np.stack([cache[p] for p in prompt_ids])
+
+    # ---- calibration edges ---------------------------------------------------------------------
+
+    def put_calibration(self, expert_id: str, prompt_id: int, scores, metric_names: list[str], seed: int) -> None:
+        """Insert or overwrite the edge expert -> reference prompt. Scores must be finite: a NaN
+        edge feature would poison every planner step that touches it."""
+        scores = [float(s) for s in scores]
+        if len(scores) != len(metric_names) or not all(math.isfinite(s) for s in scores):
+            raise ValueError(f"need one finite score per metric {list(metric_names)}, got {scores}")
+        with self.transaction():
+            self._conn.execute(
+                "INSERT INTO calibration (expert_id, prompt_id, scores, metric_names, seed) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (expert_id, prompt_id) DO UPDATE SET scores = excluded.scores, "
+                "metric_names = excluded.metric_names, seed = excluded.seed",
+                (expert_id, int(prompt_id), _dumps(scores), _dumps(list(metric_names)), int(seed)))
+
+    def calibration(self, expert_ids: list[str] | None = None) -> list[CalibrationEdge]:
+        """Edges sorted by (expert_id, prompt_id), for all experts or the ones given."""
+        sql = "SELECT * FROM calibration"
+        params: list = []
+        if expert_ids is not None:
+            params = list(expert_ids)
+            if not params:
+                return []
+            sql += f" WHERE expert_id IN ({', '.join('?' for _ in params)})"
+        rows = self._query(sql + " ORDER BY expert_id, prompt_id", params)
+        # One json.loads for all score lists and one per distinct metric list: this runs on the
+        # per-prompt path, where decoding each edge separately was 70% of the subgraph's time.
+        scores = json.loads("[" + ",".join(r["scores"] for r in rows) + "]")
+        names = {text: json.loads(text) for text in {r["metric_names"] for r in rows}}
+        return [CalibrationEdge(r["expert_id"], r["prompt_id"], s, names[r["metric_names"]], r["seed"])
+                for r, s in zip(rows, scores)]
+
+    def calibration_counts(self) -> tuple[int, int]:
+        """(edges, calibrated experts)."""
+        row = self._query("SELECT COUNT(*) AS e, COUNT(DISTINCT expert_id) AS x FROM calibration")[0]
+        return row["e"], row["x"]
+
+    # ---- GCA runs ------------------------------------------------------------------------------
+
+    def start_run(self, source_spec: str) -> int:
+        with self.transaction():
+            run_id = self._query("SELECT COALESCE(MAX(id), 0) + 1 AS n FROM runs")[0]["n"]
+            self._conn.execute("INSERT INTO runs (id, source_spec, started_at, status, counts) "
+                               "VALUES (?, ?, ?, 'running', '{}')", (run_id, source_spec, utcnow()))
+            return run_id
+
+    def finish_run(self, run_id: int, status: str, counts: dict, error: str | None = None) -> None:
+        with self.transaction():
+            cur = self._conn.execute("UPDATE runs SET finished_at = ?, status = ?, counts = ?, error = ? WHERE id = ?",
+                                     (utcnow(), status, _dumps(counts), one_line(error, 2000), run_id))
+            if cur.rowcount != 1:
+                raise KeyError(f"no run {run_id}")
+
+    def last_run(self) -> dict | None:
+        rows = self._query("SELECT * FROM runs ORDER BY id DESC LIMIT 1")
+        if not rows:
+            return None
+        run = dict(rows[0])
+        run["counts"] = json.loads(run["counts"])
+        return run

@@ -1,0 +1,73 @@
+"""What is in the universal graph, for `diffgraph graph status [--json]`.
+
+``graph_status`` returns plain JSON-able data (the --json output and what tests check);
+``render_status`` turns it into rich tables for the terminal. Both are cheap: counts come from
+GROUP BY queries and per-collection counts, never from loading every row.
+"""
+
+from __future__ import annotations
+
+from rich.console import Group
+from rich.table import Table
+
+from .catalog import STATUSES
+from .store import GraphStore
+
+FAILURE_STATUSES = ("failed", "rejected")
+
+
+def graph_status(store: GraphStore) -> dict:
+    """Experts by (base model, kind) and status, reference prompts, calibration edges, vectors,
+    the last GCA run and every failed or rejected expert with its reason."""
+    by_status = {s: 0 for s in STATUSES}
+    partitions: dict[tuple[str, str], dict] = {}
+    for base_model, kind, status, n in store.catalog.expert_counts():
+        by_status[status] += n
+        part = partitions.setdefault((base_model, kind), {"base_model": base_model, "kind": kind,
+                                                          **{s: 0 for s in STATUSES}, "total": 0})
+        part[status] += n
+        part["total"] += n
+    edges, calibrated = store.catalog.calibration_counts()
+    failures = [{"id": r.id, "name": r.name, "status": r.status, "reason": r.status_reason, "attempts": r.attempts}
+                for status in FAILURE_STATUSES for r in store.catalog.list_experts(status=status)]
+    return {
+        "home": str(store.home),
+        "experts": {"total": sum(by_status.values()), "by_status": by_status, "by_partition": list(partitions.values())},
+        "reference_prompts": len(store.catalog.reference_prompts()),
+        "calibration": {"edges": edges, "experts": calibrated},
+        "vectors": store.vectors.count(),
+        "last_run": store.catalog.last_run(),
+        "failures": sorted(failures, key=lambda f: f["id"]),
+    }
+
+
+def render_status(status: dict) -> Group:
+    """Rich renderables for ``graph_status``'s result (print them with a Console)."""
+    experts = Table(title=f"Experts in {status['home']}", show_footer=True)
+    experts.add_column("base model", footer="all")
+    experts.add_column("kind")
+    for s in STATUSES:
+        experts.add_column(s, justify="right", footer=str(status["experts"]["by_status"][s]))
+    experts.add_column("total", justify="right", footer=str(status["experts"]["total"]))
+    for part in status["experts"]["by_partition"]:
+        experts.add_row(part["base_model"], part["kind"], *(str(part[s]) for s in STATUSES), str(part["total"]))
+
+    graph = Table(title="Graph", show_header=False)
+    graph.add_row("reference prompts", str(status["reference_prompts"]))
+    graph.add_row("calibration edges",
+                  f"{status['calibration']['edges']} ({status['calibration']['experts']} experts calibrated)")
+    graph.add_row("vectors in Chroma", str(status["vectors"]))
+    run = status["last_run"]
+    graph.add_row("last run", "none" if run is None else
+                  f"#{run['id']} {run['source_spec']} {run['status']} {run['started_at']} -> {run['finished_at'] or '…'}"
+                  + (f" {run['counts']}" if run["counts"] else "") + (f" error: {run['error']}" if run["error"] else ""))
+
+    parts = [experts, graph]
+    if status["failures"]:
+        failures = Table(title="Failures")
+        for column in ("id", "name", "status", "attempts", "reason"):
+            failures.add_column(column, overflow="fold")
+        for f in status["failures"]:
+            failures.add_row(f["id"], f["name"], f["status"], str(f["attempts"]), f["reason"] or "")
+        parts.append(failures)
+    return Group(*parts)

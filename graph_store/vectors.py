@@ -1,0 +1,282 @@
+"""Description embeddings in Chroma, one collection per (base model, kind).
+
+Why partitions: every retrieval asks for experts of one base model and one kind (top-K1
+checkpoints, top-K2 LoRAs per attribute), and a Chroma ``where`` filter is slow at scale
+(measured at 100k vectors: ~180 ms against ~3 ms unfiltered; at 10k in one partition: 24 ms
+against 1.3 ms). So the partition is the collection, and the remaining filter, status, is
+avoided in the common case by over-fetching and filtering in Python (see ``query``).
+
+Why a refusing embedding function: Chroma embeds documents itself when a call carries no
+embeddings, and its default embedder downloads an ONNX model. We always pass embeddings, so
+any attempt to embed is a bug; ``RefuseToEmbed`` turns it into an error and counts it.
+
+Space: inner product on unit vectors (= cosine). Chroma's "cosine" space renormalises the
+vectors it stores, so ``get`` would not return what we put in and exported graphs would not
+round-trip bit for bit; with "ip" it does, and ``upsert`` checks the vectors are unit length.
+
+Metadata per vector: kind, base_model, status (mirrors the catalog) and description_sha256
+(the hash of the document it embeds, so reconcile can tell a stale embedding from a current one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+from urllib.parse import urlparse
+
+import chromadb
+import numpy as np
+from chromadb.api.types import EmbeddingFunction
+from chromadb.config import Settings
+from chromadb.utils.embedding_functions import register_embedding_function
+
+from ..text_embedding import DIM
+
+PREFIX = "experts__"
+_PAGE = 5000  # rows per Chroma get when listing a whole partition
+_BATCH = 1000  # vectors per Chroma upsert (its limit is about 5000)
+
+
+class ChromaEmbeddingRefused(RuntimeError):
+    """Chroma was asked to embed text: some call reached it without embeddings."""
+
+
+@register_embedding_function
+class RefuseToEmbed(EmbeddingFunction):
+    """The embedding function of every DiffGraph collection: raises instead of embedding.
+
+    Registered under its name so that a collection's persisted configuration resolves to it in
+    any DiffGraph process. ``attempts`` counts refusals (tests assert it stays 0)."""
+
+    attempts = 0
+
+    def __init__(self) -> None:
+        pass
+
+    def __call__(self, input):  # noqa: A002 (Chroma's parameter name)
+        RefuseToEmbed.attempts += 1
+        raise ChromaEmbeddingRefused(f"Chroma tried to embed {len(input)} inputs; DiffGraph always passes "
+                                     "its own embeddings (diffgraph.text_embedding.embed)")
+
+    @staticmethod
+    def name() -> str:
+        return "diffgraph_refuse_to_embed"
+
+    @staticmethod
+    def build_from_config(config: dict) -> "RefuseToEmbed":
+        return RefuseToEmbed()
+
+    def get_config(self) -> dict:
+        return {}
+
+    def default_space(self) -> str:
+        return "ip"
+
+
+def description_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def partition_name(base_model: str, kind: str) -> str:
+    """A valid Chroma collection name for (base_model, kind): a readable slug plus a hash of the
+    exact base model string, so "SD 1.5" and "sd-1.5" never share a collection."""
+    slug = re.sub(r"[^a-z0-9]+", "-", base_model.lower()).strip("-")[:48] or "base"
+    digest = hashlib.sha256(base_model.encode("utf-8")).hexdigest()[:8]
+    return f"{PREFIX}{slug}__{kind}__{digest}"
+
+
+@dataclass(frozen=True)
+class VectorEntry:
+    """One stored vector: where it is and what its metadata says."""
+
+    expert_id: str
+    collection: str
+    kind: str
+    base_model: str
+    status: str
+    description_sha256: str
+
+
+def _client(path: Path | None, url: str | None):
+    settings = Settings(anonymized_telemetry=False)
+    if url:
+        parsed = urlparse(url)
+        ssl = parsed.scheme == "https"
+        return chromadb.HttpClient(host=parsed.hostname or "localhost", port=parsed.port or (443 if ssl else 8000),
+                                   ssl=ssl, settings=settings)
+    if path is None:
+        raise ValueError("give a Chroma path or URL")
+    path.mkdir(parents=True, exist_ok=True)
+    return chromadb.PersistentClient(path=str(path), settings=settings)
+
+
+class VectorStore:
+    """Expert description embeddings, partitioned by (base_model, kind)."""
+
+    def __init__(self, client):
+        self.client = client
+        self._ef = RefuseToEmbed()
+        self._collections: dict[str, object] = {}
+
+    @classmethod
+    def open(cls, path: Path | None = None, url: str | None = None) -> "VectorStore":
+        """An embedded store at ``path``, or a Chroma server at ``url`` (DIFFGRAPH_CHROMA_URL)."""
+        return cls(_client(path, url))
+
+    def close(self) -> None:
+        self.client.close()
+
+    # ---- partitions ----------------------------------------------------------------------------
+
+    def _collection(self, name: str, base_model: str | None = None, kind: str | None = None):
+        """The collection ``name``; created when base_model/kind are given, else None if absent."""
+        if name in self._collections:
+            return self._collections[name]
+        if base_model is not None:
+            col = self.client.get_or_create_collection(
+                name, embedding_function=self._ef, configuration={"hnsw": {"space": "ip"}},
+                metadata={"base_model": base_model, "kind": kind})
+        elif name in self._partition_names():
+            col = self.client.get_collection(name, embedding_function=self._ef)
+        else:
+            return None
+        self._collections[name] = col
+        return col
+
+    def _partition_names(self) -> list[str]:
+        # Asked each time (about 0.2 ms): another process may have created a partition.
+        return sorted(c.name for c in self.client.list_collections() if c.name.startswith(PREFIX))
+
+    def _partitions(self, names: Iterable[str] | None = None) -> list:
+        wanted = self._partition_names() if names is None else names
+        return [c for c in (self._collection(n) for n in wanted) if c is not None]
+
+    # ---- writes --------------------------------------------------------------------------------
+
+    def upsert(self, expert_id: str, embedding, kind: str, base_model: str, status: str, document: str) -> None:
+        """Store the expert's vector in its partition and remove it from any other one (a new
+        version may have changed the base model or kind)."""
+        self.upsert_many([(expert_id, embedding, kind, base_model, status, document)])
+
+    def upsert_many(self, items: Iterable[tuple]) -> None:
+        """``upsert`` for many (expert_id, embedding, kind, base_model, status, document) tuples,
+        batched per partition: Chroma charges ~18 ms per upsert call but ~1.3 ms per vector in a
+        batch of 1000, which is what makes reconcile and import of large graphs bearable."""
+        latest = {item[0]: item for item in items}
+        groups: dict[tuple[str, str], list] = {}
+        for expert_id, embedding, kind, base_model, status, document in latest.values():
+            vector = np.asarray(embedding, dtype=np.float32).reshape(-1)
+            if abs(float(np.linalg.norm(vector)) - 1.0) > 1e-3:
+                raise ValueError(f"embedding of {expert_id} is not unit length (inner product is used as cosine)")
+            metadata = {"kind": kind, "base_model": base_model, "status": status,
+                        "description_sha256": description_sha256(document)}
+            groups.setdefault((base_model, kind), []).append((expert_id, vector, metadata, document))
+        for (base_model, kind), group in groups.items():
+            col = self._collection(partition_name(base_model, kind), base_model, kind)
+            for start in range(0, len(group), _BATCH):
+                ids, vectors, metadatas, documents = zip(*group[start:start + _BATCH])
+                col.upsert(ids=list(ids), embeddings=np.stack(vectors), metadatas=list(metadatas),
+                           documents=list(documents))
+        target = {i: partition_name(item[3], item[2]) for i, item in latest.items()}
+        self.remove([e for e in self.entries(list(target)) if e.collection != target[e.expert_id]])
+
+    def set_status(self, expert_id: str, status: str) -> bool:
+        """Update the status metadata wherever the vector is; False when there is none."""
+        entries = self.entries([expert_id])
+        for entry in entries:
+            self._collection(entry.collection).update(ids=[expert_id], metadatas=[{"status": status}])
+        return bool(entries)
+
+    def delete(self, expert_id: str) -> bool:
+        """Delete the expert's vector from every partition; False when there was none."""
+        entries = self.entries([expert_id])
+        self.remove(entries)
+        return bool(entries)
+
+    def remove(self, entries: Iterable[VectorEntry]) -> None:
+        """Delete exactly these stored vectors (an id may also live in another partition)."""
+        by_collection: dict[str, list[str]] = {}
+        for entry in entries:
+            by_collection.setdefault(entry.collection, []).append(entry.expert_id)
+        for name, ids in by_collection.items():
+            self._collection(name).delete(ids=ids)
+
+    # ---- reads ---------------------------------------------------------------------------------
+
+    def query(self, embedding, kind: str, base_model: str, k: int,
+              status: str | None = "active") -> list[tuple[str, float, dict]]:
+        """The k nearest experts of one partition: (id, cosine similarity, metadata), best first.
+
+        Fetches 2k+8 neighbours without a filter and keeps those with the wanted status; only
+        when that leaves fewer than k in a partition holding more does it pay for a ``where``
+        query. Most experts are active, so the fast path almost always suffices."""
+        col = self._collection(partition_name(base_model, kind))
+        if col is None or k <= 0:
+            return []
+        query = np.asarray(embedding, dtype=np.float32).reshape(1, -1)
+        fetch = 2 * k + 8
+        result = col.query(query_embeddings=query, n_results=fetch, include=["metadatas", "distances"])
+        hits = list(zip(result["ids"][0], result["distances"][0], result["metadatas"][0]))
+        found = [h for h in hits if status is None or h[2]["status"] == status]
+        if len(found) < k and len(hits) == fetch:
+            result = col.query(query_embeddings=query, n_results=k, where={"status": status},
+                               include=["metadatas", "distances"])
+            found = list(zip(result["ids"][0], result["distances"][0], result["metadatas"][0]))
+        return [(i, 1.0 - float(d), dict(m)) for i, d, m in found[:k]]
+
+    def entries(self, expert_ids: list[str] | None = None) -> list[VectorEntry]:
+        """Every stored vector (or those of ``expert_ids``) with its partition and metadata. An id
+        found in two partitions appears twice: that is drift reconcile repairs."""
+        found = []
+        for col in self._partitions():
+            if expert_ids is not None:
+                pages = [col.get(ids=list(expert_ids), include=["metadatas"])] if expert_ids else []
+            else:
+                pages = self._pages(col)
+            for page in pages:
+                for i, m in zip(page["ids"], page["metadatas"]):
+                    found.append(VectorEntry(i, col.name, m.get("kind", ""), m.get("base_model", ""),
+                                             m.get("status", ""), m.get("description_sha256", "")))
+        return found
+
+    @staticmethod
+    def _pages(col):
+        offset = 0
+        while True:
+            page = col.get(include=["metadatas"], limit=_PAGE, offset=offset)
+            yield page
+            if len(page["ids"]) < _PAGE:
+                return
+            offset += _PAGE
+
+    def all_ids(self) -> set[str]:
+        return {e.expert_id for e in self.entries()}
+
+    def count(self) -> int:
+        return sum(col.count() for col in self._partitions())
+
+    def get_embeddings(self, expert_ids: list[str],
+                       partitions: Iterable[tuple[str, str]] | None = None) -> np.ndarray:
+        """float32 matrix of the vectors of ``expert_ids``, in that order. ``partitions``, a set of
+        (base_model, kind), limits the search to those collections (the subgraph view knows them
+        from the catalog, which saves a round trip per other partition). KeyError names ids that
+        have no vector."""
+        ids = list(expert_ids)
+        names = None if partitions is None else sorted({partition_name(b, k) for b, k in partitions})
+        found: dict[str, np.ndarray] = {}
+        for col in self._partitions(names):
+            wanted = [i for i in ids if i not in found]
+            if not wanted:
+                break
+            got = col.get(ids=wanted, include=["embeddings"])
+            for i, vector in zip(got["ids"], got["embeddings"]):
+                found[i] = np.asarray(vector, dtype=np.float32)
+        missing = [i for i in ids if i not in found]
+        if missing:
+            raise KeyError(f"no vector in Chroma for {missing} (run `diffgraph graph reconcile`)")
+        if not ids:
+            return np.zeros((0, DIM), dtype=np.float32)
+        return np.stack([found[i] for i in ids])

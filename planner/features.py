@@ -1,0 +1,186 @@
+"""From the activated subgraph (a HeteroData view) to the one graph the encoder eats.
+
+The view keeps node and edge types apart; the encoder wants one node matrix and one edge
+list, with the types written into the features so that one set of weights serves every
+type. Node order is fixed: the user prompt (node 0), the experts in the view's order, then
+the reference prompts.
+
+Node features, ``schema.node_columns``:
+    [MiniLM embedding (384) | node type one-hot (3) | expert kind one-hot, ckpt/lora (2)]
+The kind matters because the merger treats the two kinds differently (a softmax within each
+kind), so the same skill is worth a different coefficient on a checkpoint and on a LoRA.
+
+Edge features, ``schema.edge_columns``, one layout for every edge kind:
+    [edge kind one-hot (3) | metric z-scores (M) | cosine similarity (1)]
+- calibrated_on, expert <-> reference prompt: the calibration scores, z-scored per metric
+  with statistics fitted once on the training graph and stored in the checkpoint (raw
+  metrics live on unrelated scales, e.g. CLIP ~0.3 and aesthetic ~5);
+- similar_to, user prompt <-> every reference prompt: cos(prompt, reference);
+- asks, user prompt <-> every expert: cos(prompt, expert description), the retrieval signal.
+Columns an edge kind does not use are zero. Every edge is present in both directions.
+
+Why the similar_to edges: a calibration score says how well an expert rendered one reference
+prompt, which only matters for a user prompt that resembles it. With the prompt linked to
+every reference, two hops bring to each expert its scores on the references, each reference
+already carrying its similarity to the user prompt (hop 1: prompt -> reference; hop 2:
+reference -> expert, edge = that expert's scores there). An attention layer can then weight
+each expert's scores by how close their reference is to what the user asked, which neither
+the description embedding nor an average score over all references can express.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch_geometric.data import Data, HeteroData
+
+from ..text_embedding import DIM
+
+if TYPE_CHECKING:
+    from ..graph_store.store import GraphStore
+
+EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+NODE_TYPES = ("user_prompt", "expert", "reference_prompt")
+KINDS = ("ckpt", "lora")
+EDGE_KINDS = ("calibrated_on", "similar_to", "asks")
+CALIBRATED = ("expert", "calibrated_on", "reference_prompt")
+
+
+class SchemaMismatch(ValueError):
+    """A graph does not fit the feature schema a planner was trained with."""
+
+
+@dataclass(frozen=True)
+class FeatureSchema:
+    """Everything featurisation needs besides the graph; saved in the checkpoint, so a loaded
+    planner reads a graph exactly as it did in training."""
+
+    metric_names: tuple[str, ...]
+    metric_mean: tuple[float, ...]
+    metric_std: tuple[float, ...]
+    embedding_model: str = EMBEDDING_MODEL
+    embedding_dim: int = DIM
+
+    @classmethod
+    def fit(cls, graphs: Sequence[HeteroData], embedding_model: str = EMBEDDING_MODEL) -> "FeatureSchema":
+        """Metric names and per-metric mean/std of the calibration edges in ``graphs``, each
+        edge counted once however many graphs hold it (statistics of the universal graph, not
+        of how often the selection picks an expert)."""
+        names = {tuple(g.metric_names) for g in graphs if g[CALIBRATED].edge_index.numel()}
+        if len(names) != 1:
+            raise SchemaMismatch(f"need calibration edges with one list of metric names, found {sorted(names)}")
+        edges: dict[tuple[str, int], torch.Tensor] = {}
+        for g in graphs:
+            src, dst = g[CALIBRATED].edge_index
+            for e, r, scores in zip(src.tolist(), dst.tolist(), g[CALIBRATED].edge_attr):
+                edges[(g.expert_ids[e], g.reference_prompt_ids[r])] = scores
+        scores = torch.stack(list(edges.values())).double()
+        std = scores.std(dim=0, unbiased=False)
+        std = torch.where(std > 1e-8, std, torch.ones_like(std))  # a constant metric carries no signal
+        dims = {g["user_prompt"].x.shape[1] for g in graphs}
+        if len(dims) != 1:
+            raise SchemaMismatch(f"graphs disagree on the embedding dimension: {sorted(dims)}")
+        return cls(next(iter(names)), tuple(scores.mean(dim=0).tolist()), tuple(std.tolist()),
+                   embedding_model, dims.pop())
+
+    @property
+    def node_columns(self) -> list[str]:
+        return ([f"embedding[{self.embedding_dim}]"] + [f"type={t}" for t in NODE_TYPES]
+                + [f"kind={k}" for k in KINDS])
+
+    @property
+    def edge_columns(self) -> list[str]:
+        return [f"edge={k}" for k in EDGE_KINDS] + [f"metric={m}" for m in self.metric_names] + ["cosine"]
+
+    @property
+    def node_dim(self) -> int:
+        return self.embedding_dim + len(NODE_TYPES) + len(KINDS)
+
+    @property
+    def edge_dim(self) -> int:
+        return len(EDGE_KINDS) + len(self.metric_names) + 1
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(metric_names=list(self.metric_names), metric_mean=list(self.metric_mean),
+                 metric_std=list(self.metric_std), node_columns=self.node_columns, edge_columns=self.edge_columns)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FeatureSchema":
+        schema = cls(tuple(d["metric_names"]), tuple(d["metric_mean"]), tuple(d["metric_std"]),
+                     d["embedding_model"], int(d["embedding_dim"]))
+        if d.get("node_columns", schema.node_columns) != schema.node_columns or \
+                d.get("edge_columns", schema.edge_columns) != schema.edge_columns:
+            raise SchemaMismatch("the checkpoint was written with another feature layout than this code builds")
+        return schema
+
+    def check_metrics(self, metric_names: Sequence[str]) -> None:
+        if tuple(metric_names) != self.metric_names:
+            raise SchemaMismatch(f"the planner was trained on metrics {list(self.metric_names)} but the graph has "
+                                 f"{list(metric_names)}; recalibrate, or train a planner on these metrics")
+
+
+def activated_view(store: "GraphStore", expert_ids: list[str], prompt, schema: FeatureSchema | None = None) -> HeteroData:
+    """The view of ``expert_ids`` for ``prompt`` (text or embedding), its score columns in the
+    schema's metric order when a schema is given."""
+    from ..graph_store.views import activated_subgraph
+
+    return activated_subgraph(store, expert_ids, prompt, metric_names=None if schema is None else list(schema.metric_names))
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
+
+
+def _one_hot(index: int | torch.Tensor, n: int, rows: int) -> torch.Tensor:
+    index = torch.full((rows,), index) if isinstance(index, int) else index
+    return F.one_hot(index.long(), n).float()
+
+
+def featurise(data: HeteroData, schema: FeatureSchema) -> Data:
+    """One homogeneous graph: ``x``, ``edge_index``, ``edge_attr`` as the module docstring lays
+    out, plus ``expert_index`` (the expert nodes, in the view's order) and
+    ``expert_prompt_index`` (each expert's user prompt node). Both index attributes are shifted
+    by torch_geometric's batching, so a Batch of these decodes correctly."""
+    x_p, x_e, x_r = (data[t].x.float() for t in NODE_TYPES)
+    if x_p.shape[1] != schema.embedding_dim:
+        raise SchemaMismatch(f"node embeddings are {x_p.shape[1]}-d, the planner expects "
+                             f"{schema.embedding_dim}-d ({schema.embedding_model})")
+    n, r = x_e.shape[0], x_r.shape[0]
+    unknown = sorted(set(data.expert_kinds) - set(KINDS))
+    if unknown:
+        raise SchemaMismatch(f"unknown expert kinds {unknown}; the planner knows {list(KINDS)}")
+    kinds = torch.tensor([KINDS.index(k) for k in data.expert_kinds], dtype=torch.long)
+    x = torch.cat([
+        torch.cat([x_p, x_e, x_r]),
+        torch.cat([_one_hot(i, len(NODE_TYPES), m) for i, m in enumerate((1, n, r))]),
+        torch.cat([torch.zeros(1, len(KINDS)), _one_hot(kinds, len(KINDS), n), torch.zeros(r, len(KINDS))]),
+    ], dim=1)
+
+    cal_index = data[CALIBRATED].edge_index
+    if cal_index.numel():
+        schema.check_metrics(data.metric_names)
+    scores = data[CALIBRATED].edge_attr.reshape(cal_index.shape[1], len(schema.metric_names)).float()
+    z = (scores - torch.tensor(schema.metric_mean)) / torch.tensor(schema.metric_std)
+    experts, refs = torch.arange(1, n + 1), torch.arange(n + 1, n + r + 1)
+    prompt = lambda m: torch.zeros(m, dtype=torch.long)  # noqa: E731
+
+    def block(kind: str, src, dst, metrics, cosine) -> tuple[torch.Tensor, torch.Tensor]:
+        m = src.shape[0]
+        attr = torch.cat([_one_hot(EDGE_KINDS.index(kind), len(EDGE_KINDS), m),
+                          metrics if metrics is not None else torch.zeros(m, len(schema.metric_names)),
+                          cosine.reshape(m, 1) if cosine is not None else torch.zeros(m, 1)], dim=1)
+        return torch.stack([src, dst]), attr
+
+    blocks = [block("calibrated_on", experts[cal_index[0]], refs[cal_index[1]], z, None),
+              block("similar_to", prompt(r), refs, None, _cosine(x_p, x_r)[0]),
+              block("asks", prompt(n), experts, None, _cosine(x_p, x_e)[0])]
+    edge_index = torch.cat([e for e, _ in blocks], dim=1)
+    edge_attr = torch.cat([a for _, a in blocks])
+    return Data(x=x, edge_index=torch.cat([edge_index, edge_index.flip(0)], dim=1),
+                edge_attr=torch.cat([edge_attr, edge_attr]), expert_index=experts, expert_prompt_index=prompt(n),
+                num_nodes=1 + n + r)

@@ -1,0 +1,150 @@
+"""REINFORCE training of the planner (paper Sec. 3.3, Eq. 4).
+
+Rendering is far too deep a graph to backpropagate through, so the planner is trained as a
+policy: draw coefficients w ~ Beta(alpha, beta), render, score, and push up log p(w) in
+proportion to how much better than expected the reward came out. Two callbacks keep the
+planner independent of the agents and the merger:
+
+- ``select(prompt) -> expert ids``: the Expert Selection Agent (called once per prompt: the
+  selection does not depend on the planner);
+- ``reward(prompt, expert_ids, kinds, w) -> float``: merge, render, score.
+
+The latent draw h = mu + sigma * eps is part of the policy. eps does not depend on the
+parameters, so for the joint draw (eps, w) the score function is exactly
+grad log Beta(w | dec(mu + sigma * eps)): the estimator stays unbiased with the VGAE's
+noise in it, and no intractable marginal over h is needed.
+
+Variance reduction: Eq. 4 as written multiplies grad log p by the raw reward, whose level
+differs from prompt to prompt far more than it differs between good and bad coefficients
+for one prompt. Each prompt therefore gets K draws, and draw k's baseline is the mean reward
+of the other K - 1 draws of the same prompt (leave-one-out: independent of draw k, so the
+estimate stays unbiased, and the prompt's level cancels). With K = 1 the baseline is a
+running mean of all rewards instead. Advantages are then divided by a running RMS of past
+advantages, so the KL weight and the learning rate mean the same whatever the units of the
+reward; it changes the step size, not the direction of the gradient.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch_geometric.data import Batch
+
+from .features import FeatureSchema, activated_view, featurise
+from .model import VGAEPlanner
+
+if TYPE_CHECKING:
+    from ..graph_store.store import GraphStore
+
+Select = Callable[[str], list[str]]
+Reward = Callable[[str, list[str], list[str], list[float]], float]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 200
+    prompts_per_step: int = 4  # B in Eq. 4
+    samples_per_prompt: int = 4  # K draws of w per prompt, for the leave-one-out baseline
+    lr: float = 1e-2  # AdamW as in the paper
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.01
+    beta_kl: float = 1e-3  # weight of the VGAE's KL term
+    running_decay: float = 0.9  # of the running reward mean (K = 1) and advantage RMS
+    seed: int = 0
+
+
+@dataclass
+class Episode:
+    """One training prompt with its selection and its featurised subgraph."""
+
+    prompt: str
+    expert_ids: list[str]
+    kinds: list[str]
+    graph: object  # torch_geometric Data from featurise()
+
+
+@dataclass
+class TrainResult:
+    planner: VGAEPlanner
+    history: list[float]  # mean reward of each step's draws
+
+
+def _baseline(rewards: torch.Tensor, running_mean: float | None) -> torch.Tensor:
+    """rewards: (B, K). Leave-one-out mean per prompt when K > 1, else the running mean."""
+    k = rewards.shape[1]
+    if k > 1:
+        return (rewards.sum(dim=1, keepdim=True) - rewards) / (k - 1)
+    return torch.full_like(rewards, rewards.mean().item() if running_mean is None else running_mean)
+
+
+def train(store: "GraphStore", prompts: Sequence[str], select: Select, reward: Reward, *,
+          planner: VGAEPlanner | None = None, config: TrainConfig = TrainConfig(),
+          console: Console | None = None, progress: bool = True) -> TrainResult:
+    """Train ``planner`` (a new one when None, its feature schema fitted on the training
+    subgraphs) on ``prompts``, which must not be reference prompts. Returns the planner and
+    the mean reward of each step."""
+    if config.steps < 1 or config.prompts_per_step < 1 or config.samples_per_prompt < 1:
+        raise ValueError("steps, prompts_per_step and samples_per_prompt must be positive")
+    schema = planner.schema if planner is not None else None
+    embeddings = store.embed(list(prompts))
+    views = [activated_view(store, select(p), e, schema) for p, e in zip(prompts, embeddings)]
+    if planner is None:
+        planner = VGAEPlanner(FeatureSchema.fit(views))
+    episodes = [Episode(p, list(v.expert_ids), list(v.expert_kinds), featurise(v, planner.schema))
+                for p, v in zip(prompts, views)]
+
+    generator = torch.Generator().manual_seed(config.seed)
+    order = random.Random(config.seed)
+    optimiser = torch.optim.AdamW(planner.parameters(), lr=config.lr, betas=config.betas,
+                                  weight_decay=config.weight_decay)
+    b, k = min(config.prompts_per_step, len(episodes)), config.samples_per_prompt
+    running_mean: float | None = None
+    running_rms: float | None = None
+    history: list[float] = []
+    queue: list[Episode] = []
+    planner.train()
+    columns = (TextColumn("planner"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("mean reward {task.fields[reward]}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, disable=not progress) as bar:
+        task = bar.add_task("train", total=config.steps, reward="-")
+        for _ in range(config.steps):
+            batch = []
+            while len(batch) < b:  # every prompt once per epoch, in a fresh order
+                if not queue:
+                    queue = order.sample(episodes, len(episodes))
+                batch.append(queue.pop())
+            graphs = [ep.graph for ep in batch for _ in range(k)]
+            out = planner(Batch.from_data_list(graphs), generator)
+            w, log_prob = out.sample(generator)
+            sizes = [g.expert_index.numel() for g in graphs]
+            draws = zip([ep for ep in batch for _ in range(k)], w.split(sizes), log_prob.split(sizes))
+            rewards, log_probs = [], []
+            for ep, w_i, lp_i in draws:
+                rewards.append(float(reward(ep.prompt, ep.expert_ids, ep.kinds, w_i.tolist())))
+                log_probs.append(lp_i.sum())
+            rewards_t = torch.tensor(rewards).reshape(b, k)
+            advantage = rewards_t - _baseline(rewards_t, running_mean)
+            mean = rewards_t.mean().item()
+            running_mean = mean if running_mean is None else \
+                config.running_decay * running_mean + (1 - config.running_decay) * mean
+            square = advantage.pow(2).mean().item()
+            running_rms = square if running_rms is None else \
+                config.running_decay * running_rms + (1 - config.running_decay) * square
+            advantage = advantage / (math.sqrt(running_rms) + 1e-8)
+
+            loss = -(advantage.reshape(-1) * torch.stack(log_probs)).mean() + config.beta_kl * out.kl()
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            history.append(mean)
+            bar.update(task, advance=1, reward=f"{mean:.4f}")
+    planner.eval()
+    planner.training_info = {"config": asdict(config), "prompts": len(episodes), "steps": config.steps,
+                             "first_mean_reward": history[0], "last_mean_reward": history[-1]}
+    return TrainResult(planner, history)

@@ -1,0 +1,60 @@
+"""The merge-and-render tool: selected experts and their coefficients in, a PNG out.
+
+The PNG carries the MergeRecipe (A1111 "parameters" text and JSON) plus why each expert was
+picked, so `diffgraph render --recipe FILE.png` replays it and a person can read it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+from langchain_core.tools import tool
+
+from diffgraph.graph_store.store import GraphStore
+from diffgraph.merger.png import save_png
+from diffgraph.merger.recipe import ExpertWeight, MergeRecipe
+from diffgraph.settings import get_settings
+
+from . import bases
+
+
+def build_recipe(store: GraphStore, prompt: str, base_model: str, seed: int, picks: list[dict],
+                 coefficients: dict[str, float]) -> MergeRecipe:
+    """A recipe from picks ({id, kind}) and coefficients, with each expert's local file."""
+    ckpts, loras = [], []
+    for pick in picks:
+        row = store.catalog.get(pick["id"])
+        weights = next((f for f in row.files if f.local_path and f.name.endswith(".safetensors")), None)
+        if weights is None:
+            raise ValueError(f"{pick['id']} has no downloaded safetensors file; run the GCA for it")
+        entry = ExpertWeight(pick["id"], float(coefficients.get(pick["id"], 0.5)), weights.local_path, weights.sha256)
+        (ckpts if row.kind == "ckpt" else loras).append(entry)
+    return MergeRecipe(base_model=base_model, prompt=prompt, seed=seed, checkpoints=ckpts, loras=loras)
+
+
+def render_recipe(recipe: MergeRecipe, out: Path | None = None, explanation: dict | None = None) -> dict:
+    """Render on the base's engine and write the PNG (default: DIFFGRAPH_HOME/outputs/images)."""
+    image = bases.engine_for(recipe.base_model).render(recipe)
+    if out is None:
+        digest = hashlib.sha256(recipe.to_json().encode()).hexdigest()[:10]
+        out = get_settings().artifacts_dir / "images" / f"{time.strftime('%Y%m%d-%H%M%S')}-{digest}.png"
+    path = save_png(image, Path(out), recipe, {"explanation": explanation} if explanation else None)
+    return {"path": str(path), "recipe": recipe.to_dict()}
+
+
+@tool
+def merge_and_render(prompt: str, expert_ids: list[str], coefficients: list[float], seed: int = 0,
+                     base_model: str = "miniworld-sd") -> dict:
+    """Merge the given experts with the given coefficients (checkpoints: softmax-weighted sum;
+    LoRAs: softmax-weighted deltas added) and render the prompt. Returns the PNG path and recipe."""
+    if len(expert_ids) != len(coefficients):
+        raise ValueError("expert_ids and coefficients must have the same length")
+    store = GraphStore.from_settings()
+    try:
+        picks = [{"id": i} for i in expert_ids]
+        recipe = build_recipe(store, prompt, base_model, seed, picks, dict(zip(expert_ids, coefficients)))
+    finally:
+        store.close()
+    return render_recipe(recipe)
