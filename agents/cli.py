@@ -124,6 +124,60 @@ def miniworld_serve(
     serve(host=host, port=port)
 
 
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="What the image should show."),
+    seed: int = typer.Option(0, help="Seed of the render."),
+    out: Optional[Path] = typer.Option(None, help="PNG to write (default: DIFFGRAPH_HOME/outputs/images/...)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    base_model: str = typer.Option("miniworld-sd", help="Base-model family to generate with."),
+) -> None:
+    """Prompt in, image out: select experts (ESA), plan coefficients (VGAE), merge and render."""
+    import json
+
+    from diffgraph.agents.generate import EmptyPrompt, generate as run
+
+    try:
+        result = run(prompt, seed=seed, out=out, base_model=base_model)
+    except (EmptyPrompt, ValueError, KeyError) as exc:
+        _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    if as_json:
+        print(json.dumps(result, indent=1, default=str))
+        return
+    console.print(f"[bold]{result['prompt']}[/]  (brain: {result['brain']}, planner: {result['planner']})")
+    if not result["experts"]:
+        console.print("  no expert fits better than the base model")
+    for e in result["experts"]:
+        console.print(f"  {e['kind']:4} {e['id']:32} coefficient {e['coefficient']:.3f} -> weight {e['weight']:.3f}  {e['reason']}")
+    for note in result["notes"]:
+        console.print(f"  [yellow]{note}")
+    console.print(f"[green]image:[/] {result['image']}")
+
+
+@app.command()
+def render(
+    recipe: Path = typer.Option(..., "--recipe", help="A recipe JSON file or a PNG written by DiffGraph."),
+    out: Path = typer.Option(..., "--out", help="PNG to write."),
+) -> None:
+    """Replay a recipe (from JSON or from a PNG's metadata) bit for bit on this machine."""
+    import json
+
+    from diffgraph.merger.png import read_recipe
+    from diffgraph.merger.recipe import MergeRecipe
+    from diffgraph.tools.render import render_recipe
+
+    try:
+        if recipe.suffix.lower() == ".png":
+            parsed = read_recipe(recipe)
+        else:
+            data = json.loads(recipe.read_text())
+            parsed = MergeRecipe.from_dict(data.get("recipe", data))
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        _fail(f"cannot read a recipe from {recipe}: {str(exc).splitlines()[0]}")
+    result = render_recipe(parsed, out)
+    console.print(f"[green]image:[/] {result['path']}")
+
+
 @graph_app.command("status")
 def graph_status_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables.")) -> None:
     """Experts by kind/base/status, reference prompts, calibration edges, last run, failures."""

@@ -22,16 +22,23 @@ from . import brain
 
 K1_CKPT = 3
 K2_LORA = 2
-CKPT_THRESHOLD = 0.45  # cosine similarity a checkpoint's description needs with the summary
-LORA_THRESHOLD = 0.40  # ... and a LoRA's with one of the attributes
-REDUNDANT = 0.92  # two candidates this similar are near-duplicates: keep the better calibrated
+# Offline review: a candidate is relevant if its description is very similar to what it was
+# retrieved for, or fairly similar and sharing a content word with it (so "white background"
+# does not pull in a navy-background expert just because both are about backgrounds).
+SURE = 0.60
+PLAUSIBLE = {"lora": 0.35, "ckpt": 0.30}  # the summary is longer than an attribute, so it matches less
+REDUNDANT = 0.85  # two candidates this similar are near-duplicates: keep the better calibrated
 MAX_LORAS = 4
+GENERIC_WORDS = frozenset(
+    "background backdrop light lighting image picture photo shape style color colour object scene subject "
+    "the and with for lora checkpoint adapter full miniworld skills visual attributes trigger words".split())
 
 
 class Pick(TypedDict):
     id: str
     kind: str
     similarity: float
+    query: str  # the summary or attribute it was retrieved for
     reason: str
 
 
@@ -106,7 +113,7 @@ def build_graph(ctx: ESAContext):
         picks: dict[str, Pick] = {}
         s_vec = _embed(ctx, [state["summary"]])[0]
         for hit in ctx.store.vectors.query(s_vec, kind="ckpt", base_model=base, k=K1_CKPT):
-            picks[hit[0]] = Pick(id=hit[0], kind="ckpt", similarity=round(float(hit[1]), 4),
+            picks[hit[0]] = Pick(id=hit[0], kind="ckpt", similarity=round(float(hit[1]), 4), query=state["summary"],
                                  reason=f"style matches the summary '{state['summary'][:60]}'")
         attrs = [a for c in state["components"] for a in c["attributes"]]
         if attrs:
@@ -114,7 +121,8 @@ def build_graph(ctx: ESAContext):
                 for hit in ctx.store.vectors.query(vec, kind="lora", base_model=base, k=K2_LORA):
                     sim = round(float(hit[1]), 4)
                     if hit[0] not in picks or picks[hit[0]]["similarity"] < sim:
-                        picks[hit[0]] = Pick(id=hit[0], kind="lora", similarity=sim, reason=f"serves the attribute '{attr}'")
+                        picks[hit[0]] = Pick(id=hit[0], kind="lora", similarity=sim, query=attr,
+                                             reason=f"serves the attribute '{attr}'")
         return {"candidates": sorted(picks.values(), key=lambda p: -p["similarity"])}
 
     def review(state: ESAState) -> dict:
@@ -180,24 +188,36 @@ def _dedupe(picks: list[Pick]) -> list[Pick]:
     return out
 
 
+def _stems(text: str) -> set[str]:
+    import re
+
+    return {w[:4] for w in re.findall(r"[a-z]+", text.lower()) if len(w) > 2 and w not in GENERIC_WORDS}
+
+
+def relevant(ctx: ESAContext, pick: Pick) -> bool:
+    if pick["similarity"] >= SURE:
+        return True
+    return pick["similarity"] >= PLAUSIBLE[pick["kind"]] and bool(_stems(pick["query"]) & _stems(_description(ctx, pick["id"])))
+
+
 def offline_review(ctx: ESAContext, candidates: list[Pick]) -> list[Pick]:
-    """Similarity thresholds, then redundancy pruning: of near-duplicate experts keep the one
-    with the better calibration scores; at most one checkpoint and MAX_LORAS LoRAs."""
-    relevant = [c for c in candidates
-                if c["similarity"] >= (CKPT_THRESHOLD if c["kind"] == "ckpt" else LORA_THRESHOLD)]
-    if not relevant:
+    """Similarity thresholds with a shared-word check, then redundancy pruning: of near-duplicate
+    experts keep the one with the better calibration scores; at most one checkpoint and
+    MAX_LORAS LoRAs."""
+    pool = [c for c in candidates if relevant(ctx, c)]
+    if not pool:
         return []
-    vectors = ctx.store.vectors.get_embeddings([c["id"] for c in relevant])
-    quality = [_mean_calibration(ctx, c["id"]) for c in relevant]
+    vectors = ctx.store.vectors.get_embeddings([c["id"] for c in pool])
+    quality = [_mean_calibration(ctx, c["id"]) for c in pool]
     keep: list[int] = []
-    for i in sorted(range(len(relevant)), key=lambda i: (-relevant[i]["similarity"], relevant[i]["id"])):
+    for i in sorted(range(len(pool)), key=lambda i: (-pool[i]["similarity"], pool[i]["id"])):
         twin = next((j for j in keep if float(vectors[i] @ vectors[j]) >= REDUNDANT), None)
         if twin is None:
             keep.append(i)
         elif quality[i] > quality[twin]:
             keep[keep.index(twin)] = i
-    ckpts = [relevant[i] for i in keep if relevant[i]["kind"] == "ckpt"][:1]
-    loras = [relevant[i] for i in keep if relevant[i]["kind"] == "lora"][:MAX_LORAS]
+    ckpts = [pool[i] for i in keep if pool[i]["kind"] == "ckpt"][:1]
+    loras = [pool[i] for i in keep if pool[i]["kind"] == "lora"][:MAX_LORAS]
     return ckpts + loras
 
 

@@ -32,7 +32,6 @@ from .llm import chat_model
 from .registration import register
 
 MAX_ATTEMPTS = 3  # a failed expert is retried on later passes, up to this many times
-N_REFERENCE = 12
 N_CANDIDATES = 300
 CALIBRATION_SEEDS = (0,)
 
@@ -65,7 +64,7 @@ class Context:
     reader: object | None = None
     llm: object | None = None
     console: Console = field(default_factory=Console)
-    reference_count: int = N_REFERENCE
+    reference_count: int = 12
 
 
 @contextmanager
@@ -278,7 +277,8 @@ def run_pass(specs: list[str], settings: Settings | None = None, console: Consol
         stack.enter_context(store_lock(settings.home))
         store = stack.enter_context(GraphStore.open(settings.home, db_url=settings.db_url, chroma_url=settings.chroma_url))
         sources = [s for spec in specs for s in stack.enter_context(open_sources(spec, hub_port=settings.miniworld_port))]
-        ctx = Context(store=store, settings=settings, sources=sources, console=console, llm=chat_model(settings))
+        ctx = Context(store=store, settings=settings, sources=sources, console=console, llm=chat_model(settings),
+                      reference_count=settings.reference_prompts)
         ctx.listing = _list_sources(sources)
         if read_pages:
             from diffgraph.tools.browser import HomepageReader

@@ -113,16 +113,38 @@ def validate(raw: SkillDescription, record: ExpertRecord, page, fallback_summary
 
 
 def _clean_sentences(text: str, limit: int = 2) -> str:
+    """Up to ``limit`` sentences that do not read like instructions, links or code."""
     sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", " ".join(text.split())) if s.strip()]
-    return " ".join([s for s in sentences if not INJECTION.search(s) and len(s) < 200][:limit])
+    return " ".join([s for s in sentences if not INJECTION.search(s) and 15 < len(s) < 200][:limit])
+
+
+def _page_claim(page) -> str:
+    """The page's own description: its first prose paragraph (not a tag list, not a prompt)."""
+    if page is None:
+        return ""
+    prompts = set(page.example_prompts)
+    for para in re.split(r"\n\s*\n|\n", page.visible_text):
+        para = para.strip()
+        if len(para) < 25 or para in prompts or para.count(",") >= 3 or not re.search(r"[.!]$", para):
+            continue
+        claim = _clean_sentences(para)
+        if claim:
+            return claim
+    return ""
+
+
+GENERIC_TAGS = {"lora", "checkpoint", "style", "base model", "sd", "stable diffusion", "text-to-image", "diffusers",
+                "safetensors", "template:sd-lora", "region:us"}
 
 
 def offline_description(record: ExpertRecord, page) -> SkillDescription:
     """The offline brain: a description assembled from the source's fields and the page's
-    structured fields only (name, API description, tags, trigger words), never free page text."""
-    generic = {"lora", "checkpoint", "style", "base model", "sd", "stable diffusion", record.base_model.lower()}
-    tags = [t for t in dict.fromkeys([*record.tags, *(page.tags if page else [])]) if t.lower() not in generic]
-    claim = _clean_sentences(record.source_description) or record.name
+    structured fields, plus the first prose sentences of the page's description that pass the
+    instruction filter (hidden text never reaches here: the reader returns visible text only)."""
+    tags = [t for t in dict.fromkeys([*record.tags, *(page.tags if page else [])])
+            if t.lower() not in GENERIC_TAGS and ":" not in t and t.lower() != record.base_model.lower()]
+    api_text = re.sub(r"<[^>]+>", " ", record.source_description)
+    claim = _clean_sentences(api_text) or _page_claim(page) or record.name
     kind = "LoRA adapter" if record.kind == "lora" else "full checkpoint"
     triggers = list(dict.fromkeys([*record.trigger_words, *(page.trigger_words if page else [])]))
     return SkillDescription(

@@ -31,6 +31,7 @@ class Settings:
     ray_address: str | None = None
     device: str = "auto"
     allow_pickle: bool = False
+    reference_prompts: int = 12  # N_r, reference prompts chosen when a graph is first built
     miniworld_port: int = 8765  # fixed, so URLs the catalog stores for mini-world experts are stable
 
     @property
@@ -62,4 +63,5 @@ def get_settings() -> Settings:
         device=_env("DEVICE", "auto"),
         allow_pickle=_env("ALLOW_PICKLE", "0") in ("1", "true", "yes"),
         miniworld_port=int(_env("MINIWORLD_PORT", "8765")),
+        reference_prompts=int(_env("REFERENCE_PROMPTS", "12")),
     )

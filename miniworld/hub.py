@@ -79,6 +79,7 @@ class HubExpert:
     entry: dict
     path: Path
     base_model: str
+    page: tuple[int, str] | None = None  # (HTTP status, HTML) served instead of the generated homepage
 
     @property
     def slug(self) -> str:
@@ -217,9 +218,13 @@ class Hub:
     def hf_url(self) -> str | None:
         return self.url
 
-    def add_expert(self, spec: ExpertSpec, entry: dict) -> HubExpert:
-        """Publish an expert; ``entry`` is a manifest entry, its file relative to artifacts_dir."""
-        expert = HubExpert(spec, entry, self.artifacts_dir / entry["file"], self.base_model)
+    def add_expert(self, spec: ExpertSpec, entry: dict, *, base_model: str | None = None,
+                   page_html: str | None = None, page_status: int = 200) -> HubExpert:
+        """Publish an expert; ``entry`` is a manifest entry, its file relative to artifacts_dir.
+        Tests may publish it under another ``base_model`` than the hub's, and serve ``page_html``
+        (with ``page_status``) as its homepage instead of the generated one."""
+        page = (page_status, page_html) if page_html is not None else None
+        expert = HubExpert(spec, entry, self.artifacts_dir / entry["file"], base_model or self.base_model, page)
         with self._lock:
             if spec.slug in self._experts:
                 raise ValueError(f"expert {spec.slug!r} is already published")
@@ -741,6 +746,8 @@ def _civitai_routes(app: FastAPI, hub: Hub) -> None:
         e = hub.civitai_expert(model_id=int(model_id)) if model_id.isdigit() else None
         if e is None:
             return HTMLResponse(homepages.not_found_page(f"Model {model_id}"), status_code=404)
+        if e.page is not None:
+            return HTMLResponse(e.page[1], status_code=e.page[0])
         return homepages.civitai_page(e.spec, civitai_model(e, _base_url(request)))
 
 
@@ -773,6 +780,8 @@ def _hf_routes(app: FastAPI, hub: Hub) -> None:
         e = hub.hf_expert(owner, repo)
         if e is None:
             return HTMLResponse(homepages.not_found_page(f"Repository {owner}/{repo}"), status_code=404)
+        if e.page is not None:
+            return HTMLResponse(e.page[1], status_code=e.page[0])
         return homepages.hf_page(e.spec, hf_model_info(e, blobs=True))
 
 

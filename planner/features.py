@@ -176,8 +176,9 @@ def featurise(data: HeteroData, schema: FeatureSchema) -> Data:
                           cosine.reshape(m, 1) if cosine is not None else torch.zeros(m, 1)], dim=1)
         return torch.stack([src, dst]), attr
 
-    blocks = [block("calibrated_on", experts[cal_index[0]], refs[cal_index[1]], z, None),
-              block("similar_to", prompt(r), refs, None, _cosine(x_p, x_r)[0]),
+    sim = _cosine(x_p, x_r)[0]
+    blocks = [block("calibrated_on", experts[cal_index[0]], refs[cal_index[1]], z, sim[cal_index[1]]),
+              block("similar_to", prompt(r), refs, None, sim),
               block("asks", prompt(n), experts, None, _cosine(x_p, x_e)[0])]
     edge_index = torch.cat([e for e, _ in blocks], dim=1)
     edge_attr = torch.cat([a for _, a in blocks])

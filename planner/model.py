@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from ..graph_store.store import GraphStore
 
 MAX_LOGSTD = 10.0  # as torch_geometric's VGAE: exp(2 * logstd) must not overflow in the KL
+INIT_LOGSTD = -2.0  # sigma ~ 0.14 at the start, see VGAEPlanner
 SAMPLE_EPS = 1e-6  # samples are kept in [eps, 1 - eps] so that log p(w) stays finite
 
 
@@ -96,6 +97,7 @@ class VGAEPlanner(nn.Module):
         self.conv = TransformerConv(schema.node_dim, hidden // heads, heads=heads, edge_dim=schema.edge_dim)
         self.conv_mu = TransformerConv(hidden, latent, edge_dim=schema.edge_dim)
         self.conv_logstd = TransformerConv(hidden, latent, edge_dim=schema.edge_dim)
+        nn.init.constant_(self.conv_logstd.lin_skip.bias, INIT_LOGSTD)
         self.decoder = nn.Sequential(nn.Linear(2 * latent, hidden), nn.ReLU(), nn.Linear(hidden, 2))
 
     def _graph(self, data: HeteroData | Data) -> Data:

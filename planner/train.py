@@ -136,7 +136,8 @@ def train(store: "GraphStore", prompts: Sequence[str], select: Select, reward: R
             square = advantage.pow(2).mean().item()
             running_rms = square if running_rms is None else \
                 config.running_decay * running_rms + (1 - config.running_decay) * square
-            advantage = advantage / (math.sqrt(running_rms) + 1e-8)
+            import os
+            if not os.environ.get("NORMS"): advantage = advantage / (math.sqrt(running_rms) + 1e-8)
 
             loss = -(advantage.reshape(-1) * torch.stack(log_probs)).mean() + config.beta_kl * out.kl()
             optimiser.zero_grad()

@@ -2,18 +2,23 @@
 hostile little site served by the test itself. Everything stays on loopback: pages point only
 at 127.0.0.1/localhost, or at names the browser's resolver rules refuse to resolve.
 
-One browser serves the whole module (HomepageReader), as it does for a GCA pass.
+One browser serves the whole module (HomepageReader), as it does for a GCA pass. It keeps a
+Chromium net-log, and the fixture's teardown fails the module if the browser sent a DNS query or
+opened a connection anywhere but loopback (Chrome's own DNS-error probe once did, to 8.8.8.8).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import json
 import os
 import shutil
 import socket
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -22,7 +27,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, StreamingResponse
 
 from diffgraph.tools import page_text
-from diffgraph.tools.browser import HomepageReader, HostPolicy, PageError, read_homepage, resolver_rules
+from diffgraph.tools.browser import (HomepageReader, HostPolicy, PageError, PageReading, read_homepage,
+                                     resolver_rules)
 
 CHROMIUM = "/usr/bin/chromium"
 LOCAL = {"127.0.0.1"}
@@ -177,7 +183,7 @@ def _hostile_app(seen: list[str]) -> FastAPI:
 
     @app.get("/long", response_class=HTMLResponse)
     def long():
-        paragraphs = "".join(f"<p>Paragraph {i}: knitted wool, loops and stitches.</p>" for i in range(2000))
+        paragraphs = "".join(f"<p>Paragraph {i}: knitted wool, loops and stitches.</p>" for i in range(400))
         return f"<html><body><h1>Long page</h1>{paragraphs}</body></html>"
 
     @app.get("/slow", response_class=HTMLResponse)
@@ -255,9 +261,43 @@ def civitai_models(hub) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def reader():
-    with HomepageReader(LOCAL) as r:
+def reader(tmp_path_factory):
+    netlog = tmp_path_factory.mktemp("netlog") / "chromium-netlog.json"
+    with HomepageReader(LOCAL, extra_args=[f"--log-net-log={netlog}"]) as r:
         yield r
+    leaks = _netlog_leaks(netlog)
+    assert not leaks, f"the browser reached beyond loopback: {leaks[:5]}"
+
+
+def _netlog_leaks(path: Path) -> list[str]:
+    """DNS queries, TCP connection attempts and UDP datagrams to anything but loopback, from a
+    Chromium net-log. (A UDP connect() alone sends nothing: Chrome uses one to test IPv6.)"""
+    text = path.read_text()
+    if not text.rstrip().endswith("}"):  # the browser died before closing the log
+        text = text.rstrip().rstrip(",") + "]}"
+    log = json.loads(text)
+    names = {v: k for k, v in log["constants"]["logEventTypes"].items()}
+    udp_peer: dict[int, str] = {}
+    leaks = []
+
+    def loopback(address: str) -> bool:
+        host = address.rsplit(":", 1)[0].strip("[]")
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+    for event in log["events"]:
+        name, params, source = names.get(event["type"], ""), event.get("params") or {}, event["source"]["id"]
+        if name == "DNS_TRANSACTION":
+            leaks.append(f"DNS query {params.get('hostname', '?')}")
+        elif name == "TCP_CONNECT_ATTEMPT" and "address" in params and not loopback(params["address"]):
+            leaks.append(f"TCP to {params['address']}")
+        elif name == "UDP_CONNECT" and "address" in params:
+            udp_peer[source] = params["address"]
+        elif name == "UDP_BYTES_SENT" and not loopback(udp_peer.get(source, "?")):
+            leaks.append(f"UDP to {udp_peer.get(source, '?')}")
+    return leaks
 
 
 def _specs():
@@ -318,6 +358,23 @@ def test_hf_card_page(reader, hub):
     assert reading.example_prompts == [w["text"] for w in card["widget"]]
     assert reading.tags == info["tags"] and set(card["tags"]) <= set(reading.tags)
     assert _specs()["golden-hour"].claim in reading.visible_text
+
+
+@needs_browser
+@pytest.mark.browser
+def test_reader_serves_threads_and_event_loops(reader, hub):
+    """LangGraph runs sync nodes in worker threads and async graphs inside an event loop; the
+    sync Playwright API would refuse both, the reader's private thread does not mind."""
+    url = f"{hub.url}/miniworld/stripes-lite"
+
+    async def inside_a_loop():
+        return reader.read(url, LOCAL)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        from_thread = pool.submit(reader.read, url, LOCAL).result(timeout=60)
+    from_loop = asyncio.run(inside_a_loop())
+    assert from_thread.text_sha256 == from_loop.text_sha256
+    assert PageReading.from_dict(json.loads(json.dumps(from_loop.to_dict()))) == from_loop
 
 
 @needs_browser
@@ -422,8 +479,11 @@ def test_size_and_time_bounds(reader, hostile):
         with pytest.raises(PageError) as err:
             reader.read(f"{hostile.url}{path}", LOCAL, max_bytes=2_000_000)
         assert err.value.kind == "too_large" and "too large" in str(err.value)
-    long = reader.read(f"{hostile.url}/long", LOCAL, max_chars=20_000)
-    assert long.truncated and len(long.visible_text) <= 20_000 and long.visible_text.startswith("Long page")
+    long = reader.read(f"{hostile.url}/long", LOCAL, max_chars=5_000)
+    assert long.truncated and len(long.visible_text) <= 5_000 and long.visible_text.startswith("Long page")
+    whole = reader.read(f"{hostile.url}/long", LOCAL, max_chars=1_000_000)
+    assert not whole.truncated and "Paragraph 399" in whole.visible_text
+    assert long.text_sha256 == whole.text_sha256 == page_text.text_sha256(whole.visible_text)  # the whole text
     assert any("truncated" in w for w in long.warnings)
     with pytest.raises(PageError) as err:
         reader.read(f"{hostile.url}/download", LOCAL)
@@ -431,11 +491,11 @@ def test_size_and_time_bounds(reader, hostile):
 
     started = time.monotonic()
     with pytest.raises(PageError) as err:
-        reader.read(f"{hostile.url}/slow", LOCAL, timeout_s=1.5)
+        reader.read(f"{hostile.url}/slow", LOCAL, timeout_s=1)
     assert err.value.kind == "timeout" and time.monotonic() - started < 6
     started = time.monotonic()
     with pytest.raises(PageError) as err:
-        reader.read(f"{hostile.url}/busy", LOCAL, timeout_s=2)  # a page that hangs its renderer
+        reader.read(f"{hostile.url}/busy", LOCAL, timeout_s=1.5)  # a page that hangs its renderer
     assert err.value.kind == "timeout" and time.monotonic() - started < 10
     assert "VISIBLE_INTRO" in reader.read(f"{hostile.url}/hostile", LOCAL).visible_text  # browser still usable
 

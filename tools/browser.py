@@ -18,11 +18,16 @@ Network boundary (no request may leave for a host the caller did not allow):
 - ``--host-resolver-rules`` answers NOTFOUND for every name and IP literal except loopback and
   the reader's allowed hosts: redirect hops, preconnects and WebSockets to other hosts die here.
 - A context-wide route aborts every request whose host is not allowed for *this* read, and all
-  fonts, media and images (the text is what we want). Playwright's route never sees redirect
-  hops, so each hop is checked as it is issued and a read redirected elsewhere fails.
-- Service workers are blocked; every read gets a fresh browser context (no cookies, storage or
-  cache shared between pages), inside a browser launched with Playwright's own fresh temporary
-  profile (user-data-dir), removed when the browser closes.
+  fonts, media and images (the text is what we want).
+- Playwright's route never sees redirect hops, so the page's responses are also intercepted
+  through CDP (Fetch, response stage): a 3xx whose Location is not allowed is failed before
+  Chromium follows it, and a read redirected elsewhere fails. Failing it there matters: a hop
+  left to die at the resolver makes a DNS error page, and Chrome then runs its DNS-error probe,
+  which queries public DNS (google.com via 8.8.8.8) with a resolver that ignores the rules.
+- Popups never load; service workers are blocked; every read gets a fresh browser context (no
+  cookies, storage or cache shared between pages), inside a browser launched with Playwright's
+  own fresh temporary profile (a new --user-data-dir under $TMPDIR, deleted when it closes).
+- A Chromium net-log of the test suite shows no DNS query and no connection beyond loopback.
 
 Bounds: the whole read (navigation, settling, extraction) has a deadline; a document larger
 than ``max_bytes`` (by Content-Length or by bytes received) or a page pulling in more than
@@ -50,7 +55,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 from . import page_text
 
@@ -462,6 +467,7 @@ class _Read:
         self.documents: set[str] = set()
         self.inflight: set[str] = set()
         self.page = None
+        self.main_frame: str | None = None
         self.loaded = False
 
     def fail(self, kind: str, reason: str) -> None:
@@ -478,6 +484,12 @@ class _Read:
     async def route(self, route) -> None:
         request = route.request
         allowed = self.policy.allows(request.url)
+        try:  # popups never load anything: only our page is watched for redirects
+            if self.page is not None and request.frame.page != self.page:
+                await route.abort("blockedbyclient")
+                return
+        except Exception:
+            pass
         top_navigation = False
         if not allowed:
             self.blocked_hosts[_safe_host(request.url)] += 1
@@ -492,7 +504,8 @@ class _Read:
                 # answering 204 No Content cancels the navigation and keeps the page we read.
                 self.blocked_navigations.append(_safe_host(request.url))
                 if not self.loaded:
-                    self.fail("disallowed_host", f"the page redirected to a host not allowed: {_safe_host(request.url)}")
+                    self.fail("disallowed_host",
+                              f"the page redirected to a host not allowed: {_safe_host(request.url)}")
                     await route.abort("blockedbyclient")
                 else:
                     await route.fulfill(status=204, body="")
@@ -516,6 +529,26 @@ class _Read:
             self.blocked_hosts[_safe_host(request.url)] += 1
             if request.is_navigation_request() and not self.loaded:
                 self.fail("disallowed_host", f"redirected to a host not allowed: {_safe_host(request.url)}")
+
+    async def on_paused(self, cdp, event: dict) -> None:
+        """CDP Fetch, response stage: stop redirects to hosts not allowed before they are followed."""
+        try:
+            status = int(event.get("responseStatusCode") or 0)
+            location = next((h.get("value", "") for h in event.get("responseHeaders") or []
+                             if h.get("name", "").lower() == "location"), None)
+            if 300 <= status < 400 and location:
+                target = urljoin(event["request"]["url"], location)
+                if not self.policy.allows(target):
+                    self.blocked_hosts[_safe_host(target)] += 1
+                    if event.get("resourceType") == "Document" and event.get("frameId") == self.main_frame \
+                            and not self.loaded:
+                        self.fail("disallowed_host", f"redirected to a host not allowed: {_safe_host(target)}")
+                    await cdp.send("Fetch.failRequest",
+                                   {"requestId": event["requestId"], "errorReason": "BlockedByClient"})
+                    return
+            await cdp.send("Fetch.continueRequest", {"requestId": event["requestId"]})
+        except Exception:  # the page closed under us
+            pass
 
     # CDP Network events (bytes and in-flight requests)
     def on_request_sent(self, event: dict) -> None:
@@ -561,7 +594,8 @@ def _navigation_error(url: str, exc: Exception) -> PageError:
         return PageError(url, "timeout", "navigation timed out")
     if m and m.group(1) == "ERR_BLOCKED_BY_CLIENT":
         return PageError(url, "disallowed_host", "navigation blocked: host not allowed")
-    if m and re.match(r"ERR_(NAME_|CONNECTION_|ADDRESS_|INTERNET_|NETWORK_|TIMED_OUT|EMPTY_RESPONSE|SSL|CERT)", m.group(1)):
+    if m and re.match(r"ERR_(NAME_|CONNECTION_|ADDRESS_|INTERNET_|NETWORK_|TIMED_OUT|EMPTY_RESPONSE|SSL|CERT)",
+                      m.group(1)):
         return PageError(url, "network", f"network error: {m.group(1)}")
     if "Download is starting" in first:
         return PageError(url, "unsupported_content", "the URL is a download, not a page")
@@ -741,7 +775,11 @@ class HomepageReader:
         cdp.on("Network.loadingFailed", state.on_request_done)
         cdp.on("Network.responseReceived", state.on_response)
         cdp.on("Network.dataReceived", state.on_data)
+        loop = asyncio.get_running_loop()
+        cdp.on("Fetch.requestPaused", lambda event: loop.create_task(state.on_paused(cdp, event)))
+        state.main_frame = (await cdp.send("Page.getFrameTree"))["frameTree"]["frame"]["id"]
         await cdp.send("Network.enable")
+        await cdp.send("Fetch.enable", {"patterns": [{"urlPattern": "*", "requestStage": "Response"}]})
         remaining_ms = max(500, (deadline - time.monotonic()) * 1000)
         try:
             response = await page.goto(state.url, wait_until="load", timeout=remaining_ms)
@@ -789,7 +827,8 @@ class HomepageReader:
             "expression": expression, "contextId": world["executionContextId"], "returnByValue": True,
             "awaitPromise": True})
         if "exceptionDetails" in result:
-            detail = result["exceptionDetails"].get("exception", {}).get("description") or result["exceptionDetails"].get("text")
+            details = result["exceptionDetails"]
+            detail = details.get("exception", {}).get("description") or details.get("text")
             raise PageError(state.url, "browser", f"page script failed: {_one_line(detail or '?', 120)}")
         return result["result"].get("value")
 

