@@ -90,10 +90,13 @@ def _structured(ctx: ESAContext, schema, prompt: str):
     """Call the LLM for ``schema``; None (with a note) if it fails or answers garbage."""
     try:
         out = ctx.llm.with_structured_output(schema, method="function_calling").invoke(prompt)
-        return out if isinstance(out, schema) else None
+        if isinstance(out, schema):
+            return out
+        reason = f"no {schema.__name__} tool call"
     except Exception as exc:  # dead endpoint, invalid JSON, schema mismatch: fall back, say so
-        ctx.notes.append(f"LLM step failed ({type(exc).__name__}); the offline brain answered instead")
-        return None
+        reason = type(exc).__name__
+    ctx.notes.append(f"LLM step {schema.__name__} failed ({reason}); the offline brain answered instead")
+    return None
 
 
 def build_graph(ctx: ESAContext):

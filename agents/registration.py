@@ -180,7 +180,8 @@ def register(record: ExpertRecord, page, llm=None) -> Registration:
     prompt = PROMPT.format(
         name=record.name, kind=record.kind, base_model=record.base_model, tags=", ".join(record.tags),
         triggers=", ".join(record.trigger_words),
-        page_text=(page.visible_text[:8000] if page else record.source_description[:8000]).replace("</homepage_data>", ""),
+        page_text=re.sub(r"<\s*/?\s*homepage_data\s*>", " ", page.visible_text[:8000] if page else record.source_description[:8000],
+                         flags=re.IGNORECASE),
     )
     try:
         raw = llm.with_structured_output(SkillDescription, method="function_calling").invoke(prompt)

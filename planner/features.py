@@ -12,20 +12,27 @@ kind), so the same skill is worth a different coefficient on a checkpoint and on
 
 Edge features, ``schema.edge_columns``, one layout for every edge kind:
     [edge kind one-hot (3) | metric z-scores (M) | cosine similarity (1)]
-- calibrated_on, expert <-> reference prompt: the calibration scores, z-scored per metric
+- calibrated_on, expert <-> reference prompt r: the calibration scores, z-scored per metric
   with statistics fitted once on the training graph and stored in the checkpoint (raw
-  metrics live on unrelated scales, e.g. CLIP ~0.3 and aesthetic ~5);
-- similar_to, user prompt <-> every reference prompt: cos(prompt, reference);
+  metrics live on unrelated scales, e.g. CLIP ~0.3 and aesthetic ~5), and cos(prompt, r);
+- similar_to, user prompt <-> every reference prompt r: cos(prompt, r);
 - asks, user prompt <-> every expert: cos(prompt, expert description), the retrieval signal.
 Columns an edge kind does not use are zero. Every edge is present in both directions.
 
 Why the similar_to edges: a calibration score says how well an expert rendered one reference
 prompt, which only matters for a user prompt that resembles it. With the prompt linked to
-every reference, two hops bring to each expert its scores on the references, each reference
+every reference, two hops bring each expert its scores on the references, each reference
 already carrying its similarity to the user prompt (hop 1: prompt -> reference; hop 2:
-reference -> expert, edge = that expert's scores there). An attention layer can then weight
-each expert's scores by how close their reference is to what the user asked, which neither
-the description embedding nor an average score over all references can express.
+reference -> expert, the edge holding that expert's scores there). An attention layer can
+then weight each expert's scores by how close their reference is to what the user asked,
+which neither the description embedding nor an average score over all references expresses.
+
+Why the calibration edge also carries cos(prompt, r): the two-hop route alone makes the
+attention learn a product of two learned quantities before any reward signal gets through,
+and on the synthetic task of tests/test_planner.py REINFORCE then found it for only some
+seeds (8/8 seeds learned with the cosine on the edge; about half without, and the others did
+not generalise to held-out prompts or new experts). The subgraph is built per prompt anyway,
+so "how relevant is this measurement to this prompt" is a property of the edge.
 """
 
 from __future__ import annotations

@@ -6,14 +6,21 @@ GNN_sigma that share their first layer. Training draws h = mu + sigma * eps; tes
 
 Why TransformerConv: the edge features are the point of the graph (calibration scores,
 prompt-reference similarities), and GCNConv only takes a scalar edge weight. TransformerConv
-adds the projected edge features to both the attention keys and the messages, so in hop 2
-an expert can attend to the reference prompts whose hop-1 state says "close to the user
-prompt" and read its own scores off those edges: a similarity-weighted average of its
-scores, which is the quantity a merging coefficient should follow. Its softmax aggregation
+adds the projected edge features to both the attention keys and the messages, so an expert
+can attend to the reference prompts close to the user prompt (keyed by the cosine on its
+calibration edges in hop 1, by the reference's hop-1 state in hop 2) and read its own scores
+off those edges: a similarity-weighted average of its scores, the quantity a merging
+coefficient should follow. Its softmax aggregation
 is also an average, so an expert calibrated on 3 or on 300 references, and a subgraph of 2
 or 20 experts, give outputs on one scale. GINEConv sums (scale grows with the degree) and
 mixes edge and node features only additively; GATv2Conv uses edge features in the attention
 but not in the messages, so the scores would only steer, never reach, the expert.
+
+The log sigma layer starts at sigma ~ e^-2: with sigma ~ 1 (a plain initialisation) the
+latent noise swamps mu, and since the reward is a weak signal (unlike a VGAE's
+reconstruction loss) the head learned to ignore h and output one constant. Starting near the
+deterministic encoder lets the reward shape mu first; the KL term widens sigma where the
+reward does not care.
 
 Decoder (Eq. 3): a feed-forward head on [h_prompt, h_expert] gives (a_i, b_i); alpha = 1 +
 e^a, beta = 1 + e^b makes each Beta unimodal. a and b are soft-clamped to +-``logit_bound``
@@ -42,7 +49,7 @@ if TYPE_CHECKING:
     from ..graph_store.store import GraphStore
 
 MAX_LOGSTD = 10.0  # as torch_geometric's VGAE: exp(2 * logstd) must not overflow in the KL
-INIT_LOGSTD = -2.0  # sigma ~ 0.14 at the start, see VGAEPlanner
+INIT_LOGSTD = -2.0  # sigma ~ 0.14 at the start (module docstring)
 SAMPLE_EPS = 1e-6  # samples are kept in [eps, 1 - eps] so that log p(w) stays finite
 
 

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from torch_geometric.data import Batch
+from torch_geometric.data import Batch, Data
 
 from .features import FeatureSchema, activated_view, featurise
 from .model import VGAEPlanner
@@ -66,7 +66,7 @@ class Episode:
     prompt: str
     expert_ids: list[str]
     kinds: list[str]
-    graph: object  # torch_geometric Data from featurise()
+    graph: Data
 
 
 @dataclass
@@ -75,37 +75,60 @@ class TrainResult:
     history: list[float]  # mean reward of each step's draws
 
 
-def _baseline(rewards: torch.Tensor, running_mean: float | None) -> torch.Tensor:
-    """rewards: (B, K). Leave-one-out mean per prompt when K > 1, else the running mean."""
-    k = rewards.shape[1]
-    if k > 1:
-        return (rewards.sum(dim=1, keepdim=True) - rewards) / (k - 1)
-    return torch.full_like(rewards, rewards.mean().item() if running_mean is None else running_mean)
+class Baseline:
+    """Leave-one-out mean per prompt (K > 1) or a running mean (K = 1), then advantages scaled
+    by a running RMS (see the module docstring)."""
+
+    def __init__(self, decay: float):
+        self.decay = decay
+        self.mean: float | None = None
+        self.square: float | None = None
+
+    def _update(self, old: float | None, new: float) -> float:
+        return new if old is None else self.decay * old + (1 - self.decay) * new
+
+    def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        """rewards: (B, K) -> advantages (B, K)."""
+        k = rewards.shape[1]
+        if k > 1:
+            advantage = rewards - (rewards.sum(dim=1, keepdim=True) - rewards) / (k - 1)
+        else:  # the mean of earlier steps only (the first step has nothing better than its own)
+            advantage = rewards - (rewards.mean() if self.mean is None else self.mean)
+        self.mean = self._update(self.mean, rewards.mean().item())
+        self.square = self._update(self.square, advantage.pow(2).mean().item())
+        return advantage / (math.sqrt(self.square) + 1e-8)
+
+
+def episodes(store: "GraphStore", prompts: Sequence[str], select: Select,
+             schema: FeatureSchema | None) -> tuple[list[Episode], FeatureSchema]:
+    """Select and build each prompt's subgraph once (the selection does not depend on the
+    planner). Without a schema, one is fitted on these subgraphs."""
+    embeddings = store.embed(list(prompts))
+    views = [activated_view(store, select(p), e, schema) for p, e in zip(prompts, embeddings)]
+    schema = FeatureSchema.fit(views) if schema is None else schema
+    return [Episode(p, list(v.expert_ids), list(v.expert_kinds), featurise(v, schema))
+            for p, v in zip(prompts, views)], schema
 
 
 def train(store: "GraphStore", prompts: Sequence[str], select: Select, reward: Reward, *,
           planner: VGAEPlanner | None = None, config: TrainConfig = TrainConfig(),
           console: Console | None = None, progress: bool = True) -> TrainResult:
     """Train ``planner`` (a new one when None, its feature schema fitted on the training
-    subgraphs) on ``prompts``, which must not be reference prompts. Returns the planner and
-    the mean reward of each step."""
+    subgraphs) on ``prompts``, which should be disjoint from the reference prompts (the paper's
+    protocol: otherwise the calibration edges already hold the answer). Returns the planner
+    and the mean reward of each step."""
+    if not prompts:
+        raise ValueError("no training prompts")
     if config.steps < 1 or config.prompts_per_step < 1 or config.samples_per_prompt < 1:
         raise ValueError("steps, prompts_per_step and samples_per_prompt must be positive")
-    schema = planner.schema if planner is not None else None
-    embeddings = store.embed(list(prompts))
-    views = [activated_view(store, select(p), e, schema) for p, e in zip(prompts, embeddings)]
-    if planner is None:
-        planner = VGAEPlanner(FeatureSchema.fit(views))
-    episodes = [Episode(p, list(v.expert_ids), list(v.expert_kinds), featurise(v, planner.schema))
-                for p, v in zip(prompts, views)]
-
+    data, schema = episodes(store, prompts, select, None if planner is None else planner.schema)
+    planner = VGAEPlanner(schema) if planner is None else planner
     generator = torch.Generator().manual_seed(config.seed)
-    order = random.Random(config.seed)
+    shuffle = random.Random(config.seed)
     optimiser = torch.optim.AdamW(planner.parameters(), lr=config.lr, betas=config.betas,
                                   weight_decay=config.weight_decay)
-    b, k = min(config.prompts_per_step, len(episodes)), config.samples_per_prompt
-    running_mean: float | None = None
-    running_rms: float | None = None
+    baseline = Baseline(config.running_decay)
+    b, k = min(config.prompts_per_step, len(data)), config.samples_per_prompt
     history: list[float] = []
     queue: list[Episode] = []
     planner.train()
@@ -115,37 +138,24 @@ def train(store: "GraphStore", prompts: Sequence[str], select: Select, reward: R
         task = bar.add_task("train", total=config.steps, reward="-")
         for _ in range(config.steps):
             batch = []
-            while len(batch) < b:  # every prompt once per epoch, in a fresh order
-                if not queue:
-                    queue = order.sample(episodes, len(episodes))
+            while len(batch) < b:  # every prompt once per epoch, in a fresh order each epoch
+                queue = queue or shuffle.sample(data, len(data))
                 batch.append(queue.pop())
-            graphs = [ep.graph for ep in batch for _ in range(k)]
-            out = planner(Batch.from_data_list(graphs), generator)
+            draws = [ep for ep in batch for _ in range(k)]
+            out = planner(Batch.from_data_list([ep.graph for ep in draws]), generator)
             w, log_prob = out.sample(generator)
-            sizes = [g.expert_index.numel() for g in graphs]
-            draws = zip([ep for ep in batch for _ in range(k)], w.split(sizes), log_prob.split(sizes))
-            rewards, log_probs = [], []
-            for ep, w_i, lp_i in draws:
-                rewards.append(float(reward(ep.prompt, ep.expert_ids, ep.kinds, w_i.tolist())))
-                log_probs.append(lp_i.sum())
-            rewards_t = torch.tensor(rewards).reshape(b, k)
-            advantage = rewards_t - _baseline(rewards_t, running_mean)
-            mean = rewards_t.mean().item()
-            running_mean = mean if running_mean is None else \
-                config.running_decay * running_mean + (1 - config.running_decay) * mean
-            square = advantage.pow(2).mean().item()
-            running_rms = square if running_rms is None else \
-                config.running_decay * running_rms + (1 - config.running_decay) * square
-            import os
-            if not os.environ.get("NORMS"): advantage = advantage / (math.sqrt(running_rms) + 1e-8)
-
-            loss = -(advantage.reshape(-1) * torch.stack(log_probs)).mean() + config.beta_kl * out.kl()
+            sizes = [len(ep.expert_ids) for ep in draws]
+            rewards = torch.tensor([float(reward(ep.prompt, ep.expert_ids, ep.kinds, w_i.tolist()))
+                                    for ep, w_i in zip(draws, w.split(sizes))]).reshape(b, k)
+            log_p = torch.stack([lp.sum() for lp in log_prob.split(sizes)])  # joint over the experts
+            advantage = baseline.advantages(rewards).reshape(-1)
+            loss = -(advantage * log_p).mean() + config.beta_kl * out.kl()
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-            history.append(mean)
-            bar.update(task, advance=1, reward=f"{mean:.4f}")
+            history.append(rewards.mean().item())
+            bar.update(task, advance=1, reward=f"{history[-1]:.4f}")
     planner.eval()
-    planner.training_info = {"config": asdict(config), "prompts": len(episodes), "steps": config.steps,
-                             "first_mean_reward": history[0], "last_mean_reward": history[-1]}
+    planner.training_info = {"config": asdict(config), "prompts": len(data), "first_mean_reward": history[0],
+                             "last_mean_reward": history[-1]}
     return TrainResult(planner, history)

@@ -1,0 +1,285 @@
+"""planner/ on a real GraphStore (SQLite and Chroma in tmp_path, real MiniLM embeddings).
+
+The synthetic world: reference prompts on four topics, experts each good at one topic (high
+calibration scores on that topic's references) and one generalist. Descriptions say nothing
+about skills ("community model number 3"), so only the calibration edges tell the experts
+apart: a planner that learns here learned to read them.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch_geometric.data import Batch
+
+from diffgraph.graph_store.records import ExpertFile, ExpertRecord
+from diffgraph.graph_store.store import GraphStore
+from diffgraph.planner import (FeatureSchema, SchemaMismatch, TrainConfig, VGAEPlanner, activated_view,
+                               featurise, load_planner, save_planner, train)
+
+METRICS = ["clip", "aesthetic"]
+TOPICS = {
+    "watercolor": ["a watercolor painting of a lake at dawn", "soft watercolor washes of a flower garden"],
+    "pixel": ["8-bit pixel art of a knight", "a pixel art sprite of a spaceship"],
+    "photo": ["a photorealistic portrait of an old man", "a studio photograph of a woman's face"],
+    "anime": ["an anime girl with blue hair", "an anime style city street at night"],
+}
+REFERENCES = [(topic, text) for topic, texts in TOPICS.items() for text in texts]
+TRAIN = ["a watercolor of mountains and a river", "a loose watercolor sketch of a cat",
+         "pixel art dragon in a dungeon", "a retro 8-bit pixel castle",
+         "a realistic photograph portrait of a child", "a close-up photo of a man's face",
+         "an anime boy holding a sword", "an anime landscape with cherry blossoms"]
+HELD_OUT = ["watercolor birds on a branch", "pixel art of a forest village",
+            "a photo portrait of a smiling grandmother", "anime cat girl in a cafe"]
+# source id -> (kind, the topic it is good at; None: fair at everything)
+EXPERTS = {"1": ("lora", "watercolor"), "2": ("lora", "pixel"), "3": ("ckpt", "photo"),
+           "4": ("lora", "anime"), "5": ("ckpt", None)}
+ALL = [f"local:{sid}" for sid in EXPERTS]
+# every training prompt sees another subset of 3 to 5 experts
+SUBSETS = {p: [ALL[(i + j) % len(ALL)] for j in range(3 + i % 3)] for i, p in enumerate(TRAIN)}
+
+
+def scores(topic: str | None, reference_topic: str, j: int) -> list[float]:
+    jitter = 0.01 * ((j * 7) % 5 - 2)
+    if topic is None:
+        return [0.27 + jitter / 10, 5.5 + jitter]
+    if topic == reference_topic:
+        return [0.33 + jitter / 10, 6.5 + jitter]
+    return [0.20 + jitter / 10, 4.5 + jitter]
+
+
+def add_expert(store: GraphStore, sid: str, kind: str, topic: str | None, prompt_ids: list[int]) -> str:
+    expert_id = f"local:{sid}"
+    files = [ExpertFile(name=f"{sid}.safetensors", url=f"file:///experts/{sid}.safetensors", sha256="ab" * 32)]
+    store.upsert_expert(ExpertRecord(source="local", source_id=sid, version="v1", name=f"expert {sid}",
+                                     kind=kind, base_model="sd15", files=files))
+    text = f"community model number {sid}"
+    store.register(expert_id, {"skills": [text]}, text, page_sha256=None)
+    store.set_status(expert_id, "active")
+    for j, ((reference_topic, _), pid) in enumerate(zip(REFERENCES, prompt_ids)):
+        store.catalog.put_calibration(expert_id, pid, scores(topic, reference_topic, j), METRICS, seed=j)
+    return expert_id
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Steady timings on a small shared machine (DESIGN.md)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    with GraphStore.open(tmp_path_factory.mktemp("planner") / "home") as store:
+        prompt_ids = store.set_reference_prompts([text for _, text in REFERENCES])
+        for sid, (kind, topic) in EXPERTS.items():
+            add_expert(store, sid, kind, topic, prompt_ids)
+        yield store, prompt_ids
+
+
+@pytest.fixture(scope="module")
+def targets(world):
+    """The coefficient each expert should get for each prompt: its calibration quality on the
+    references, weighted by the references' similarity to the prompt (softmax, temperature
+    0.05), mapped into [0.1, 0.9]."""
+    store, _ = world
+    prompts = TRAIN + HELD_OUT
+    refs = store.catalog.reference_prompts()
+    ref_x = torch.from_numpy(store.catalog.reference_prompt_embeddings([r.id for r in refs]))
+    weights = torch.softmax(torch.from_numpy(np.asarray(store.embed(prompts))) @ ref_x.T / 0.05, dim=1)
+    column = {r.id: j for j, r in enumerate(refs)}
+    quality = {}
+    for edge in store.catalog.calibration(ALL):
+        clip, aesthetic = edge.scores
+        quality.setdefault(edge.expert_id, torch.zeros(len(refs)))[column[edge.prompt_id]] = \
+            0.1 + 0.8 * ((clip - 0.2) / 0.13 + (aesthetic - 4.5) / 2) / 2
+    return {(p, e): float(weights[i] @ quality[e]) for i, p in enumerate(prompts) for e in ALL}
+
+
+def make_reward(targets):
+    def reward(prompt, expert_ids, kinds, w):
+        assert len(kinds) == len(expert_ids) == len(w)
+        return -float(np.mean([(wi - targets[prompt, e]) ** 2 for e, wi in zip(expert_ids, w)]))
+    return reward
+
+
+def views(store, prompts, select, schema=None):
+    return [activated_view(store, select(p), p, schema) for p in prompts]
+
+
+def mean_reward(planner, store, prompts, select, targets) -> float:
+    reward = make_reward(targets)
+    return float(np.mean([reward(p, v.expert_ids, v.expert_kinds, planner.coefficients(v).tolist())
+                          for p, v in zip(prompts, views(store, prompts, select, planner.schema))]))
+
+
+@pytest.fixture(scope="module")
+def trained(world, targets):
+    """One seeded REINFORCE run on the training prompts; the planner and its scores before."""
+    store, _ = world
+    torch.manual_seed(0)
+    planner = VGAEPlanner(FeatureSchema.fit(views(store, TRAIN, SUBSETS.get)))
+    before = {"train": mean_reward(planner, store, TRAIN, SUBSETS.get, targets),
+              "held_out": mean_reward(planner, store, HELD_OUT, lambda p: ALL, targets)}
+    result = train(store, TRAIN, SUBSETS.get, make_reward(targets), planner=planner,
+                   config=TrainConfig(steps=200, seed=0), progress=False)
+    assert result.planner is planner
+    return planner, before, result.history
+
+
+@pytest.fixture(scope="module")
+def fresh(world):
+    store, _ = world
+    torch.manual_seed(1)
+    return VGAEPlanner(FeatureSchema.fit(views(store, TRAIN, SUBSETS.get)))
+
+
+def check_beta(out) -> None:
+    assert torch.isfinite(out.alpha).all() and torch.isfinite(out.beta).all()
+    assert (out.alpha > 1).all() and (out.beta > 1).all()
+    c = out.coefficients()
+    assert ((c > 0) & (c < 1)).all()
+
+
+def test_feature_layout(world, fresh):
+    store, _ = world
+    data = activated_view(store, ALL[:3], TRAIN[0], fresh.schema)
+    graph = featurise(data, fresh.schema)
+    n, r = 3, len(REFERENCES)
+    assert graph.x.shape == (1 + n + r, fresh.schema.node_dim) == (12, 384 + 3 + 2)
+    assert graph.edge_attr.shape[1] == fresh.schema.edge_dim == len(fresh.schema.edge_columns) == 3 + 2 + 1
+    assert graph.expert_index.tolist() == [1, 2, 3] and graph.expert_prompt_index.tolist() == [0, 0, 0]
+    kinds = graph.x[1:4, -2:].tolist()
+    assert kinds == [[0, 1], [0, 1], [1, 0]]  # lora, lora, ckpt (experts 1, 2, 3)
+    # calibration n * r, similar_to r, asks n, each both ways
+    assert graph.edge_index.shape[1] == 2 * (n * r + r + n)
+    calibration = graph.edge_attr[:, 0] == 1
+    z = graph.edge_attr[calibration][:, 3:5]
+    assert z.abs().max() < 5 and z.abs().sum() > 0
+    sims = graph.edge_attr[graph.edge_attr[:, 1] == 1][:, -1]
+    assert sims.shape == (2 * r,) and ((sims > -1) & (sims < 1)).all()
+    assert fresh.schema.metric_names == tuple(METRICS)
+
+
+def test_beta_head_bounds_and_coefficients(world, fresh):
+    store, _ = world
+    fresh.eval()
+    data = activated_view(store, ALL, HELD_OUT[0], fresh.schema)
+    check_beta(fresh(data))
+    for scale in (0.0, 1e-6, 1e6, -1e6):
+        extreme = data.clone()
+        for node_type in ("user_prompt", "expert", "reference_prompt"):
+            extreme[node_type].x = data[node_type].x * scale
+        check_beta(fresh(extreme))
+    # drive the head itself to its limits in every direction
+    head = VGAEPlanner(fresh.schema)
+    head.load_state_dict(fresh.state_dict())
+    for a, b in ((1e4, 1e4), (1e4, -1e4), (-1e4, 1e4), (-1e4, -1e4)):
+        with torch.no_grad():
+            head.decoder[-1].bias.copy_(torch.tensor([a, b]))
+            head.decoder[-1].weight.mul_(1e3)
+        out = head(data)
+        check_beta(out)
+        c = head.coefficients(data)
+        assert ((c > 0) & (c < 1)).all()
+        w, log_prob = head.sample(data, torch.Generator().manual_seed(0))
+        assert ((w > 0) & (w < 1)).all() and torch.isfinite(log_prob).all()
+
+
+def test_shapes_for_varying_numbers_of_experts(world, fresh):
+    store, _ = world
+    latent = fresh.config["latent"]
+    fresh.train()
+    graphs = []
+    for n in range(1, len(ALL) + 1):
+        data = activated_view(store, ALL[:n], TRAIN[n], fresh.schema)
+        out = fresh(data, torch.Generator().manual_seed(n))
+        assert out.alpha.shape == out.beta.shape == (n,)
+        assert out.mu.shape == out.logstd.shape == (1 + n, latent)
+        assert out.kl().shape == () and torch.isfinite(out.kl())
+        w, log_prob = fresh.sample(data, torch.Generator().manual_seed(n))
+        assert w.shape == log_prob.shape == (n,)
+        assert fresh.coefficients(data).shape == (n,)
+        graphs.append(featurise(data, fresh.schema))
+    fresh.eval()
+    # a Batch of graphs of different sizes decodes each expert against its own prompt
+    batched = fresh.coefficients(Batch.from_data_list(graphs))
+    one_by_one = torch.cat([fresh.coefficients(g) for g in graphs])
+    assert batched.shape == (sum(range(1, len(ALL) + 1)),)
+    torch.testing.assert_close(batched, one_by_one)
+
+
+def test_reinforce_raises_the_reward(trained, world, targets):
+    planner, before, history = trained
+    store, _ = world
+    assert len(history) == 200
+    first, last = np.mean(history[:20]), np.mean(history[-20:])
+    assert last > first + 0.05, (first, last)  # sampled rewards, about -0.15 at the start
+    after = mean_reward(planner, store, TRAIN, SUBSETS.get, targets)
+    assert after > before["train"] / 3, (before, after)  # squared error cut by more than 3x
+    held_out = mean_reward(planner, store, HELD_OUT, lambda p: ALL, targets)
+    assert held_out > before["held_out"] / 2, (before, held_out)  # prompts never trained on
+    assert planner.training_info["prompts"] == len(TRAIN) and not planner.training
+
+
+def test_training_is_deterministic(world, targets):
+    store, _ = world
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        result = train(store, TRAIN, SUBSETS.get, make_reward(targets), config=TrainConfig(steps=5, seed=3),
+                       progress=False)
+        runs.append((result.history, result.planner.coefficients(activated_view(store, ALL, TRAIN[0]))))
+    assert runs[0][0] == runs[1][0]
+    torch.testing.assert_close(runs[0][1], runs[1][1], rtol=0, atol=0)
+
+
+def test_expert_added_after_training_needs_no_retraining(trained, world):
+    planner, _, _ = trained
+    store, prompt_ids = world
+    weights = {k: v.clone() for k, v in planner.state_dict().items()}
+    new = add_expert(store, "6", "lora", "watercolor", prompt_ids)
+    picked = [new, "local:5", "local:2"]
+    watercolor = planner.plan(store, picked, "a watercolor of mountains and a river")
+    pixel = planner.plan(store, picked, "pixel art dragon in a dungeon")
+    assert list(watercolor) == picked
+    assert all(0 < c < 1 for c in [*watercolor.values(), *pixel.values()])
+    # read off its calibration edges alone: high where its references resemble the prompt
+    assert watercolor[new] > pixel[new] + 0.3, (watercolor, pixel)
+    assert all(torch.equal(weights[k], v) for k, v in planner.state_dict().items())
+
+
+def test_checkpoint_round_trip_and_schema_mismatch(trained, world, tmp_path):
+    planner, _, _ = trained
+    store, _ = world
+    path = save_planner(planner, tmp_path / "planner")
+    meta = json.loads((path / "planner.json").read_text())
+    assert meta["features"]["metric_names"] == METRICS
+    assert meta["features"]["embedding_dim"] == 384 and "MiniLM" in meta["features"]["embedding_model"]
+    assert len(meta["features"]["metric_mean"]) == len(meta["features"]["metric_std"]) == 2
+    assert meta["features"]["edge_columns"][3:5] == ["metric=clip", "metric=aesthetic"]
+    assert meta["model"]["layer"] == "TransformerConv" and meta["training"]["config"]["lr"] == 1e-2
+
+    loaded = load_planner(path, metric_names=METRICS)
+    assert not loaded.training
+    data = activated_view(store, ALL, HELD_OUT[1], loaded.schema)
+    torch.testing.assert_close(loaded.coefficients(data), planner.coefficients(data), rtol=0, atol=0)
+
+    with pytest.raises(SchemaMismatch, match=r"trained on metrics \['clip', 'aesthetic'\] but the graph has") as err:
+        load_planner(path, metric_names=["aesthetic", "clip"])
+    assert "\n" not in str(err.value)
+    other = activated_view(store, ALL, HELD_OUT[1])
+    other.metric_names = ["hps", "pickscore"]
+    with pytest.raises(SchemaMismatch, match="recalibrate") as err:
+        loaded.coefficients(other)
+    assert "\n" not in str(err.value)
+
+    meta["features"]["edge_columns"] = ["cosine"]
+    (path / "planner.json").write_text(json.dumps(meta))
+    with pytest.raises(SchemaMismatch, match="feature layout"):
+        load_planner(path)
