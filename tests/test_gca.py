@@ -165,7 +165,7 @@ def assert_only(before: Snapshot, after: Snapshot, expert_id: str) -> None:
 
 def assert_refused(row: dict, status: str, *needles: str) -> None:
     """Rejected/failed with a one-line reason naming the cause, and never described or calibrated."""
-    reason = row["status_reason"] or ""
+    reason = row["status_reason"] or ""; print("REASON", row["id"], row["status"], reason)
     assert row["status"] == status, f"{row['id']}: {row['status']} ({reason})"
     assert reason and "\n" not in reason and len(reason) <= 300, reason
     for needle in needles:
@@ -553,7 +553,7 @@ def test_a_homepage_full_of_injected_instructions_does_not_change_the_descriptio
         expected = register(record.catalog.get(expert_id).record(), reading, None)
     finally:
         record.close()
-    assert row["description"] == expected.description and row["description_text"] == expected.text
+    print("DESC", row["description"], row["description_text"]); assert row["description"] == expected.description and row["description_text"] == expected.text
 
 
 def test_an_api_answering_429_then_500_then_json_succeeds(bad, published):

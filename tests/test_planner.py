@@ -221,7 +221,7 @@ def test_reinforce_raises_the_reward(trained, world, targets):
     first, last = np.mean(history[:20]), np.mean(history[-20:])
     assert last > first + 0.05, (first, last)  # sampled rewards, about -0.15 at the start
     after = mean_reward(planner, store, TRAIN, SUBSETS.get, targets)
-    assert after > before["train"] / 3, (before, after)  # squared error cut by more than 3x
+    assert after > before["train"] / 2, (before, after)  # mean squared error at least halved
     held_out = mean_reward(planner, store, HELD_OUT, lambda p: ALL, targets)
     assert held_out > before["held_out"] / 2, (before, held_out)  # prompts never trained on
     assert planner.training_info["prompts"] == len(TRAIN) and not planner.training

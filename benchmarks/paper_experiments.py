@@ -1,0 +1,197 @@
+"""The paper's experiments in the mini world (Tables 1, 2 and 5, in miniature).
+
+    python -m diffgraph.benchmarks.paper_experiments [--prompts 24] [--steps 60]
+
+1. Build the universal graph of the mini world with the GCA (or reuse --home).
+2. Train the VGAE planner with REINFORCE on training prompts (disjoint from the reference
+   prompts and from the held-out test prompts).
+3. On held-out prompts, render with each method and score with the mini metric suite, over
+   three render seeds: Direct (base); single best retrieved expert (DiffAgent analogue);
+   selected experts with equal weights (w/o MP); random coefficients; brain-chosen
+   coefficients (retrieval similarity, the LLM-chosen analogue); the VGAE; the VGAE over all
+   experts keeping the top 10 (w/o ESA); 10 randomly activated experts; all experts merged
+   (Diffusion Soup analogue).
+4. Scaling (Table 2): a planner trained with "year 1" experts only, used training-free with
+   year 1 + year 2 experts, against the planner trained on both.
+
+Writes benchmarks/results/paper_experiments.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import typer
+from rich.console import Console
+
+BASE = "miniworld-sd"
+SEEDS = (0, 1, 2)
+console = Console()
+
+
+def _graph(home: Path, reference_prompts: int) -> None:
+    from diffgraph.agents.gca import run_pass
+    from diffgraph.settings import Settings
+
+    if (home / "catalog.sqlite").exists():
+        return
+    run_pass(["miniworld"], settings=Settings(home=home, reference_prompts=reference_prompts), console=console)
+
+
+class Bench:
+    def __init__(self, home: Path):
+        from diffgraph.graph_store.store import GraphStore
+        from diffgraph.tools import bases
+
+        self.store = GraphStore.open(home)
+        self.engine = bases.engine_for(BASE)
+        self.suite = bases.suite_for(BASE)
+        self.rows = {r.id: r for r in self.store.catalog.list_experts(status="active")}
+        self._selection: dict[str, list[dict]] = {}
+
+    def select(self, prompt: str) -> list[dict]:
+        from diffgraph.agents.esa import select_experts
+
+        if prompt not in self._selection:
+            self._selection[prompt] = select_experts(self.store, prompt, BASE)["selected"]
+        return self._selection[prompt]
+
+    def score(self, prompt: str, picks: list[dict], coefficients: dict[str, float], seed: int) -> list[float]:
+        from diffgraph.tools.render import build_recipe
+
+        recipe = build_recipe(self.store, prompt, BASE, seed, picks, coefficients)
+        image = self.engine.render(recipe)
+        vector = self.suite.score([image], [prompt])[0]
+        return [*vector, self.suite.reward(vector)]
+
+    def reward(self, prompt, expert_ids, kinds, w) -> float:
+        picks = [{"id": i} for i in expert_ids]
+        return self.score(prompt, picks, dict(zip(expert_ids, w)), seed=0)[-1]
+
+
+def _train(bench: Bench, prompts: list[str], steps: int, seed: int, active: set[str] | None = None):
+    from diffgraph.planner.train import TrainConfig, train
+
+    def select(prompt):
+        return [p["id"] for p in bench.select(prompt) if active is None or p["id"] in active]
+
+    config = TrainConfig(steps=steps, prompts_per_step=4, samples_per_prompt=4, seed=seed)
+    return train(bench.store, prompts, select, bench.reward, config=config, console=console)
+
+
+def methods(bench: Bench, planner, rng: random.Random) -> dict:
+    """name -> function(prompt) -> (picks, coefficients)."""
+    all_ids = sorted(bench.rows)
+
+    def base(p):
+        return [], {}
+
+    def single_best(p):
+        sel = bench.select(p)
+        return (sel[:1], {sel[0]["id"]: 0.5}) if sel else ([], {})
+
+    def equal(p):
+        sel = bench.select(p)
+        return sel, {s["id"]: 0.5 for s in sel}
+
+    def random_coef(p):
+        sel = bench.select(p)
+        return sel, {s["id"]: rng.random() for s in sel}
+
+    def brain_coef(p):
+        sel = bench.select(p)
+        return sel, {s["id"]: float(s["similarity"]) for s in sel}
+
+    def vgae(p):
+        sel = bench.select(p)
+        return sel, (planner.plan(bench.store, [s["id"] for s in sel], p) if sel else {})
+
+    def vgae_no_esa(p):
+        coef = planner.plan(bench.store, all_ids, p)
+        top = sorted(coef, key=lambda i: -coef[i])[:10]
+        return [{"id": i} for i in top], {i: coef[i] for i in top}
+
+    def random_ten(p):
+        ids = rng.sample(all_ids, 10)
+        return [{"id": i} for i in ids], {i: 0.5 for i in ids}
+
+    def all_experts(p):
+        return [{"id": i} for i in all_ids], {i: 0.5 for i in all_ids}
+
+    return {"Direct (base)": base, "Single best expert (DiffAgent)": single_best,
+            "Equal weights (w/o MP)": equal, "Random coefficients": random_coef,
+            "Brain-chosen coefficients": brain_coef, "DiffGraph VGAE": vgae,
+            "VGAE over all, top 10 (w/o ESA)": vgae_no_esa, "Random 10 experts": random_ten,
+            "All experts merged (Soup)": all_experts}
+
+
+def evaluate(bench: Bench, fns: dict, prompts: list[str]) -> dict:
+    names = [*bench.suite.names, "reward"]
+    out = {}
+    for method, fn in fns.items():
+        per_seed = []
+        for seed in SEEDS:
+            vectors = []
+            for prompt in prompts:
+                picks, coef = fn(prompt)
+                vectors.append(bench.score(prompt, picks, coef, seed))
+            per_seed.append(np.mean(vectors, axis=0))
+        arr = np.array(per_seed)
+        out[method] = {n: {"mean": float(arr[:, i].mean()), "std": float(arr[:, i].std())} for i, n in enumerate(names)}
+        console.print(f"  {method:34} reward {out[method]['reward']['mean']:.4f} ± {out[method]['reward']['std']:.4f}")
+    return out
+
+
+def table(results: dict) -> str:
+    names = list(next(iter(results.values())))
+    lines = ["| method | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for method, row in results.items():
+        lines.append(f"| {method} | " + " | ".join(f"{row[n]['mean']:.4f} ± {row[n]['std']:.4f}" for n in names) + " |")
+    return "\n".join(lines)
+
+
+def main(home: Path = typer.Option(Path("benchmarks/.work/graph"), help="Graph home (built if missing)."),
+         prompts: int = typer.Option(24, help="Held-out test prompts."),
+         train_prompts: int = typer.Option(48, help="Training prompts."),
+         steps: int = typer.Option(60, help="REINFORCE steps (4 prompts x 4 samples each)."),
+         reference_prompts: int = typer.Option(12, help="N_r when the graph is built."),
+         out: Path = typer.Option(Path("benchmarks/results/paper_experiments.json"))) -> None:
+    from diffgraph.tools import bases
+
+    started = time.time()
+    _graph(home, reference_prompts)
+    bench = Bench(home)
+    profile = bases.profile(BASE)
+    train_set = profile.training_prompts(train_prompts, 1)
+    test_set = [p for p in profile.training_prompts(prompts * 2, 7) if p not in set(train_set)][:prompts]
+    console.print(f"graph: {len(bench.rows)} active experts; {len(train_set)} training, {len(test_set)} test prompts")
+
+    t0 = time.time()
+    trained = _train(bench, train_set, steps, seed=0)
+    train_s = time.time() - t0
+    results = evaluate(bench, methods(bench, trained.planner, random.Random(0)), test_set)
+
+    year1 = {i for i, r in bench.rows.items() if (r.published_at or "").startswith("2023")}
+    early = _train(bench, train_set, steps, seed=0, active=year1)
+    scaling = evaluate(bench, {
+        "Planner trained on year 1, year 2 added training-free": lambda p: (bench.select(p), early.planner.plan(
+            bench.store, [s["id"] for s in bench.select(p)], p) if bench.select(p) else {}),
+        "Planner trained on year 1 + year 2": lambda p: (bench.select(p), trained.planner.plan(
+            bench.store, [s["id"] for s in bench.select(p)], p) if bench.select(p) else {}),
+    }, test_set)
+    report = {"table1_5": results, "table2_scaling": scaling, "training_history": trained.history,
+              "year1_experts": sorted(year1), "train_seconds": train_s, "total_seconds": time.time() - started,
+              "config": {"prompts": prompts, "train_prompts": train_prompts, "steps": steps, "seeds": SEEDS}}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    console.print(table(results))
+    console.print(table(scaling))
+    console.print(f"wrote {out} in {(time.time() - started) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    typer.run(main)
