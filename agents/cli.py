@@ -20,6 +20,8 @@ miniworld_app = typer.Typer(help="The bundled mini world: a small real text-to-i
 app.add_typer(miniworld_app, name="miniworld")
 graph_app = typer.Typer(help="The universal graph: status, reconcile, export and import.", no_args_is_help=True)
 app.add_typer(graph_app, name="graph")
+planner_app = typer.Typer(help="The VGAE merging planner.", no_args_is_help=True)
+app.add_typer(planner_app, name="planner")
 gca_app = typer.Typer(help="The Graph Construction Agent: crawl sources into the universal graph.", no_args_is_help=True)
 app.add_typer(gca_app, name="gca")
 console = Console()
@@ -105,11 +107,13 @@ def miniworld_report(
     doc: Path = typer.Option(Path("docs/miniworld"), help="Folder for report.json and grid.png."),
 ) -> None:
     """Measure the built mini world (scorer accuracy, base quality, per-expert skill gains)."""
-    from diffgraph.miniworld.report import evaluate, write_json
+    from diffgraph.miniworld.report import evaluate, markdown, write_json
 
     report = evaluate(n=samples, grid_path=doc / "grid.png", console=console)
     write_json(report, doc / "report.json")
-    console.print(f"[green]wrote[/] {doc / 'report.json'} and {doc / 'grid.png'}")
+    (doc / "tables.md").write_text(markdown(report) + "\n")
+    console.print(markdown(report))
+    console.print(f"[green]wrote[/] {doc / 'report.json'}, {doc / 'tables.md'} and {doc / 'grid.png'}")
 
 
 @miniworld_app.command("serve")
@@ -223,6 +227,23 @@ def graph_import(directory: Path = typer.Argument(..., help="A folder written by
 
     s = get_settings()
     console.print(import_graph(directory, s.home, db_url=s.db_url, chroma_url=s.chroma_url))
+
+
+@planner_app.command("train")
+def planner_train(
+    steps: int = typer.Option(60, help="REINFORCE steps (4 prompts x 4 coefficient draws each)."),
+    prompts: int = typer.Option(48, help="Training prompts (disjoint from the reference prompts)."),
+    seed: int = typer.Option(0, help="Seed of the training run."),
+    base_model: str = typer.Option("miniworld-sd", help="Base-model family whose experts are planned."),
+) -> None:
+    """Train the planner with REINFORCE on rendered-and-scored merges; saves a checkpoint."""
+    from diffgraph.agents.planner_training import train_planner
+
+    result = train_planner(base_model, steps=steps, prompts=prompts, seed=seed, console=console)
+    h = result["history"]
+    k = max(1, len(h) // 5)
+    console.print(f"mean reward: first {k} steps {sum(h[:k]) / k:.4f} -> last {k} steps {sum(h[-k:]) / k:.4f}")
+    console.print(f"[green]checkpoint:[/] {result['checkpoint']}")
 
 
 @gca_app.command("run")

@@ -75,6 +75,7 @@ class ESAContext:
     planner: object | None = None  # callable(prompt, selected picks) -> {id: coefficient}
     renderer: object | None = None  # callable(prompt, base_model, seed, picks, coefficients) -> result dict
     notes: list[str] = field(default_factory=list)
+    prompt_plugins: list = field(default_factory=list)  # plugin tools declared for the ESA stage "prompt"
 
 
 def _embed(ctx: ESAContext, texts: list[str]) -> np.ndarray:
@@ -154,11 +155,23 @@ def build_graph(ctx: ESAContext):
                               state["coefficients"])
         return {"result": result, "notes": list(ctx.notes)}
 
+    def plugins(state: ESAState) -> dict:
+        from diffgraph.tools.plugins import run_prompt_stage
+
+        prompt, notes = run_prompt_stage(state["prompt"], ctx.prompt_plugins)
+        ctx.notes.extend(notes)
+        return {"prompt": prompt}
+
     g = StateGraph(ESAState)
     for name, fn in (("decompose", summarise_and_decompose), ("retrieve", retrieve), ("review", review),
                      ("plan", plan), ("render", render)):
         g.add_node(name, fn)
-    g.add_edge(START, "decompose")
+    if ctx.prompt_plugins:  # installed plugins may rewrite the prompt first (tools/plugins.py)
+        g.add_node("plugins", plugins)
+        g.add_edge(START, "plugins")
+        g.add_edge("plugins", "decompose")
+    else:
+        g.add_edge(START, "decompose")
     for a, b in (("decompose", "retrieve"), ("retrieve", "review"), ("review", "plan"), ("plan", "render")):
         g.add_edge(a, b)
     g.add_edge("render", END)

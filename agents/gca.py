@@ -203,7 +203,8 @@ def build_graph(ctx: Context, checkpointer=None):
 
     def sweep(state: GCAState) -> dict:
         listed = set(state.get("listed", []))
-        source_names = {s.name for s in ctx.sources}
+        # a source that lists only some of its site's experts (one URL or path) sweeps nothing
+        source_names = {s.name for s in ctx.sources if getattr(s, "sweeps", True)}
         removed = 0
         for row in ctx.store.catalog.list_experts():
             if row.source in source_names and row.id not in listed and row.status != "removed":
@@ -289,6 +290,9 @@ def run_pass(specs: list[str], settings: Settings | None = None, console: Consol
         graph = build_graph(ctx, SqliteSaver(conn))
         config = {"configurable": {"thread_id": thread}, "recursion_limit": 100_000}
         snapshot = graph.get_state(config)
+        # Not `snapshot.next`: it leaves out a task whose writes were saved before the kill but whose
+        # step's checkpoint was not (killed right after a node finished), so an unfinished pass looked
+        # finished and a new run started. `tasks` keeps it; a finished pass (at END) has none.
         resuming = bool(snapshot.next)
         run_id = snapshot.values.get("run_id") if resuming else store.catalog.start_run("+".join(specs))
         console.print(f"GCA run {run_id} ({'resuming' if resuming else 'new'}; brain: {'llm' if ctx.llm else 'offline'})")
@@ -300,13 +304,15 @@ def run_pass(specs: list[str], settings: Settings | None = None, console: Consol
 
 
 def watch(specs: list[str], interval_s: float, passes: int = 0, console: Console | None = None,
-          settings: Settings | None = None) -> None:
-    """Run passes forever (or ``passes`` times); one failing pass is logged, not fatal."""
-    import time
+          settings: Settings | None = None, stop=None) -> None:
+    """Run passes forever (or ``passes`` times); one failing pass is logged, not fatal.
+    ``stop``, a threading.Event, ends the watch between passes (a pass itself is resumable)."""
+    import threading
 
     console = console or Console()
+    stop = stop or threading.Event()
     done = 0
-    while passes == 0 or done < passes:
+    while (passes == 0 or done < passes) and not stop.is_set():
         try:
             result = run_pass(specs, settings=settings, console=console)
             console.print(f"pass {result['run_id']}: {result['counts']}")
@@ -316,4 +322,4 @@ def watch(specs: list[str], interval_s: float, passes: int = 0, console: Console
             console.print(f"[red]pass failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
         done += 1
         if passes == 0 or done < passes:
-            time.sleep(interval_s)
+            stop.wait(interval_s)

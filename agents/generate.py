@@ -42,7 +42,10 @@ def generate(prompt: str, seed: int = 0, out: Path | None = None, base_model: st
             return render_recipe(recipe, out, explanation)
 
         llm = chat_model(settings)
-        ctx = ESAContext(store=store, llm=llm, planner=planner.plan, renderer=renderer)
+        from diffgraph.tools.plugins import plugins
+
+        ctx = ESAContext(store=store, llm=llm, planner=planner.plan, renderer=renderer,
+                         prompt_plugins=plugins().esa("prompt"))
         state = build_graph(ctx).invoke({"prompt": prompt, "base_model": base_model, "seed": seed},
                                         {"recursion_limit": 50})
     finally:
@@ -53,6 +56,6 @@ def generate(prompt: str, seed: int = 0, out: Path | None = None, base_model: st
     experts = [{"id": p["id"], "kind": p["kind"], "coefficient": state["coefficients"].get(p["id"]),
                 "weight": weights.get(p["id"]), "similarity": p["similarity"], "reason": p["reason"]}
                for p in state["selected"]]
-    return {"prompt": prompt, "seed": seed, "image": state["result"]["path"], "summary": state["summary"],
+    return {"prompt": state["prompt"], "seed": seed, "image": state["result"]["path"], "summary": state["summary"],
             "components": state["components"], "experts": experts, "planner": planner.name,
             "brain": "llm" if llm else "offline", "notes": state.get("notes", []), "recipe": recipe}

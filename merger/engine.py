@@ -114,7 +114,10 @@ class MergeEngine:
 
     def weights(self, recipe: MergeRecipe) -> dict[str, torch.Tensor]:
         base = self.merged_base(recipe)
-        return add_deltas(base, [(self.lora_delta(Path(e.path), e.sha256), w) for e, w in recipe.lora_weights()])
+        # A LoRA entry named BASE is an anchor: it takes a share of the softmax and adds no delta,
+        # so a lone LoRA can be used at less than full strength ("less of this expert").
+        return add_deltas(base, [(self.lora_delta(Path(e.path), e.sha256), w) for e, w in recipe.lora_weights()
+                                 if e.name != BASE])
 
     def render(self, recipe: MergeRecipe) -> Image.Image:
         """Merge (cached) and render one image; deterministic for a recipe on one machine."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
-from .recipe import MergeRecipe
+from .recipe import BASE, MergeRecipe
 
 RECIPE_KEY = "diffgraph"
 
@@ -23,7 +23,7 @@ def _tag_name(name: str) -> str:
 
 def a1111_parameters(recipe: MergeRecipe) -> str:
     """The recipe as A1111's "parameters" text, LoRAs as <lora:name:weight> tags."""
-    tags = " ".join(f"<lora:{_tag_name(e.name)}:{w:.3g}>" for e, w in recipe.lora_weights())
+    tags = " ".join(f"<lora:{_tag_name(e.name)}:{w:.3g}>" for e, w in recipe.lora_weights() if e.name != BASE)
     fields = [f"Steps: {recipe.steps}", f"Sampler: {recipe.scheduler}", f"CFG scale: {recipe.guidance}",
               f"Seed: {recipe.seed}", f"Size: {recipe.width}x{recipe.height}", f"Model: {recipe.base_model}"]
     if recipe.checkpoints:

@@ -11,7 +11,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 
-BASE = "base"  # a checkpoint entry with this name means "the base model's own weights"
+BASE = "base"  # a checkpoint entry with this name means "the base model's own weights"; a LoRA entry, "no delta"
 
 
 @dataclass

@@ -162,3 +162,28 @@ def evaluate(root: Path = artifacts_io.ARTIFACTS, n: int = 48, grid_path: Path |
 
 def write_json(report: dict, path: Path) -> None:
     path.write_text(json.dumps(report, indent=1))
+
+
+def markdown(report: dict) -> str:
+    """The report's tables in markdown, for docs/miniworld.md."""
+    lines = ["| attribute | classifier accuracy (clean) | (through the VAE) |", "|---|---:|---:|"]
+    sc = report["scorers"]
+    for a in sc["attribute_accuracy_clean"]:
+        lines.append(f"| {a} | {sc['attribute_accuracy_clean'][a]:.3f} | {sc['attribute_accuracy_vae'][a]:.3f} |")
+    lines += ["", f"MiniClip top-1 caption retrieval among 16: {sc['miniclip_top1_of_16']:.3f}; "
+              f"quality score ranks a sharp image above its blurred twin: {sc['quality_sharp_over_blurry']:.3f} "
+              f"(n = {sc['n']}).", "",
+              "Base model on prompts with common attributes only (n = "
+              f"{2 * report['samples_per_expert']}): shape {report['base_common_accuracy']['shape']:.3f}, colour "
+              f"{report['base_common_accuracy']['color']:.3f}, background {report['base_common_accuracy']['background']:.3f}, "
+              f"all three right {report['base_common_all_three']:.3f}.", "",
+              "| expert | skill rate: base | with expert | gain | reward: base | with expert |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for slug, e in report["experts"].items():
+        if "base_skill_rate" in e:
+            gain = e["expert_skill_rate"] - e["base_skill_rate"]
+            rates = f"{e['base_skill_rate']:.3f} | {e['expert_skill_rate']:.3f} | {gain:+.3f}"
+        else:
+            rates = "- | - | -"
+        lines.append(f"| {slug} | {rates} | {e['base']['reward']:.3f} | {e['expert']['reward']:.3f} |")
+    return "\n".join(lines)

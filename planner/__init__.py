@@ -5,12 +5,7 @@
 - model: VGAEPlanner, a TransformerConv VGAE encoder and a Beta head per expert;
 - train: REINFORCE on a reward callback, with a leave-one-out baseline;
 - checkpoint: safetensors weights + a JSON schema of the graph they were trained on.
+
+Nothing is imported here (as in graph_store), so ``diffgraph.planner.train`` stays the
+module and importing the package loads no torch.
 """
-
-from .checkpoint import load_planner, save_planner
-from .features import FeatureSchema, SchemaMismatch, activated_view, featurise
-from .model import PlannerOutput, VGAEPlanner
-from .train import TrainConfig, TrainResult, train
-
-__all__ = ["FeatureSchema", "PlannerOutput", "SchemaMismatch", "TrainConfig", "TrainResult", "VGAEPlanner",
-           "activated_view", "featurise", "load_planner", "save_planner", "train"]

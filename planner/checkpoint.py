@@ -26,6 +26,8 @@ SCHEMA = "planner.json"
 
 
 def save_planner(planner: VGAEPlanner, directory: str | Path) -> Path:
+    """Write the weights, then the JSON that describes them (so a reader never finds a schema
+    for weights not yet written). Returns ``directory``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in planner.state_dict().items()}, directory / WEIGHTS,

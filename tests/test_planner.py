@@ -17,8 +17,10 @@ from torch_geometric.data import Batch
 
 from diffgraph.graph_store.records import ExpertFile, ExpertRecord
 from diffgraph.graph_store.store import GraphStore
-from diffgraph.planner import (FeatureSchema, SchemaMismatch, TrainConfig, VGAEPlanner, activated_view,
-                               featurise, load_planner, save_planner, train)
+from diffgraph.planner.checkpoint import load_planner, save_planner
+from diffgraph.planner.features import FeatureSchema, SchemaMismatch, activated_view, featurise
+from diffgraph.planner.model import VGAEPlanner
+from diffgraph.planner.train import TrainConfig, train
 
 METRICS = ["clip", "aesthetic"]
 TOPICS = {
@@ -227,13 +229,14 @@ def test_reinforce_raises_the_reward(trained, world, targets):
     assert planner.training_info["prompts"] == len(TRAIN) and not planner.training
 
 
-def test_training_is_deterministic(world, targets):
+@pytest.mark.parametrize("samples", [1, 4])  # running-mean and leave-one-out baselines
+def test_training_is_deterministic(world, targets, samples):
     store, _ = world
     runs = []
     for _ in range(2):
         torch.manual_seed(3)
-        result = train(store, TRAIN, SUBSETS.get, make_reward(targets), config=TrainConfig(steps=5, seed=3),
-                       progress=False)
+        config = TrainConfig(steps=5, samples_per_prompt=samples, seed=3)
+        result = train(store, TRAIN, SUBSETS.get, make_reward(targets), config=config, progress=False)
         runs.append((result.history, result.planner.coefficients(activated_view(store, ALL, TRAIN[0]))))
     assert runs[0][0] == runs[1][0]
     torch.testing.assert_close(runs[0][1], runs[1][1], rtol=0, atol=0)

@@ -1,6 +1,7 @@
 """Source specs as the CLI takes them, and opening the clients they name.
 
-``civitai[:URL]`` and ``hf[:URL]`` (the real sites unless a URL is given), ``local:DIR``, and
+``civitai[:URL]`` and ``hf[:URL]`` (the real sites unless a URL is given), ``local:DIR``,
+``url:MODEL_PAGE_URL`` and ``file:PATH`` (one expert, see single.py), and
 ``miniworld[:ARTIFACTS_DIR]``: the bundled hub started on a free loopback port and crawled
 through both the Civitai and the Hugging Face client, so the mini world exercises exactly the
 code that runs against the real sites. Because that hub must stop afterwards,
@@ -22,7 +23,7 @@ from .hf import HFSource
 from .http import RetryPolicy
 from .local import LocalFolderSource
 
-KINDS = ("civitai", "hf", "local", "miniworld")
+KINDS = ("civitai", "hf", "local", "miniworld", "url", "file")
 
 
 @dataclass(frozen=True)
@@ -38,14 +39,16 @@ def parse_source_spec(text: str) -> SourceSpec:
     """Parse a spec; raise ValueError with a one-line message saying what is accepted."""
     kind, sep, location = text.strip().partition(":")
     kind, location = kind.lower(), location.strip() or None
-    usage = "expected civitai[:URL], hf[:URL], local:DIR or miniworld[:DIR]"
+    usage = "expected civitai[:URL], hf[:URL], local:DIR, url:MODEL_PAGE, file:PATH or miniworld[:DIR]"
     if kind not in KINDS:
         raise ValueError(f"unknown source {text!r}; {usage}")
     if sep and location is None:
         raise ValueError(f"source {text!r} has an empty location; {usage}")
     if kind == "local" and location is None:
         raise ValueError(f"source {text!r} needs a folder: local:DIR")
-    if kind in ("civitai", "hf") and location is not None:
+    if kind in ("local", "url", "file") and location is None:
+        raise ValueError(f"source {text!r} needs a location; {usage}")
+    if kind in ("civitai", "hf", "url") and location is not None:
         try:
             url = httpx.URL(location)
         except httpx.InvalidURL:
@@ -69,6 +72,10 @@ def open_sources(spec: str | SourceSpec, *, retry: RetryPolicy | None = None, hu
             sources = [HFSource(spec.location, retry=retry)]
         elif spec.kind == "local":
             sources = [LocalFolderSource(spec.location)]
+        elif spec.kind in ("url", "file"):
+            from .single import path_source, url_source
+
+            sources = [url_source(spec.location, retry) if spec.kind == "url" else path_source(spec.location)]
         else:
             from diffgraph.miniworld.hub import running_hub
 

@@ -1,0 +1,46 @@
+"""`diffgraph planner train`: REINFORCE training of the VGAE planner on a built graph.
+
+The selection callback is the Expert Selection Agent (offline brain or LLM), the reward
+callback merges, renders and scores with the base's metric suite; training prompts come from
+the base profile and are disjoint from the reference prompts.
+"""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+from diffgraph.graph_store.store import GraphStore
+from diffgraph.settings import Settings, get_settings
+
+from .esa import select_experts
+from .llm import chat_model
+
+
+def train_planner(base_model: str = "miniworld-sd", steps: int = 60, prompts: int = 48, seed: int = 0,
+                  settings: Settings | None = None, console: Console | None = None) -> dict:
+    from diffgraph.planner.checkpoint import save_planner
+    from diffgraph.planner.train import TrainConfig, train
+    from diffgraph.tools import bases
+    from diffgraph.tools.plan import planner_dir
+    from diffgraph.tools.render import build_recipe
+
+    settings = settings or get_settings()
+    console = console or Console()
+    engine, suite = bases.engine_for(base_model), bases.suite_for(base_model)
+    llm = chat_model(settings)
+    with GraphStore.from_settings(settings) as store:
+        references = {p.text for p in store.catalog.reference_prompts()}
+        train_set = [p for p in bases.profile(base_model).training_prompts(prompts, seed) if p not in references]
+        kinds: dict[str, list[dict]] = {}
+
+        def select(prompt: str) -> list[str]:
+            kinds[prompt] = select_experts(store, prompt, base_model, llm)["selected"]
+            return [p["id"] for p in kinds[prompt]]
+
+        def reward(prompt, expert_ids, _kinds, w) -> float:
+            recipe = build_recipe(store, prompt, base_model, 0, [{"id": i} for i in expert_ids], dict(zip(expert_ids, w)))
+            return suite.reward(suite.score([engine.render(recipe)], [prompt])[0])
+
+        result = train(store, train_set, select, reward, config=TrainConfig(steps=steps, seed=seed), console=console)
+        path = save_planner(result.planner, planner_dir(settings.home, base_model))
+    return {"checkpoint": str(path), "prompts": len(train_set), "history": result.history}
