@@ -92,12 +92,14 @@ def demo(
 def miniworld_build(
     out: Optional[Path] = typer.Option(None, help="Where to write the artifacts (default: the package's miniworld/artifacts)."),
     quick: bool = typer.Option(False, help="A minutes-long smoke build of poor quality that exercises every step."),
+    only_scorers: bool = typer.Option(False, "--only-scorers", help="Retrain only the scorers of an existing build."),
 ) -> None:
     """Train the whole mini world from seeds (base, experts, scorers): about 50 minutes on 2 CPU cores."""
-    from diffgraph.miniworld.build import ARTIFACTS, BuildConfig, artifact_bytes, build
+    from diffgraph.miniworld.build import ARTIFACTS, BuildConfig, artifact_bytes, build, rebuild_scorers
 
     target = out or ARTIFACTS
-    build(target, BuildConfig.quick() if quick else BuildConfig(), console=console)
+    cfg = BuildConfig.quick() if quick else BuildConfig()
+    (rebuild_scorers if only_scorers else build)(target, cfg, console=console)
     console.print(f"artifacts: {artifact_bytes(target) / 1e6:.1f} MB")
 
 
@@ -273,6 +275,36 @@ def gca_watch(
     from diffgraph.agents.gca import watch
 
     watch(source, _parse_interval(interval), passes=passes, console=console)
+
+
+@app.command()
+def chat(thread: str = typer.Option("default", "--thread", help="Conversation to start or resume (kept in DIFFGRAPH_HOME).")) -> None:
+    """Chat with the agent in the terminal: ask for images, refine them, explain, search, add experts."""
+    from diffgraph.agents.chat_cli import run_chat
+
+    run_chat(thread, console)
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Interface to bind (loopback by default)."),
+    port: int = typer.Option(7860, help="Port to listen on."),
+) -> None:
+    """Web chat UI (Gradio) at / and the HTTP API (/v1/images/generations, OpenAI-compatible) on one server."""
+    from diffgraph.agents.server import serve as run
+
+    run(host=host, port=port, console=console)
+
+
+@app.command()
+def quickstart(
+    home: Optional[Path] = typer.Option(None, help="DiffGraph home to build (default: DIFFGRAPH_HOME)."),
+    prompt: str = typer.Option("a pink circle on a striped white background, warm light", help="The prompt to answer."),
+) -> None:
+    """The offline demo end to end: crawl the mini world into a home, answer a prompt with an image, refine it."""
+    from diffgraph.agents.chat_cli import run_quickstart
+
+    run_quickstart(home, prompt, console)
 
 
 if __name__ == "__main__":  # pragma: no cover

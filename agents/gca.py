@@ -293,7 +293,7 @@ def run_pass(specs: list[str], settings: Settings | None = None, console: Consol
         # Not `snapshot.next`: it leaves out a task whose writes were saved before the kill but whose
         # step's checkpoint was not (killed right after a node finished), so an unfinished pass looked
         # finished and a new run started. `tasks` keeps it; a finished pass (at END) has none.
-        resuming = bool(snapshot.next)
+        resuming = bool(snapshot.tasks)
         run_id = snapshot.values.get("run_id") if resuming else store.catalog.start_run("+".join(specs))
         console.print(f"GCA run {run_id} ({'resuming' if resuming else 'new'}; brain: {'llm' if ctx.llm else 'offline'})")
         final = graph.invoke(None if resuming else {"run_id": run_id}, config, durability="sync")

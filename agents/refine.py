@@ -75,6 +75,11 @@ def looks_like_refinement(text: str) -> bool:
     return t.startswith(CUES) or " instead of " in f" {t} "
 
 
+def _q(text: str, limit: int = 80) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 def _normal(text: str) -> str:
     return " ".join(text.lower().strip().rstrip(".!?").split())
 
@@ -160,7 +165,7 @@ def substitute(prompt: str, old: str, new: str) -> str:
         raise RefinementError("say what to replace and with what, e.g. 'a square instead of a circle'")
     pattern = re.compile(rf"(?<![a-z]){re.escape(old)}(?![a-z])", re.IGNORECASE)
     if not pattern.search(prompt):
-        raise RefinementError(f"the prompt '{prompt}' has no '{old}' to replace")
+        raise RefinementError(f"the prompt '{_q(prompt)}' has no '{old}' to replace")
     out = pattern.sub(new, prompt)
     # keep "a"/"an" in agreement with the new word
     out = re.sub(rf"\b([Aa])n?\s+({re.escape(new)})", lambda m: (m.group(1) + ("n" if new[:1].lower() in "aeiou" else ""))
@@ -214,12 +219,12 @@ def parse(text: str, image: dict) -> Edit:
             if any(_has(prompt, p) for p in family):
                 helper = next((e for e in experts if any(w in (e.get("reason") or "").lower() for w in family)), None)
                 hint = f"; try 'more of {expert_label(helper)}'" if helper else ""
-                raise RefinementError(f"the prompt already asks for that ('{prompt}'){hint}")
+                raise RefinementError(f"the prompt already asks for that ('{_q(prompt)}'){hint}")
             new = _add_phrase(new, phrase)
         else:
             present = [p for p in family if _has(new, p)]
             if not present:
-                raise RefinementError(f"the prompt '{prompt}' has nothing to make {word}")
+                raise RefinementError(f"the prompt '{_q(prompt)}' has nothing to make {word}")
             for p in present:
                 new = _remove_phrase(new, p)
         return Edit(prompt=new or prompt, description=word)
@@ -230,8 +235,9 @@ def parse(text: str, image: dict) -> Edit:
         which = m.group(1)
         expert = match_expert(m.group(2), experts)
         if expert is None:
-            raise RefinementError(f"no expert of this image is called '{m.group(2)}'; it has: "
-                                  + (", ".join(expert_label(e) for e in experts) or "no experts"))
+            raise RefinementError(f"I do not know the refinement '{_q(text)}': '{m.group(2)}' is not an expert of this "
+                                  "image (it has: " + (", ".join(expert_label(e) for e in experts) or "no experts")
+                                  + ").\n" + HELP)
         edit = Edit(description=f"{'more' if which == 'more' else 'less'} of {expert_label(expert)}")
         (edit.more if which == "more" else edit.less).append(expert["id"])
         return edit
@@ -244,14 +250,14 @@ def parse(text: str, image: dict) -> Edit:
         phrase = _article_free(target)
         if _has(prompt, phrase):
             return Edit(prompt=_remove_phrase(prompt, phrase) or prompt, description=f"without '{phrase}'")
-        raise RefinementError(f"neither an expert of this image nor the prompt '{prompt}' has '{target}'")
+        raise RefinementError(f"neither an expert of this image nor the prompt '{_q(prompt)}' has '{_q(target)}'")
     m = re.fullmatch(r"(?:add|also|plus|with|and) (.+)", t)
     if m:
         phrase = m.group(1).strip(" ,")
         if _has(prompt, phrase):
             raise RefinementError(f"the prompt already has '{phrase}'")
         return Edit(prompt=_add_phrase(prompt, phrase), description=f"add '{phrase}'")
-    raise RefinementError(f"I do not know the refinement '{text.strip()[:120]}'.\n" + HELP)
+    raise RefinementError(f"I do not know the refinement '{_q(text)}'.\n" + HELP)
 
 
 # ---------------------------------------------------------------------------- recipe edits

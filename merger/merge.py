@@ -80,7 +80,9 @@ def lora_deltas(pipe, path: Path, adapter: str = "delta", min_coverage: float = 
         pipe.load_lora_weights(str(path), adapter_name=adapter)
     except Exception as exc:  # diffusers raises size-mismatch RuntimeErrors, ValueErrors for bad keys
         pipe.unload_lora_weights()
-        raise MergeError(f"{Path(path).name} does not fit this base model: {str(exc).splitlines()[0][:200]}") from exc
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+        detail = next((ln for ln in lines if "size mismatch" in ln), lines[0])
+        raise MergeError(f"LoRA does not fit this base model: {detail[:240]}") from exc
     try:
         landed, total = coverage(pipe, adapter, load_file(str(path)))
         if total == 0 or landed < min_coverage * total:

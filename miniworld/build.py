@@ -72,7 +72,7 @@ def _train_scorers(vae, cfg: BuildConfig, rng: random.Random, progress: Progress
     task = progress.add_task("scorers", total=cfg.scorer_steps)
     batch = cfg.batch
     for step in range(cfg.scorer_steps):
-        scenes = [domain.sample_scene(rng, rare_rate=0.3) for _ in range(batch)]
+        scenes = [domain.sample_scene(rng, uniform=True) for _ in range(batch)]
         x = training.render_batch(scenes)
         if step % 2:  # half the batches go through the VAE, as generated images will
             with torch.no_grad():
@@ -159,13 +159,19 @@ def _save_base(base: dict, tokenizer, out: Path) -> None:
         "pad_token": "<|endoftext|>"}, indent=1))
 
 
+def stage_rng(cfg: BuildConfig, stage: str) -> random.Random:
+    """Each stage draws from its own seeded stream (and seeds torch from it), so a stage can be
+    rebuilt alone and come out as it would in a full build."""
+    digest = hashlib.sha256(f"{cfg.seed}:{stage}".encode()).digest()
+    torch.manual_seed(int.from_bytes(digest[:4], "little"))
+    return random.Random(digest)
+
+
 def build(out: Path = ARTIFACTS, cfg: BuildConfig | None = None, console: Console | None = None) -> dict:
     """Rebuild every artifact into ``out`` (replacing it) and return the build report."""
     cfg = cfg or BuildConfig()
     console = console or Console()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
     started = time.time()
     tmp = out.with_name(out.name + ".building")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -176,18 +182,20 @@ def build(out: Path = ARTIFACTS, cfg: BuildConfig | None = None, console: Consol
         shutil.rmtree(tmp / "_tok")
         base = models.new_components(cfg.seed)
         t0 = time.time()
+        rng = stage_rng(cfg, "vae")
         training.train_vae(base["vae"], cfg.vae_steps, cfg.batch, rng, progress)
-        probe = training.render_batch([domain.sample_scene(rng, rare_rate=0.25) for _ in range(512)])
+        probe = training.render_batch([domain.sample_scene(rng, uniform=True) for _ in range(512)])
         with torch.no_grad():
             std = base["vae"].encode(probe).latent_dist.mean.std().item()
         base["vae"].register_to_config(scaling_factor=1.0 / std)
         timings["vae_s"] = time.time() - t0
 
         t0 = time.time()
-        _train_scorers(base["vae"], cfg, rng, progress, tmp / "scorers")
+        _train_scorers(base["vae"], cfg, stage_rng(cfg, "scorers"), progress, tmp / "scorers")
         timings["scorers_s"] = time.time() - t0
 
         t0 = time.time()
+        rng = stage_rng(cfg, "base")
         scenes = [domain.sample_scene(rng, rare_rate=0.06) for _ in range(cfg.base_scenes)]
         data = training.LatentSet(scenes, training.encode_scenes(base["vae"], scenes))
         params = list(base["unet"].parameters()) + list(base["text_encoder"].parameters())
@@ -200,6 +208,7 @@ def build(out: Path = ARTIFACTS, cfg: BuildConfig | None = None, console: Consol
         t0 = time.time()
         experts = []
         for spec in EXPERTS:
+            rng = stage_rng(cfg, f"expert:{spec.slug}")
             data = _expert_data(spec, base["vae"], cfg, rng)
             train = _train_lora if spec.kind == "lora" else _train_ckpt
             path = train(spec, base, tokenizer, base["scheduler"], data, cfg, rng, progress, tmp / "experts")
@@ -213,6 +222,29 @@ def build(out: Path = ARTIFACTS, cfg: BuildConfig | None = None, console: Consol
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     console.print(f"[green]mini world built in {timings['total_s'] / 60:.1f} min -> {out}")
+    return manifest
+
+
+def rebuild_scorers(out: Path = ARTIFACTS, cfg: BuildConfig | None = None, console: Console | None = None) -> dict:
+    """Retrain only the scorers of an existing build (with that build's VAE), as a full build
+    would train them, and record it in the manifest."""
+    cfg = cfg or BuildConfig()
+    console = console or Console()
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(str(out / "base" / "vae"), dtype=torch.float32, local_files_only=True).eval()
+    started = time.time()
+    tmp = out / "scorers.building"
+    shutil.rmtree(tmp, ignore_errors=True)
+    with _progress() as progress:
+        _train_scorers(vae, cfg, stage_rng(cfg, "scorers"), progress, tmp)
+    shutil.rmtree(out / "scorers", ignore_errors=True)
+    tmp.rename(out / "scorers")
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["build"]["timings"]["scorers_s"] = time.time() - started
+    manifest["build"]["scorers_rebuilt"] = True
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    console.print(f"[green]scorers retrained in {(time.time() - started) / 60:.1f} min -> {out / 'scorers'}")
     return manifest
 
 

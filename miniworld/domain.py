@@ -98,16 +98,23 @@ class Scene:
     size: int = 22
 
 
-def sample_attrs(rng: random.Random, rare_rate: float = 0.06, force: dict | None = None) -> dict:
-    """Draw attributes; each rare value appears with probability ``rare_rate`` per attribute.
+def sample_attrs(rng: random.Random, rare_rate: float = 0.06, force: dict | None = None, uniform: bool = False) -> dict:
+    """Draw attributes from the skewed "in the wild" distribution, or uniformly.
 
-    ``force`` pins some attributes (an expert's skill); the rest follow the base distribution.
+    Skewed: shape, colour and background take a rare value with probability ``rare_rate`` per
+    rare value (capped at 0.9), the optional attributes with probability ``rare_rate``; so rare
+    values stay rare for the base model. Uniform (for the scorers, which must know every value
+    equally well): every value of every attribute equally likely. ``force`` pins attributes
+    (an expert's skill).
     """
     attrs = {}
     for name, values in ATTRIBUTES.items():
         rare = RARE[name]
         common = [v for v in values if v not in rare]
-        if rng.random() < rare_rate * (len(rare) if name in ("shape", "color", "background") else 1):
+        p_rare = min(0.9, rare_rate * (len(rare) if name in ("shape", "color", "background") else 1))
+        if uniform:
+            attrs[name] = rng.choice(values)
+        elif rng.random() < p_rare:
             attrs[name] = rng.choice(rare)
         else:
             attrs[name] = rng.choice(common)

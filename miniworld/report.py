@@ -32,7 +32,7 @@ def scorer_accuracy(suite: MetricSuite, vae, n: int = 512, seed: int = REPORT_SE
     retrieval among 16 captions, and how often the quality score ranks a sharp image above its
     blurred twin."""
     rng = random.Random(seed)
-    scenes = [domain.sample_scene(rng, rare_rate=0.3) for _ in range(n)]
+    scenes = [domain.sample_scene(rng, uniform=True) for _ in range(n)]
     clean = training.render_batch(scenes)
     with torch.no_grad():
         recon = vae.decode(vae.encode(clean).latent_dist.mean).sample.clamp(-1, 1)

@@ -43,7 +43,7 @@ def train_vae(vae, steps: int, batch: int, rng: random.Random, progress: Progres
     task = progress.add_task("VAE", total=steps)
     vae.train()
     for _ in range(steps):
-        x = render_batch([domain.sample_scene(rng, rare_rate=0.25) for _ in range(batch)])
+        x = render_batch([domain.sample_scene(rng, uniform=True) for _ in range(batch)])
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
         loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-6 * post.kl().mean()

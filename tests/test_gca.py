@@ -283,14 +283,14 @@ def _cli_env(home: Path) -> dict:
 
 def _run_cli(cmd: list[str], env: dict, log: Path, kill_when: Callable[[], bool] | None,
              timeout: float = 420) -> tuple[int, str]:
-    """Run the CLI; SIGKILL it (its whole process group: Chromium too) as soon as
-    ``kill_when()`` holds. Returns the exit code (-9 when killed) and its output."""
+    """Run the CLI; SIGKILL it (its whole process group: Chromium too) as soon as it has
+    started its pass and ``kill_when()`` holds. Returns the exit code (-9 if killed) and output."""
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             deadline = time.monotonic() + timeout
             while proc.poll() is None and time.monotonic() < deadline:
-                if kill_when is not None and kill_when():
+                if kill_when is not None and "GCA run " in log.read_text() and kill_when():
                     os.killpg(proc.pid, signal.SIGKILL)
                     break
                 time.sleep(0.05)

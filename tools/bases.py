@@ -35,7 +35,7 @@ def _miniworld_suite():
     return get_suite("miniworld")
 
 
-def _miniworld_prompts(n: int, seed: int, rare_rate: float = 0.25) -> list[str]:
+def _miniworld_prompts(n: int, seed: int, rare_rate: float = 0.1) -> list[str]:
     from diffgraph.miniworld import domain
 
     rng = random.Random(seed)

@@ -1,0 +1,341 @@
+"""`diffgraph serve`: one FastAPI server with the Gradio chat UI at / and an HTTP API under /v1.
+
+    POST /v1/images/generations       the OpenAI Images API (prompt, n, size, response_format
+                                      b64_json|url, and seed as an extension); OpenAI-style errors
+    GET  /v1/images/{id}              an image (PNG with its recipe in the metadata)
+    GET  /v1/images/{id}/recipe       its MergeRecipe and why each expert was picked (JSON)
+    GET  /v1/graph/status             what the universal graph holds (JSON)
+    GET  /v1/models                   the base models this server renders with
+
+Every render goes through the one MergeEngine of the base model, whose lock makes renders
+queue on the one device; request threads wait their turn, so concurrent clients all get an
+answer, and the engine's byte-bounded caches keep memory flat. Everything is served from this
+process: Gradio's analytics are off and its fonts and scripts are its own bundled files.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import threading
+import time
+import uuid
+from pathlib import Path
+
+# Before gradio is imported anywhere: no analytics, no update check, no telemetry.
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("GRADIO_SSR_MODE", "False")
+
+from fastapi import FastAPI, Request  # noqa: E402
+from fastapi.exceptions import RequestValidationError  # noqa: E402
+from fastapi.responses import FileResponse, JSONResponse  # noqa: E402
+
+from diffgraph.settings import Settings, get_settings  # noqa: E402
+
+from .chat import ChatAgent, ChatError, ChatServices  # noqa: E402
+
+MAX_N = 10
+MAX_API_PROMPT = 4000  # as OpenAI's; the renderer reads the first 400 characters (see chat.MAX_PROMPT_CHARS)
+MAX_SIDE = 1024
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,80}$")
+
+CSS = """
+#last-image img, #gallery img, #chat img { image-rendering: pixelated; }
+#last-image img { width: 256px; height: 256px; object-fit: contain; }
+#chat img { width: 96px; height: 96px; }
+#experts table { font-size: 0.85em; }
+"""
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": {"message": self.message, "type": self.kind, "param": self.param,
+                                       "code": self.code}}, status_code=self.status)
+
+
+def _parse_size(size) -> tuple[int, int] | None:
+    if size in (None, "", "auto"):
+        return None
+    m = re.fullmatch(r"(\d{1,4})x(\d{1,4})", str(size).strip())
+    if not m or not all(16 <= int(v) <= MAX_SIDE for v in m.groups()):
+        raise APIError(400, f"size must be WIDTHxHEIGHT with sides from 16 to {MAX_SIDE} (e.g. 256x256), not {size!r}",
+                       "size")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _validate(body) -> dict:
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise APIError(400, "prompt is required: a non-empty string saying what the image should show", "prompt")
+    if len(prompt) > MAX_API_PROMPT:
+        raise APIError(400, f"prompt is {len(prompt):,} characters long; the maximum is {MAX_API_PROMPT:,}", "prompt")
+    n = body.get("n", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
+        raise APIError(400, f"n must be an integer from 1 to {MAX_N}", "n")
+    fmt = body.get("response_format") or "url"
+    if fmt not in ("url", "b64_json"):
+        raise APIError(400, f"response_format must be 'url' or 'b64_json', not {fmt!r}", "response_format")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32):
+        raise APIError(400, "seed must be an integer from 0 to 2**32-1", "seed")
+    return {"prompt": prompt, "n": n, "response_format": fmt, "seed": seed, "size": _parse_size(body.get("size"))}
+
+
+def _png_bytes(path: Path, size: tuple[int, int] | None) -> bytes:
+    """The PNG as stored, or upscaled (nearest neighbour) to ``size`` with its text chunks kept."""
+    data = Path(path).read_bytes()
+    if size is None:
+        return data
+    from PIL import Image, PngImagePlugin
+
+    with Image.open(io.BytesIO(data)) as im:
+        if im.size == size:
+            return data
+        info = PngImagePlugin.PngInfo()
+        for key, value in im.info.items():
+            if isinstance(value, str):
+                info.add_text(key, value)
+        out = io.BytesIO()
+        im.convert("RGB").resize(size, Image.NEAREST).save(out, format="PNG", pnginfo=info)
+        return out.getvalue()
+
+
+class ImageAPI:
+    """What the HTTP API does: generate through the chat services, find images by id."""
+
+    def __init__(self, services: ChatServices):
+        self.services = services
+        self._index: dict[str, Path] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def root(self) -> Path:
+        return self.services.settings.artifacts_dir
+
+    def generate(self, prompt: str, n: int, seed: int | None, size) -> list[dict]:
+        base_seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little") % 1_000_000
+        out = []
+        for i in range(n):
+            image = self.services.generate(prompt, seed=base_seed + i, folder="api", n="img")
+            path = Path(image["path"])
+            if size is not None:
+                path.write_bytes(_png_bytes(path, size))
+            with self._lock:
+                self._index[image["id"]] = path
+            out.append(image)
+        return out
+
+    def find(self, image_id: str) -> Path | None:
+        image_id = image_id[:-4] if image_id.endswith(".png") else image_id
+        if not _ID.match(image_id):
+            return None
+        with self._lock:
+            if image_id in self._index and self._index[image_id].is_file():
+                return self._index[image_id]
+        for candidate in [self.root / "api" / f"{image_id}.png", *self.root.glob(f"chat/*/{image_id}.png")]:
+            if candidate.is_file() and candidate.resolve().is_relative_to(self.root.resolve()):
+                with self._lock:
+                    self._index[image_id] = candidate
+                return candidate
+        return None
+
+
+def create_app(settings: Settings | None = None, *, agent: ChatAgent | None = None, ui: bool = True) -> FastAPI:
+    """The server's ASGI app (API routes first, then the Gradio UI mounted at /)."""
+    settings = settings or get_settings()
+    agent = agent or ChatAgent(settings)
+    api = ImageAPI(agent.services)
+    app = FastAPI(title="DiffGraph", version="1", docs_url="/v1/docs", openapi_url="/v1/openapi.json",
+                  redoc_url=None)
+    app.state.agent, app.state.api = agent, api
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        param = ".".join(str(p) for p in first.get("loc", [])[1:]) or None
+        return APIError(400, f"invalid request: {first.get('msg', 'malformed')}", param).response()
+
+    @app.post("/v1/images/generations")
+    async def images_generations(request: Request):
+        from starlette.concurrency import run_in_threadpool
+
+        try:
+            body = json.loads(await request.body() or b"null")
+        except ValueError:
+            raise APIError(400, "the request body is not valid JSON") from None
+        req = _validate(body)
+        try:  # in a worker thread: renders wait for the engine's lock there, not on the event loop
+            images = await run_in_threadpool(api.generate, req["prompt"], req["n"], req["seed"], req["size"])
+        except ChatError as exc:
+            raise APIError(400, str(exc), "prompt") from None
+        except Exception as exc:  # a server fault, reported the way OpenAI reports them
+            raise APIError(500, f"the image could not be made: {type(exc).__name__}: {str(exc)[:300]}",
+                           kind="server_error") from None
+        base = str(request.base_url).rstrip("/")
+        data = []
+        for image in images:
+            item = {"revised_prompt": image["prompt"]}
+            if req["response_format"] == "b64_json":
+                item["b64_json"] = base64.b64encode(Path(image["path"]).read_bytes()).decode()
+            else:
+                item["url"] = f"{base}/v1/images/{image['id']}.png"
+            item["diffgraph"] = {"id": image["id"], "seed": image["seed"], "recipe_url": f"{base}/v1/images/{image['id']}/recipe",
+                                 "experts": [{"id": e["id"], "name": e.get("name"), "kind": e["kind"],
+                                              "coefficient": e["coefficient"], "weight": e["weight"]}
+                                             for e in image["experts"]],
+                                 "notes": image["notes"]}
+            data.append(item)
+        return {"created": int(time.time()), "data": data}
+
+    @app.get("/v1/images/{image_id}/recipe")
+    def image_recipe(image_id: str, request: Request):
+        path = api.find(image_id)
+        if path is None:
+            raise APIError(404, f"no image {image_id!r} on this server", "image_id", code="not_found")
+        from PIL import Image
+
+        from diffgraph.merger.png import RECIPE_KEY
+
+        with Image.open(path) as im:
+            chunk, parameters = im.info.get(RECIPE_KEY), im.info.get("parameters")
+        if chunk is None:
+            raise APIError(404, f"image {image_id!r} carries no DiffGraph recipe", "image_id", code="not_found")
+        data = json.loads(chunk)
+        stem = path.stem
+        return {"id": stem, "image_url": f"{str(request.base_url).rstrip('/')}/v1/images/{stem}.png",
+                "recipe": data.get("recipe"), "explanation": data.get("explanation"), "parameters": parameters}
+
+    @app.get("/v1/images/{image_id}")
+    def image_file(image_id: str):
+        path = api.find(image_id)
+        if path is None:
+            raise APIError(404, f"no image {image_id!r} on this server", "image_id", code="not_found")
+        return FileResponse(path, media_type="image/png", filename=path.name)
+
+    @app.get("/v1/graph/status")
+    def status():
+        from diffgraph.graph_store.status import graph_status
+
+        data = graph_status(agent.services.store)
+        data["background_gca"] = agent.services.gca.status()
+        return JSONResponse(json.loads(json.dumps(data, default=str)))
+
+    @app.get("/v1/models")
+    def models():
+        from diffgraph.tools.bases import PROFILES
+
+        return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "diffgraph"} for name in PROFILES]}
+
+    @app.get("/healthz")
+    def healthz():
+        return {"ok": True, "brain": agent.brain}
+
+    if ui:
+        import gradio as gr
+
+        blocks = build_ui(agent)
+        app = gr.mount_gradio_app(app, blocks, path="/", allowed_paths=[str(settings.artifacts_dir)], css=CSS,
+                                  footer_links=[], ssr_mode=False, theme=_theme())
+    return app
+
+
+def _theme():
+    """Gradio's default look with system fonts only (nothing fetched from a font service)."""
+    import gradio as gr
+
+    return gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                             font_mono=["ui-monospace", "Consolas", "monospace"])
+
+
+# ---------------------------------------------------------------------------- the web UI
+
+
+def experts_markdown(image: dict | None) -> str:
+    if not image:
+        return "*No image yet.*"
+    lines = [f"**Image {image['n']}** · seed {image['seed']} · `{Path(image['path']).name}`  ",
+             f"prompt: *{image['prompt'][:200]}*"]
+    if image.get("change"):
+        lines.append(f"  \nchanged from image {image['parent']}: **{image['change']}**")
+    if not image["experts"]:
+        lines.append("\n\nNo experts: the base model alone.")
+    else:
+        lines += ["", "| expert | kind | coefficient | weight | why |", "|---|---|---|---|---|"]
+        for e in image["experts"]:
+            reason = (e.get("reason") or "").replace("|", "/")
+            lines.append(f"| {e.get('name') or e['id']} | {e['kind']} | {e['coefficient']:.3f} | {e['weight']:.3f} | {reason} |")
+    return "\n".join(lines)
+
+
+def build_ui(agent: ChatAgent):
+    import gradio as gr
+
+    def respond(message, history, thread, images):
+        thread = thread or f"web-{uuid.uuid4().hex[:10]}"
+        history = list(history or [])
+        images = list(images or [])
+        reply = agent.send(message or "", thread)
+        history.append({"role": "user", "content": message or ""})
+        history.append({"role": "assistant", "content": reply.text})
+        for image in reply.images:
+            history.append({"role": "assistant", "content": {"path": image["path"], "alt_text": f"image {image['n']}"}})
+        images.extend(reply.images)
+        last = images[-1] if images else None
+        return ("", history, thread, images, last["path"] if last else None, experts_markdown(last),
+                last["path"] if last else None, last["recipe"] if last else None,
+                [(im["path"], f"{im['n']}: {im['prompt'][:40]}") for im in images])
+
+    brain = ("an LLM at " + str(agent.settings.llm_base_url)) if agent.brain == "llm" else \
+        "the offline brain (no LLM configured)"
+    with gr.Blocks(title="DiffGraph") as blocks:
+        thread = gr.State(None)
+        images = gr.State([])
+        gr.Markdown(f"### DiffGraph\nDescribe an image; then refine it (*warmer*, *less of Pink Pop*, *use only two "
+                    f"experts*, *a square instead of a circle*) or ask *explain*. Answering: {brain}.")
+        with gr.Row():
+            with gr.Column(scale=5):
+                chatbot = gr.Chatbot(label="Conversation", height=480, elem_id="chat")
+                with gr.Row():
+                    box = gr.Textbox(placeholder="a pink circle on a striped white background, warm light",
+                                     show_label=False, scale=5, elem_id="prompt", lines=1, max_lines=4)
+                    send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+            with gr.Column(scale=4):
+                last_image = gr.Image(label="Last image", type="filepath", elem_id="last-image", height=256,
+                                      interactive=False)
+                experts = gr.Markdown("*No image yet.*", elem_id="experts")
+                download = gr.File(label="PNG with its recipe", elem_id="download", interactive=False)
+                with gr.Accordion("Recipe", open=False):
+                    recipe = gr.JSON(elem_id="recipe")
+        gallery = gr.Gallery(label="This session's images", columns=10, height=170, object_fit="contain",
+                             elem_id="gallery", interactive=False)
+        outputs = [box, chatbot, thread, images, last_image, experts, download, recipe, gallery]
+        inputs = [box, chatbot, thread, images]
+        send.click(respond, inputs, outputs, concurrency_limit=4)
+        box.submit(respond, inputs, outputs, concurrency_limit=4)
+    return blocks
+
+
+def serve(host: str = "127.0.0.1", port: int = 7860, settings: Settings | None = None, console=None) -> None:
+    import uvicorn
+
+    app = create_app(settings)
+    if console is not None:
+        agent = app.state.agent if hasattr(app, "state") and hasattr(app.state, "agent") else None
+        console.print(f"DiffGraph on http://{host}:{port}/  (web UI)  ·  API: POST http://{host}:{port}/v1/images/generations"
+                      + (f"  ·  brain: {agent.brain}" if agent else ""))
+    uvicorn.run(app, host=host, port=port, log_level="warning")
