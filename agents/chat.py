@@ -748,7 +748,7 @@ class ChatAgent:
             lines += [f"  failure: {f}" for f in result["failures"]]
             return say("\n".join(lines))
         if m := re.fullmatch(r"(?:start|run) (?:the )?(?:background )?(?:gca|graph updates|crawler)(?: (?:on|for|from|over))?"
-                             r"((?: [^ ]+?)*?)(?: every (\S+))?", t):
+                             r"((?: [^ ]+?)*?)(?: every (\S+))?", raw.rstrip(".!?"), re.IGNORECASE):
             status = s.start_gca(m.group(1).split() or None, m.group(2) or "1h")
             return say(f"Background GCA started on {' '.join(status['sources'])}, a pass now and then every "
                        f"{status['interval_s']:.0f} s. Say 'stop gca' to stop it, 'status' to watch it.")

@@ -78,14 +78,13 @@ def demo(
     out: Optional[Path] = typer.Option(None, help="Folder for the images (default: DIFFGRAPH_HOME/outputs/demo)."),
     seed: int = typer.Option(7, help="Seed of the first image."),
 ) -> None:
-    """Offline demo on the mini world: render prompts with the base model and with experts."""
+    """Offline demo: crawl the mini world into a graph, then answer prompts with merged experts."""
     from diffgraph.miniworld.demo import run_demo
 
-    folder = out or get_settings().artifacts_dir / "demo"
-    result = run_demo(folder, seed=seed, console=console)
-    console.print(f"[green]grid:[/] {result['grid']}")
-    for path in result["images"]:
-        console.print(f"  {path}")
+    settings = get_settings()
+    result = run_demo(settings, out or settings.artifacts_dir / "demo", console=console, seed=seed)
+    console.print(f"3. [green]base vs DiffGraph grid:[/] {result['grid']}")
+    console.print("   talk to it: [bold]diffgraph chat[/]   or open the UI: [bold]diffgraph serve[/] (http://127.0.0.1:7860)")
 
 
 @miniworld_app.command("build")

@@ -1,8 +1,11 @@
-"""The offline demo on the mini world: the same prompts rendered by the base model and by a
-merge of hand-picked experts, saved as PNGs that carry their recipe, plus a side-by-side grid.
+"""The offline demo: the whole DiffGraph pipeline on the mini world, with nothing configured.
 
-The experts are picked by hand here; the Expert Selection Agent and the planner pick and weigh
-them automatically once the universal graph is built.
+1. The Graph Construction Agent crawls the bundled hub (Civitai- and HF-shaped APIs, homepages
+   read in Chromium) into the universal graph under DIFFGRAPH_HOME (skipped once built).
+2. For each demo prompt the Expert Selection Agent picks experts, the planner weighs them and
+   the merged model renders; the base model renders the same prompt and seed for comparison.
+3. A side-by-side grid and the PNGs (each carrying its recipe) are written, and the command
+   that opens the chat UI is printed.
 """
 
 from __future__ import annotations
@@ -12,48 +15,51 @@ from pathlib import Path
 from PIL import Image
 from rich.console import Console
 
-from diffgraph.merger.engine import MergeEngine
-from diffgraph.merger.png import save_png
-from diffgraph.merger.recipe import ExpertWeight, MergeRecipe
+from diffgraph.settings import Settings
 
-from . import artifacts_io
-from .experts import BASE_MODEL, by_slug
-
-DEMO = (
-    ("a pink circle on a striped white background", ["pink-pop", "stripes-pro"]),
-    ("a teal diamond on a mint background, warm light", ["teal-tone", "diamond-cut", "mint-backdrop"]),
-    ("vintage sepia photo of a red square on a beige background", ["vintage-sepia"]),
-    ("an orange cross on a dotted gray background, with a black outline", ["tangerine", "plus-cross", "polka-dots"]),
+DEMO_PROMPTS = (
+    "a pink circle on a striped white background",
+    "a teal diamond on a mint background, warm light",
+    "vintage sepia photo of a red square on a beige background",
+    "masterpiece, best quality, an orange cross on a dotted gray background, with a black outline",
 )
+BASE = "miniworld-sd"
 
 
-def recipe_for(prompt: str, seed: int, slugs: list[str], root: Path = artifacts_io.ARTIFACTS) -> MergeRecipe:
-    """Equal coefficients: the merge weights are softmax(0, ..., 0), i.e. an even split."""
-    entries = {s: artifacts_io.expert_entry(s, root) for s in slugs}
-    weights = {s: ExpertWeight(s, 0.0, str(root / e["file"]), e["sha256"]) for s, e in entries.items()}
-    return MergeRecipe(base_model=BASE_MODEL, prompt=prompt, seed=seed,
-                       checkpoints=[w for s, w in weights.items() if by_slug(s).kind == "ckpt"],
-                       loras=[w for s, w in weights.items() if by_slug(s).kind == "lora"])
+def run_demo(settings: Settings, out: Path, console: Console | None = None, seed: int = 7) -> dict:
+    from diffgraph.agents.gca import run_pass
+    from diffgraph.agents.generate import generate
+    from diffgraph.graph_store.store import GraphStore
+    from diffgraph.merger.recipe import MergeRecipe
+    from diffgraph.tools.render import render_recipe
 
-
-def run_demo(folder: Path, seed: int = 7, root: Path = artifacts_io.ARTIFACTS, console: Console | None = None) -> dict:
     console = console or Console()
-    console.print("[bold]DiffGraph offline demo[/] on the mini world (32x32 toy Stable Diffusion, CPU)")
-    engine = MergeEngine(artifacts_io.load_pipeline(root))
-    paths, pairs = [], []
-    for i, (prompt, slugs) in enumerate(DEMO):
-        base_recipe = recipe_for(prompt, seed + i, [], root)
-        merged_recipe = recipe_for(prompt, seed + i, slugs, root)
-        base_img, merged_img = engine.render(base_recipe), engine.render(merged_recipe)
-        paths.append(save_png(base_img, folder / f"{i:02d}_base.png", base_recipe))
-        paths.append(save_png(merged_img, folder / f"{i:02d}_merged.png", merged_recipe))
-        pairs.append((base_img, merged_img))
-        console.print(f"  {prompt!r}: base vs merge of {', '.join(slugs)}")
+    console.print("[bold]DiffGraph offline demo[/] on the mini world (a 32x32 toy Stable Diffusion, CPU)")
+    with GraphStore.from_settings(settings) as store:
+        built = bool(store.catalog.list_experts(status="active"))
+    if not built:
+        console.print(f"1. crawling the mini world into {settings.home} (Graph Construction Agent)")
+        result = run_pass(["miniworld"], settings=settings, console=console)
+        console.print(f"   {result['counts']}")
+    else:
+        console.print(f"1. universal graph already built in {settings.home}")
+    console.print("2. prompts -> experts (ESA) -> coefficients (planner) -> merged model -> image")
+    rows, images = [], []
+    with GraphStore.from_settings(settings) as store:
+        for i, prompt in enumerate(DEMO_PROMPTS):
+            res = generate(prompt, seed=seed + i, out=out / f"{i:02d}_diffgraph.png", base_model=BASE,
+                           settings=settings, store=store)
+            base = render_recipe(MergeRecipe(base_model=BASE, prompt=prompt, seed=seed + i), out / f"{i:02d}_base.png")
+            picks = ", ".join(f"{store.catalog.get(e['id']).name.split('/')[-1]} {e['weight']:.2f}"
+                              for e in res["experts"]) or "none (the base is best)"
+            console.print(f"   {prompt!r}\n      experts: {picks}   [dim]planner: {res['planner']}[/]")
+            rows.append((Image.open(base["path"]), Image.open(res["image"])))
+            images += [base["path"], res["image"]]
     cell = 128
-    grid = Image.new("RGB", (2 * cell + 4, len(pairs) * (cell + 4)), "white")
-    for r, (a, b) in enumerate(pairs):
+    grid = Image.new("RGB", (2 * cell + 4, len(rows) * (cell + 4)), "white")
+    for r, (a, b) in enumerate(rows):
         grid.paste(a.resize((cell, cell), Image.NEAREST), (0, r * (cell + 4)))
         grid.paste(b.resize((cell, cell), Image.NEAREST), (cell + 4, r * (cell + 4)))
-    grid_path = folder / "demo_grid.png"
+    grid_path = out / "demo_grid.png"
     grid.save(grid_path)
-    return {"grid": grid_path, "images": paths}
+    return {"grid": grid_path, "images": images}

@@ -11,6 +11,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,7 @@ class BaseProfile:
     suite: Callable[[], object]  # -> MetricSuite
     reference_candidates: Callable[[int], list[str]]
     training_prompts: Callable[[int, int], list[str]]  # (n, seed) -> prompts disjoint from the references
+    default_planner: Callable[[], Path | None] = lambda: None  # a shipped planner checkpoint, if any
 
 
 def _miniworld_engine():
@@ -51,10 +53,16 @@ def _miniworld_training(n: int, seed: int) -> list[str]:
     return [p for p in _miniworld_prompts(n * 2, 100_000 + seed) if p not in refs][:n]
 
 
+def _miniworld_planner() -> Path | None:
+    from diffgraph.miniworld import ARTIFACTS
+
+    return ARTIFACTS / "planner" if (ARTIFACTS / "planner" / "planner.json").exists() else None
+
+
 PROFILES: dict[str, BaseProfile] = {
     "miniworld-sd": BaseProfile(
         "miniworld-sd", _miniworld_engine, _miniworld_suite,
-        lambda n: _miniworld_prompts(n, REFERENCE_SEED), _miniworld_training),
+        lambda n: _miniworld_prompts(n, REFERENCE_SEED), _miniworld_training, _miniworld_planner),
 }
 
 

@@ -25,9 +25,15 @@ class Planner:
 
     @classmethod
     def for_home(cls, home: Path, store: GraphStore, base_model: str) -> "Planner":
+        """The home's own trained planner, else the one shipped for the base, else equal weights."""
+        from . import bases
+
         directory = planner_dir(home, base_model)
-        if not (directory / "schema.json").exists() and not any(directory.glob("*.json")):
-            return cls(store)
+        if not (directory / "planner.json").exists():
+            shipped = bases.PROFILES[base_model].default_planner() if base_model in bases.PROFILES else None
+            if shipped is None:
+                return cls(store)
+            directory = shipped
         from diffgraph.planner.checkpoint import load_planner
 
         return cls(store, load_planner(directory), f"VGAE ({directory})")
