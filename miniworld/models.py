@@ -7,7 +7,6 @@ models (LoRA loading, checkpoint merging, rendering) is what it does to real one
 
 from __future__ import annotations
 
-import gzip
 import json
 from pathlib import Path
 
@@ -63,39 +62,14 @@ SCHEDULER_CONFIG = dict(
 )
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte -> printable-character table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
-
-
 def clip_bpe_files(out_dir: Path) -> tuple[Path, Path]:
-    """Write CLIP's vocab.json and merges.txt from the BPE table shipped in open_clip_torch.
+    """Write CLIP's vocab.json and merges.txt (the real CLIP BPE, built offline)."""
+    from diffgraph.clip_bpe import clip_vocab_and_merges
 
-    This is the same construction as OpenAI CLIP's SimpleTokenizer: 256 byte symbols, their
-    end-of-word variants, one symbol per merge, then the two special tokens (49408 in all).
-    """
-    import importlib.util
-
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or spec.origin is None:
-        raise RuntimeError("open_clip_torch is needed to build the CLIP tokenizer: pip install --no-deps open_clip_torch")
-    bpe = Path(spec.origin).parent / "bpe_simple_vocab_16e6.txt.gz"
-    lines = gzip.open(bpe).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
-    merges = [tuple(line.split()) for line in lines]
-    symbols = list(_bytes_to_unicode().values())
-    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    vocab, merges = clip_vocab_and_merges()
     out_dir.mkdir(parents=True, exist_ok=True)
     vocab_path, merges_path = out_dir / "vocab.json", out_dir / "merges.txt"
-    vocab_path.write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
+    vocab_path.write_text(json.dumps(vocab, ensure_ascii=False))
     merges_path.write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
     return vocab_path, merges_path
 

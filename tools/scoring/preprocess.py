@@ -21,15 +21,15 @@ WordPiece vocabulary.
 
 from __future__ import annotations
 
-import gzip
 import importlib.util
 import json
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from diffgraph.clip_bpe import clip_vocab_and_merges, open_clip_bpe_path
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -113,42 +113,6 @@ def processor_stats(*dirs: Path | None) -> tuple[tuple[float, ...], tuple[float,
 
 # ---------------------------------------------------------------- tokenizers
 
-def open_clip_bpe_path() -> Path | None:
-    """open_clip_torch's BPE table, found without importing open_clip (it needs torchvision)."""
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for loc in spec.submodule_search_locations:
-        p = Path(loc) / "bpe_simple_vocab_16e6.txt.gz"
-        if p.is_file():
-            return p
-    return None
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs]))
-
-
-@lru_cache(maxsize=1)
-def _clip_vocab_from_bpe(bpe: str) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """OpenAI CLIP's SimpleTokenizer construction: 256 byte symbols, their end-of-word forms,
-    one symbol per merge, then the two special tokens -- 49408 entries."""
-    lines = gzip.open(bpe).read().decode("utf-8").split("\n")[1: 49152 - 256 - 2 + 1]
-    merges = [tuple(line.split()) for line in lines]
-    symbols = list(_bytes_to_unicode().values())
-    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    return {tok: i for i, tok in enumerate(vocab)}, merges
-
-
 def has_clip_tokenizer_files(d: Path | None) -> bool:
     return d is not None and ((d / "vocab.json").is_file() and (d / "merges.txt").is_file()
                               or (d / "tokenizer.json").is_file())
@@ -168,7 +132,7 @@ def clip_tokenizer(*dirs: Path | None):
         raise FileNotFoundError("no CLIP tokenizer files (vocab.json + merges.txt or tokenizer.json) in "
                                 f"{[str(d) for d in dirs if d]} and open_clip_torch (which ships the BPE table) "
                                 "is not installed: pip install --no-deps open_clip_torch")
-    vocab, merges = _clip_vocab_from_bpe(str(bpe))
+    vocab, merges = clip_vocab_and_merges(str(bpe))
     # transformers 5 takes vocab= and merges= (vocab_file= would be ignored silently)
     return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=CLIP_CONTEXT)
 
