@@ -92,13 +92,19 @@ def miniworld_build(
     out: Optional[Path] = typer.Option(None, help="Where to write the artifacts (default: the package's miniworld/artifacts)."),
     quick: bool = typer.Option(False, help="A minutes-long smoke build of poor quality that exercises every step."),
     only_scorers: bool = typer.Option(False, "--only-scorers", help="Retrain only the scorers of an existing build."),
+    only_experts: bool = typer.Option(False, "--only-experts", help="Retrain only the experts of an existing build."),
 ) -> None:
     """Train the whole mini world from seeds (base, experts, scorers): about 50 minutes on 2 CPU cores."""
-    from diffgraph.miniworld.build import ARTIFACTS, BuildConfig, artifact_bytes, build, rebuild_scorers
+    from diffgraph.miniworld.build import ARTIFACTS, BuildConfig, artifact_bytes, build, rebuild_experts, rebuild_scorers
 
     target = out or ARTIFACTS
     cfg = BuildConfig.quick() if quick else BuildConfig()
-    (rebuild_scorers if only_scorers else build)(target, cfg, console=console)
+    if only_experts:
+        rebuild_experts(target, cfg, console=console)
+    if only_scorers:
+        rebuild_scorers(target, cfg, console=console)
+    if not (only_experts or only_scorers):
+        build(target, cfg, console=console)
     console.print(f"artifacts: {artifact_bytes(target) / 1e6:.1f} MB")
 
 

@@ -45,6 +45,14 @@ class ByteLRU:
     def put(self, key: str, value: dict) -> None:
         self._items[key] = (value, self._size(value))
         self._items.move_to_end(key)
+        self._evict()
+
+    def resize(self, max_bytes: int) -> None:
+        """A new bound, applied at once (least recently used entries go first)."""
+        self.max_bytes = max_bytes
+        self._evict()
+
+    def _evict(self) -> None:
         while len(self._items) > 1 and self.total_bytes > self.max_bytes:
             self._items.popitem(last=False)
             self.evictions += 1

@@ -37,10 +37,10 @@ class BuildConfig:
     base_steps: int = 4000
     base_scenes: int = 30000
     expert_scenes: int = 3000
-    expert_step_scale: float = 1.0
+    expert_step_scale: float = 0.5
     scorer_steps: int = 800
     batch: int = 64
-    expert_batch: int = 48
+    expert_batch: int = 32
 
     @classmethod
     def quick(cls) -> "BuildConfig":
@@ -159,6 +159,55 @@ def _save_base(base: dict, tokenizer, out: Path) -> None:
         "pad_token": "<|endoftext|>"}, indent=1))
 
 
+def _train_experts(base: dict, tokenizer, cfg: BuildConfig, progress: Progress, out_dir: Path) -> list[dict]:
+    """Every expert from the base, each from its own seeded stream; manifest entries."""
+    entries = []
+    for spec in EXPERTS:
+        rng = stage_rng(cfg, f"expert:{spec.slug}")
+        data = _expert_data(spec, base["vae"], cfg, rng)
+        train = _train_lora if spec.kind == "lora" else _train_ckpt
+        path = train(spec, base, tokenizer, base["scheduler"], data, cfg, rng, progress, out_dir)
+        entries.append({"slug": spec.slug, "kind": spec.kind, "format": spec.file_format,
+                        "file": f"experts/{path.name}", "sha256": sha256_file(path), "bytes": path.stat().st_size})
+    return entries
+
+
+def _load_base(directory: Path) -> tuple[dict, object]:
+    """The saved (float16) base, back in float32: experts always start from exactly what ships."""
+    from diffusers import DDPMScheduler
+    from transformers import CLIPTokenizer
+
+    pipe = models.load_base_pipeline(directory)
+    base = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder,
+            "scheduler": DDPMScheduler(**models.SCHEDULER_CONFIG, clip_sample=False)}
+    return base, CLIPTokenizer.from_pretrained(str(directory / "tokenizer"))
+
+
+def rebuild_experts(out: Path = ARTIFACTS, cfg: BuildConfig | None = None, console: Console | None = None) -> dict:
+    """Retrain only the experts, from the base of an existing build, as a full build would."""
+    cfg = cfg or BuildConfig()
+    console = console or Console()
+    base, tokenizer = _load_base(out / "base")
+    started = time.time()
+    tmp = out / "experts.building"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    with _progress() as progress:
+        entries = _train_experts(base, tokenizer, cfg, progress, tmp)
+    shutil.rmtree(out / "experts", ignore_errors=True)
+    tmp.rename(out / "experts")
+    path = out / "manifest.json"
+    manifest = json.loads(path.read_text()) if path.exists() else {
+        "base_model": "miniworld-sd", "base": "base", "scorers": "scorers", "build": {"timings": {}}}
+    manifest["experts"] = entries
+    manifest["build"]["config"] = asdict(cfg)
+    manifest["build"]["timings"]["experts_s"] = time.time() - started
+    manifest["build"]["torch"] = torch.__version__
+    path.write_text(json.dumps(manifest, indent=1))
+    console.print(f"[green]experts retrained in {(time.time() - started) / 60:.1f} min -> {out / 'experts'}")
+    return manifest
+
+
 def stage_rng(cfg: BuildConfig, stage: str) -> random.Random:
     """Each stage draws from its own seeded stream (and seeds torch from it), so a stage can be
     rebuilt alone and come out as it would in a full build."""
@@ -203,17 +252,11 @@ def build(out: Path = ARTIFACTS, cfg: BuildConfig | None = None, console: Consol
                                 scheduler=base["scheduler"], data=data, params=params, steps=cfg.base_steps,
                                 lr=2e-3, batch=cfg.batch, rng=rng, progress=progress, label="base")
         _save_base(base, tokenizer, tmp / "base")
+        base, tokenizer = _load_base(tmp / "base")
         timings["base_s"] = time.time() - t0
 
         t0 = time.time()
-        experts = []
-        for spec in EXPERTS:
-            rng = stage_rng(cfg, f"expert:{spec.slug}")
-            data = _expert_data(spec, base["vae"], cfg, rng)
-            train = _train_lora if spec.kind == "lora" else _train_ckpt
-            path = train(spec, base, tokenizer, base["scheduler"], data, cfg, rng, progress, tmp / "experts")
-            experts.append({"slug": spec.slug, "kind": spec.kind, "format": spec.file_format,
-                            "file": f"experts/{path.name}", "sha256": sha256_file(path), "bytes": path.stat().st_size})
+        experts = _train_experts(base, tokenizer, cfg, progress, tmp / "experts")
         timings["experts_s"] = time.time() - t0
     timings["total_s"] = time.time() - started
     manifest = {"base_model": "miniworld-sd", "base": "base", "scorers": "scorers", "experts": experts,
