@@ -1,6 +1,8 @@
 """`diffgraph miniworld build`: train the whole mini world from seeds, in one process.
 
-Order: tokenizer -> VAE -> scorers -> base (UNet + text encoder) -> experts -> report.
+Order: tokenizer -> VAE -> base (UNet + text encoder) -> scorers -> experts. Each stage has its
+own seeded random stream, and scorers and experts start from the saved (float16) base, so
+`--only-scorers` / `--only-experts` reproduce what a full build makes.
 Everything lands in one artifacts folder with a manifest of sha256 hashes; the committed copy
 under miniworld/artifacts is what tests and the demo load, so nothing retrains at run time.
 """
@@ -240,10 +242,6 @@ def build(out: Path = ARTIFACTS, cfg: BuildConfig | None = None, console: Consol
         timings["vae_s"] = time.time() - t0
 
         t0 = time.time()
-        _train_scorers(base["vae"], cfg, stage_rng(cfg, "scorers"), progress, tmp / "scorers")
-        timings["scorers_s"] = time.time() - t0
-
-        t0 = time.time()
         rng = stage_rng(cfg, "base")
         scenes = [domain.sample_scene(rng, rare_rate=0.06) for _ in range(cfg.base_scenes)]
         data = training.LatentSet(scenes, training.encode_scenes(base["vae"], scenes))
@@ -254,6 +252,10 @@ def build(out: Path = ARTIFACTS, cfg: BuildConfig | None = None, console: Consol
         _save_base(base, tokenizer, tmp / "base")
         base, tokenizer = _load_base(tmp / "base")
         timings["base_s"] = time.time() - t0
+
+        t0 = time.time()
+        _train_scorers(base["vae"], cfg, stage_rng(cfg, "scorers"), progress, tmp / "scorers")
+        timings["scorers_s"] = time.time() - t0
 
         t0 = time.time()
         experts = _train_experts(base, tokenizer, cfg, progress, tmp / "experts")
