@@ -464,7 +464,14 @@ class ChatAgent:
             self._conn = sqlite3.connect(self.settings.home / CHECKPOINTS, check_same_thread=False)
             checkpointer = SqliteSaver(self._conn)
         self.checkpointer = checkpointer
-        self.tools = self._make_tools() + self.plugin_tools
+        own = self._make_tools()
+        taken = {t.name for t in own}
+        for clash in [t for t in self.plugin_tools if t.name in taken]:  # a plugin may not replace a built-in
+            message = f"{clash.name}: a built-in tool has this name; the plugin's is not used"
+            if message not in self.plugin_set.errors:
+                self.plugin_set.errors.append(message)
+        self.plugin_tools = [t for t in self.plugin_tools if t.name not in taken]
+        self.tools = own + self.plugin_tools
         self.graph = self._build()
         self._locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()

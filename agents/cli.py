@@ -301,16 +301,5 @@ def serve(
     run(host=host, port=port, console=console)
 
 
-@app.command()
-def quickstart(
-    home: Optional[Path] = typer.Option(None, help="DiffGraph home to build (default: DIFFGRAPH_HOME)."),
-    prompt: str = typer.Option("a pink circle on a striped white background, warm light", help="The prompt to answer."),
-) -> None:
-    """The offline demo end to end: crawl the mini world into a home, answer a prompt with an image, refine it."""
-    from diffgraph.agents.chat_cli import run_quickstart
-
-    run_quickstart(home, prompt, console)
-
-
 if __name__ == "__main__":  # pragma: no cover
     app()

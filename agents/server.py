@@ -48,6 +48,10 @@ CSS = """
 #last-image img { width: 256px; height: 256px; object-fit: contain; }
 #chat img { width: 96px; height: 96px; }
 #experts table { font-size: 0.85em; }
+#experts th, #experts td { padding: 3px 6px !important; }
+#experts th, #experts td:nth-child(2), #experts td:nth-child(3), #experts td:nth-child(4) { white-space: nowrap; }
+#gallery .grid-container { grid-template-columns: repeat(auto-fill, 112px) !important; grid-auto-rows: 112px !important; }
+#gallery .thumbnail-item { width: 112px; height: 112px; }
 """
 
 
@@ -275,10 +279,10 @@ def experts_markdown(image: dict | None) -> str:
     if not image["experts"]:
         lines.append("\n\nNo experts: the base model alone.")
     else:
-        lines += ["", "| expert | kind | coefficient | weight | why |", "|---|---|---|---|---|"]
+        lines += ["", "| expert | kind | coef. | weight | why |", "|---|---|---|---|---|"]
         for e in image["experts"]:
             reason = (e.get("reason") or "").replace("|", "/")
-            lines.append(f"| {e.get('name') or e['id']} | {e['kind']} | {e['coefficient']:.3f} | {e['weight']:.3f} | {reason} |")
+            lines.append(f"| {e.get('name') or e['id']} | {e['kind']} | {e['coefficient']:.2f} | {e['weight']:.2f} | {reason} |")
     return "\n".join(lines)
 
 

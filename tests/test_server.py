@@ -171,3 +171,16 @@ def test_twenty_concurrent_requests_all_answered_with_bounded_memory(base_url):
 
 def _largest(cache) -> int:
     return max((size for _, size in cache._items.values()), default=0)
+
+
+def test_the_official_openai_client_works(base_url):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    result = client.images.generate(prompt="a pink circle on a striped white background", n=1, size="64x64",
+                                    response_format="b64_json", extra_body={"seed": 5})
+    with Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json))) as im:
+        assert im.size == (64, 64)
+    assert result.data[0].revised_prompt == "a pink circle on a striped white background"
+    with pytest.raises(openai.BadRequestError) as error:
+        client.images.generate(prompt="", n=1)
+    assert error.value.status_code == 400 and "prompt is required" in str(error.value)
