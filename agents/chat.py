@@ -416,12 +416,13 @@ def _turn(messages: list) -> list:
 
 def llm_view(messages: list) -> list:
     """The recent history in a form every OpenAI-compatible server accepts: it starts at a human
-    message, every tool call has its answer (a turn cut short by a crash leaves none), tool
-    results are cut to a size an LLM reads."""
+    message, every tool call has its answer (a turn cut short by a crash leaves none), and tool
+    results of earlier turns are cut short."""
     recent = messages[-HISTORY_MESSAGES:]
     while recent and not isinstance(recent[0], HumanMessage):
         recent = recent[1:]
     answered = {m.tool_call_id for m in recent if isinstance(m, ToolMessage)}
+    current = {id(m) for m in _turn(recent)}
     out, open_calls = [], set()
     for m in recent:
         if isinstance(m, AIMessage) and m.tool_calls:
@@ -430,9 +431,10 @@ def llm_view(messages: list) -> list:
             open_calls |= {c["id"] for c in m.tool_calls}
             out.append(m)
         elif isinstance(m, ToolMessage):
+            limit = 6000 if id(m) in current else 1500  # this turn's results whole, older ones cut
             if m.tool_call_id in open_calls:
-                out.append(m if len(_text(m)) <= 1500 else ToolMessage(_text(m)[:1500] + " …", tool_call_id=m.tool_call_id,
-                                                                       name=m.name))
+                out.append(m if len(_text(m)) <= limit else ToolMessage(_text(m)[:limit] + " …",
+                                                                        tool_call_id=m.tool_call_id, name=m.name))
         else:
             out.append(m)
     return out

@@ -305,7 +305,9 @@ def own_home(graph_home, tmp_path):
 def test_add_expert_by_path_and_background_gca(own_home, artifacts_dir, tmp_path):
     folder = tmp_path / "my-loras"
     folder.mkdir()
-    shutil.copy(artifacts_dir / "experts" / "pink-pop.safetensors", folder / "hot-pink.safetensors")
+    manifest = json.loads((artifacts_dir / "manifest.json").read_text())
+    pink = next(e for e in manifest["experts"] if e["slug"] == "pink-pop")
+    shutil.copy(artifacts_dir / pink["file"], folder / "hot-pink.safetensors")
     (folder / "hot-pink.json").write_text(json.dumps({
         "name": "Hot Pink Local", "kind": "lora", "base_model": "miniworld-sd", "trigger_words": ["hot pink"],
         "description": "Hot pink and magenta objects."}))
@@ -349,3 +351,23 @@ def test_add_expert_by_model_page_url(own_home, artifacts_dir):
     with GraphStore.open(own_home) as store:
         assert store.catalog.get(row.id).status == "active"
         assert len(store.catalog.list_experts(status="active")) == 22
+
+
+def test_terminal_chat_shows_image_paths_and_resumes(own_home):
+    """`diffgraph chat` as a person runs it: lines on standard input, images under DIFFGRAPH_HOME."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DIFFGRAPH_HOME": str(own_home), "COLUMNS": "200"}
+    env.pop("DIFFGRAPH_LLM_BASE_URL", None)
+    command = [sys.executable, "-m", "diffgraph.agents.cli", "chat", "--thread", "terminal"]
+    first = subprocess.run(command, input="a pink circle on a striped white background\n/quit\n", env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    paths = re.findall(r"image: (\S+\.png)", first.stdout)
+    assert paths and all(p.startswith(str(own_home / "outputs" / "chat" / "terminal")) for p in paths), first.stdout
+    assert "offline brain" in first.stdout and "Pink Pop" in first.stdout
+    again = subprocess.run(command, input="another seed\n", env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming: 2 messages, 1 images" in again.stdout and "changed from image 1: another seed" in again.stdout

@@ -121,7 +121,7 @@ def test_graph_status_endpoint(base_url):
     status = httpx.get(base_url + "/v1/graph/status", timeout=30).json()
     assert status["experts"]["by_status"]["active"] == 22
     assert status["reference_prompts"] == 4 and status["calibration"]["edges"] == 88
-    assert status["background_gca"] == {"running": False}
+    assert status["background_gca"]["running"] is False
 
 
 def test_twenty_concurrent_requests_all_answered_with_bounded_memory(base_url):
