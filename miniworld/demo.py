@@ -31,6 +31,7 @@ def run_demo(settings: Settings, out: Path, console: Console | None = None, seed
     from diffgraph.agents.generate import generate
     from diffgraph.graph_store.store import GraphStore
     from diffgraph.merger.recipe import MergeRecipe
+    from diffgraph.tools.browser import CHROMIUM
     from diffgraph.tools.render import render_recipe
 
     console = console or Console()
@@ -39,7 +40,11 @@ def run_demo(settings: Settings, out: Path, console: Console | None = None, seed
         built = bool(store.catalog.list_experts(status="active"))
     if not built:
         console.print(f"1. crawling the mini world into {settings.home} (Graph Construction Agent)")
-        result = run_pass(["miniworld"], settings=settings, console=console)
+        chromium = Path(CHROMIUM).exists()
+        if not chromium:
+            console.print(f"   [yellow]{CHROMIUM} not found (apt-get install chromium): homepages are not read, "
+                          "experts are described from their API fields only")
+        result = run_pass(["miniworld"], settings=settings, console=console, read_pages=chromium)
         console.print(f"   {result['counts']}")
     else:
         console.print(f"1. universal graph already built in {settings.home}")
