@@ -184,7 +184,7 @@ def render(
             data = json.loads(recipe.read_text())
             parsed = MergeRecipe.from_dict(data.get("recipe", data))
     except (OSError, ValueError, TypeError, KeyError) as exc:
-        _fail(f"cannot read a recipe from {recipe}: {str(exc).splitlines()[0]}")
+        _fail(f"cannot read a recipe: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
     result = render_recipe(parsed, out)
     console.print(f"[green]image:[/] {result['path']}")
 

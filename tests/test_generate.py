@@ -43,14 +43,14 @@ def test_generate_explains_and_replays(monkeypatch, graph_home, tmp_path):
 def test_empty_prompt_is_a_clear_error(monkeypatch, graph_home):
     result = _run(monkeypatch, graph_home, "generate", "   ")
     assert result.exit_code == 1
-    assert "prompt is empty" in result.output
+    assert "prompt is empty" in " ".join(result.output.split())
 
 
 def test_render_refuses_a_png_without_recipe(monkeypatch, graph_home, tmp_path):
     plain = tmp_path / "plain.png"
     Image.new("RGB", (8, 8)).save(plain)
     result = _run(monkeypatch, graph_home, "render", "--recipe", str(plain), "--out", str(tmp_path / "x.png"))
-    assert result.exit_code == 1 and "carries no DiffGraph recipe" in result.output
+    assert result.exit_code == 1 and "carries no DiffGraph recipe" in " ".join(result.output.split())
 
 
 def test_offline_demo_answers_its_prompts(graph_home, tmp_path):
