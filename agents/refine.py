@@ -6,9 +6,9 @@ after which the Expert Selection Agent picks experts for the new prompt, or a re
 which changes the MergeRecipe directly and re-renders it: no selection, no planning, and the
 engine's caches make the merge cheap. The seed is kept unless the edit is about the seed.
 
-Recipe weights follow the paper: effective weights are softmax(coefficients) per group
-(checkpoints, LoRAs). "less of X" lowers X's coefficient by ln 2 (halving its odds against the
-rest); when X is alone in its group, a BASE anchor entry (no weights of its own) takes half.
+Effective weights are softmax(coefficients / temperature) per group (checkpoints, LoRAs; see
+merger.recipe.MergeRule). "less of X" lowers X's coefficient by ln 2 x temperature (halving its
+odds against the rest); when X is alone in its group, a BASE anchor entry (no weights of its own) takes half.
 """
 
 from __future__ import annotations
@@ -296,13 +296,13 @@ def apply(recipe: MergeRecipe, edit: Edit, names: dict[str, str] | None = None) 
         if len(group) == 1:  # alone, it has the whole group: give half to a BASE anchor
             group.append(ExpertWeight(BASE, entry.coefficient))
         else:
-            entry.coefficient = round(entry.coefficient - LN2, 6)
+            entry.coefficient = round(entry.coefficient - LN2 * out.temperature, 6)  # halves its odds
     for expert_id in edit.more:
         group = _group(out, expert_id)
         entry = _entry(group, expert_id)
         if len(group) == 1:
             raise RefinementError(f"{names.get(expert_id, expert_id)} already has the full weight of its group (1.00)")
-        entry.coefficient = round(entry.coefficient + LN2, 6)
+        entry.coefficient = round(entry.coefficient + LN2 * out.temperature, 6)
     for group in (out.checkpoints, out.loras):  # an anchor alone means "no expert": drop it
         if group and all(e.name == BASE for e in group):
             group.clear()

@@ -43,7 +43,7 @@ def _graph(home: Path, reference_prompts: int) -> None:
 
 
 class Bench:
-    def __init__(self, home: Path):
+    def __init__(self, home: Path, rule):
         from diffgraph.graph_store.store import GraphStore
         from diffgraph.tools import bases
 
@@ -51,6 +51,7 @@ class Bench:
         self.engine = bases.engine_for(BASE)
         self.suite = bases.suite_for(BASE)
         self.rows = {r.id: r for r in self.store.catalog.list_experts(status="active")}
+        self.rule = rule
         self._selection: dict[str, list[dict]] = {}
 
     def select(self, prompt: str) -> list[dict]:
@@ -63,7 +64,7 @@ class Bench:
     def score(self, prompt: str, picks: list[dict], coefficients: dict[str, float], seed: int) -> list[float]:
         from diffgraph.tools.render import build_recipe
 
-        recipe = build_recipe(self.store, prompt, BASE, seed, picks, coefficients)
+        recipe = build_recipe(self.store, prompt, BASE, seed, picks, coefficients, self.rule)
         image = self.engine.render(recipe)
         vector = self.suite.score([image], [prompt])[0]
         return [*vector, self.suite.reward(vector)]
@@ -159,12 +160,16 @@ def main(home: Path = typer.Option(Path("benchmarks/.work/graph"), help="Graph h
          train_prompts: int = typer.Option(48, help="Training prompts."),
          steps: int = typer.Option(60, help="REINFORCE steps (4 prompts x 4 samples each)."),
          reference_prompts: int = typer.Option(12, help="N_r when the graph is built."),
+         rule: str = typer.Option("anchored", help="Merge rule: 'paper' (softmax per kind) or 'anchored'."),
+         save_planner_to: Path = typer.Option(None, help="Also save the trained planner here."),
          out: Path = typer.Option(Path("benchmarks/results/paper_experiments.json"))) -> None:
     from diffgraph.tools import bases
 
     started = time.time()
     _graph(home, reference_prompts)
-    bench = Bench(home)
+    from diffgraph.merger.recipe import ANCHORED, PAPER
+
+    bench = Bench(home, {"paper": PAPER, "anchored": ANCHORED}[rule])
     profile = bases.profile(BASE)
     train_set = profile.training_prompts(train_prompts, 1)
     test_set = [p for p in profile.training_prompts(prompts * 2, 7) if p not in set(train_set)][:prompts]
@@ -173,6 +178,10 @@ def main(home: Path = typer.Option(Path("benchmarks/.work/graph"), help="Graph h
     t0 = time.time()
     trained = _train(bench, train_set, steps, seed=0)
     train_s = time.time() - t0
+    if save_planner_to is not None:
+        from diffgraph.planner.checkpoint import save_planner
+
+        save_planner(trained.planner, save_planner_to)
     results = evaluate(bench, methods(bench, trained.planner, random.Random(0)), test_set)
 
     year1 = {i for i, r in bench.rows.items() if (r.published_at or "").startswith("2023")}
@@ -185,7 +194,8 @@ def main(home: Path = typer.Option(Path("benchmarks/.work/graph"), help="Graph h
     }, test_set)
     report = {"table1_5": results, "table2_scaling": scaling, "training_history": trained.history,
               "year1_experts": sorted(year1), "train_seconds": train_s, "total_seconds": time.time() - started,
-              "config": {"prompts": prompts, "train_prompts": train_prompts, "steps": steps, "seeds": SEEDS}}
+              "config": {"prompts": prompts, "train_prompts": train_prompts, "steps": steps, "seeds": SEEDS,
+                         "rule": rule}}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     console.print(table(results))

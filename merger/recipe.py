@@ -22,6 +22,26 @@ class ExpertWeight:
     sha256: str | None = None
 
 
+@dataclass(frozen=True)
+class MergeRule:
+    """How planner coefficients in (0, 1) become merge weights.
+
+    PAPER is Sec. 3.3 as written: a softmax over the selected experts of each kind. Measured in
+    the mini world (benchmarks/RESULTS.md) it leaves the planner almost nothing to decide: the
+    weights of one kind always sum to 1 (a lone LoRA is always at full strength whatever its
+    coefficient) and softmax of values in (0, 1) spans at most a factor e. ANCHORED adds the base
+    as a zero-delta member of each softmax with a fixed coefficient and sharpens it with a
+    temperature, so a coefficient can take an expert from about 0.1 to 0.9 of full strength.
+    """
+
+    temperature: float = 1.0
+    anchor: float | None = None
+
+
+PAPER = MergeRule()
+ANCHORED = MergeRule(temperature=0.2, anchor=0.5)
+
+
 @dataclass
 class MergeRecipe:
     base_model: str
@@ -35,13 +55,14 @@ class MergeRecipe:
     negative_prompt: str = ""
     width: int = 32
     height: int = 32
+    temperature: float = 1.0  # of both softmaxes; 1.0 is the paper's rule
 
-    @staticmethod
-    def softmax(values: list[float]) -> list[float]:
+    def softmax(self, values: list[float]) -> list[float]:
         if not values:
             return []
-        m = max(values)
-        exps = [math.exp(v - m) for v in values]
+        scaled = [v / self.temperature for v in values]
+        m = max(scaled)
+        exps = [math.exp(v - m) for v in scaled]
         total = sum(exps)
         return [e / total for e in exps]
 

@@ -14,15 +14,16 @@ from langchain_core.tools import tool
 
 from diffgraph.graph_store.store import GraphStore
 from diffgraph.merger.png import save_png
-from diffgraph.merger.recipe import ExpertWeight, MergeRecipe
+from diffgraph.merger.recipe import ANCHORED, BASE, ExpertWeight, MergeRecipe, MergeRule
 from diffgraph.settings import get_settings
 
 from . import bases
 
 
 def build_recipe(store: GraphStore, prompt: str, base_model: str, seed: int, picks: list[dict],
-                 coefficients: dict[str, float]) -> MergeRecipe:
-    """A recipe from picks ({id, kind}) and coefficients, with each expert's local file."""
+                 coefficients: dict[str, float], rule: MergeRule = ANCHORED) -> MergeRecipe:
+    """A recipe from picks ({id, kind}) and coefficients, with each expert's local file,
+    under a merge rule (the anchored rule by default; see MergeRule)."""
     ckpts, loras = [], []
     for pick in picks:
         row = store.catalog.get(pick["id"])
@@ -31,7 +32,11 @@ def build_recipe(store: GraphStore, prompt: str, base_model: str, seed: int, pic
             raise ValueError(f"{pick['id']} has no downloaded safetensors file; run the GCA for it")
         entry = ExpertWeight(pick["id"], float(coefficients.get(pick["id"], 0.5)), weights.local_path, weights.sha256)
         (ckpts if row.kind == "ckpt" else loras).append(entry)
-    return MergeRecipe(base_model=base_model, prompt=prompt, seed=seed, checkpoints=ckpts, loras=loras)
+    if rule.anchor is not None:
+        ckpts = [ExpertWeight(BASE, rule.anchor), *ckpts] if ckpts else []
+        loras = [ExpertWeight(BASE, rule.anchor), *loras] if loras else []
+    return MergeRecipe(base_model=base_model, prompt=prompt, seed=seed, checkpoints=ckpts, loras=loras,
+                       temperature=rule.temperature)
 
 
 def render_recipe(recipe: MergeRecipe, out: Path | None = None, explanation: dict | None = None) -> dict:
