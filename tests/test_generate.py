@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from diffgraph.agents.cli import app
 from diffgraph.merger.png import read_recipe
+from diffgraph.merger.recipe import BASE
 
 
 def _run(monkeypatch, home, *args):
@@ -30,7 +31,8 @@ def test_generate_explains_and_replays(monkeypatch, graph_home, tmp_path):
         assert 0 < e["coefficient"] < 1 and 0 < e["weight"] <= 1 and e["reason"]
     assert data["brain"] == "offline"
     recipe = read_recipe(out)
-    assert {le.name for le in recipe.loras} | {c.name for c in recipe.checkpoints} == {e["id"] for e in data["experts"]}
+    merged = {e.name for e in [*recipe.loras, *recipe.checkpoints]} - {BASE}  # BASE: the anchor of the merge rule
+    assert merged == {e["id"] for e in data["experts"]}
     params = Image.open(out).info["parameters"]
     assert "<lora:" in params and "Seed: 3" in params
 
