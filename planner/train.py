@@ -102,9 +102,14 @@ class Baseline:
 def episodes(store: "GraphStore", prompts: Sequence[str], select: Select,
              schema: FeatureSchema | None) -> tuple[list[Episode], FeatureSchema]:
     """Select and build each prompt's subgraph once (the selection does not depend on the
-    planner). Without a schema, one is fitted on these subgraphs."""
+    planner). Prompts for which nothing is selected carry no gradient and are dropped. Without
+    a schema, one is fitted on these subgraphs."""
     embeddings = store.embed(list(prompts))
-    views = [activated_view(store, select(p), e, schema) for p, e in zip(prompts, embeddings)]
+    selected = [(p, e, ids) for p, e in zip(prompts, embeddings) if (ids := select(p))]
+    if not selected:
+        raise ValueError("no training prompt selects any expert")
+    prompts = [p for p, _, _ in selected]
+    views = [activated_view(store, ids, e, schema) for _, e, ids in selected]
     schema = FeatureSchema.fit(views) if schema is None else schema
     return [Episode(p, list(v.expert_ids), list(v.expert_kinds), featurise(v, schema))
             for p, v in zip(prompts, views)], schema
