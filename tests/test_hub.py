@@ -18,7 +18,6 @@ import httpx
 import pytest
 import yaml
 
-from diffgraph.miniworld import hub as hub_module
 from diffgraph.miniworld.experts import BASE_MODEL, EXPERTS
 from diffgraph.miniworld.hub import manifest_experts, running_hub
 
