@@ -67,7 +67,8 @@ class ByteLRU:
 
 def pipeline_state(pipe) -> dict[str, torch.Tensor]:
     """The pipeline's weights as one flat dict with component prefixes ("unet.<param>")."""
-    return {f"{c}.{k}": v.detach().clone() for c in COMPONENTS for k, v in getattr(pipe, c).state_dict().items()}
+    # merging happens on the CPU (in fp32); load_state_dict copies the result to the device
+    return {f"{c}.{k}": v.detach().to("cpu", copy=True) for c in COMPONENTS for k, v in getattr(pipe, c).state_dict().items()}
 
 
 def load_state(pipe, state: dict[str, torch.Tensor]) -> None:

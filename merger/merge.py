@@ -92,7 +92,7 @@ def lora_deltas(pipe, path: Path, adapter: str = "delta", min_coverage: float = 
             model = getattr(pipe, component)
             for name, module in model.named_modules():
                 if isinstance(module, LoraLayer) and adapter in module.lora_A:
-                    deltas[f"{component}.{name}.weight"] = module.get_delta_weight(adapter).detach().to(torch.float32).clone()
+                    deltas[f"{component}.{name}.weight"] = module.get_delta_weight(adapter).detach().to("cpu", torch.float32)
         return deltas
     finally:
         pipe.unload_lora_weights()

@@ -27,8 +27,9 @@ class BaseProfile:
 def _miniworld_engine():
     from diffgraph.merger.engine import MergeEngine
     from diffgraph.miniworld import artifacts_io
+    from diffgraph.settings import get_settings
 
-    return MergeEngine(artifacts_io.load_pipeline())
+    return MergeEngine(artifacts_io.load_pipeline(device=get_settings().torch_device))  # CUDA when present
 
 
 def _miniworld_suite():
