@@ -28,22 +28,18 @@ import os
 import re
 import shutil
 import signal
-import socket
 import sqlite3
 import struct
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from langgraph.checkpoint.sqlite import SqliteSaver
@@ -60,6 +56,7 @@ from diffgraph.miniworld import homepages
 from diffgraph.miniworld.hub import Hub, HubExpert, load_manifest, manifest_experts, running_hub
 from diffgraph.settings import Settings
 from diffgraph.tools.browser import HomepageReader
+from support.serving import serving as serve
 
 pytestmark = pytest.mark.browser
 
@@ -610,24 +607,6 @@ def test_an_api_answering_429_then_500_then_json_succeeds(bad, published):
 
 
 # ----- hostile answers from a fake API on loopback (the hub only publishes well-formed experts)
-
-@contextmanager
-def serve(app: FastAPI) -> Iterator[str]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive()
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
-
 
 class FakeSite:
     """Civitai v1 and Hub shaped answers publishing whatever a test gives, in the real field

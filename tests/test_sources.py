@@ -7,12 +7,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import struct
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,7 +16,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from safetensors.numpy import save, save_file
@@ -32,6 +27,7 @@ from diffgraph.tools.sources import (
     LocalFolderSource, RetryPolicy, SourceSpec, UnsafeFileError, load_weights, open_sources,
     parse_source_spec, safe_name, validate_safetensors,
 )
+from support.serving import serving as serve
 
 SPECS = {s.slug: s for s in EXPERTS}
 FAST = RetryPolicy(attempts=4, initial_wait=0.01, max_wait=5)
@@ -224,25 +220,6 @@ def test_a_wrong_published_sha256_is_refused_and_leaves_nothing(artifacts_dir, m
 
 
 # ----------------------------------------------------------------------------- hostile APIs
-
-@contextmanager
-def serve(app: FastAPI) -> Iterator[str]:
-    """Run an ASGI app on a free loopback port for the block; yields its base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive()
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
-
 
 class FakeSite:
     """A Civitai- and Hub-shaped API publishing whatever files a test gives it, in the real

@@ -9,16 +9,15 @@ injection it finds, to prove that validation in code catches it). Every request 
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
 import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
 
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
+
+from .serving import serving
 
 
 def tool_call(name: str, arguments: dict | str) -> dict:
@@ -66,18 +65,5 @@ class ScriptedOpenAI:
 @contextmanager
 def running(server: ScriptedOpenAI):
     """Serve on a free loopback port; yields the base URL to use as DIFFGRAPH_LLM_BASE_URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    config = uvicorn.Config(server.app, host="127.0.0.1", port=port, log_level="warning")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=5)
+    with serving(server.app) as url:
+        yield f"{url}/v1"
