@@ -30,7 +30,11 @@ def train_planner(base_model: str = "miniworld-sd", steps: int = 60, prompts: in
     llm = chat_model(settings)
     with GraphStore.from_settings(settings) as store:
         references = {p.text for p in store.catalog.reference_prompts()}
-        train_set = [p for p in bases.profile(base_model).training_prompts(prompts, seed) if p not in references]
+        profile = bases.profile(base_model)
+        train_set = [p for p in profile.training_prompts(prompts, seed) if p not in references]
+        # another seed's prompts, minus the training ones: where the best Beta-mean policy is picked
+        validation = [p for p in profile.training_prompts(prompts // 2, seed + 1_000)
+                      if p not in references and p not in set(train_set)]
         kinds: dict[str, list[dict]] = {}
 
         def select(prompt: str) -> list[str]:
@@ -41,6 +45,8 @@ def train_planner(base_model: str = "miniworld-sd", steps: int = 60, prompts: in
             recipe = build_recipe(store, prompt, base_model, 0, [{"id": i} for i in expert_ids], dict(zip(expert_ids, w)))
             return suite.reward(suite.score([engine.render(recipe)], [prompt])[0])
 
-        result = train(store, train_set, select, reward, config=TrainConfig(steps=steps, seed=seed), console=console)
+        result = train(store, train_set, select, reward, config=TrainConfig(steps=steps, seed=seed),
+                       validation=validation, console=console)
         path = save_planner(result.planner, planner_dir(settings.home, base_model))
-    return {"checkpoint": str(path), "prompts": len(train_set), "history": result.history}
+    return {"checkpoint": str(path), "prompts": len(train_set), "history": result.history,
+            "validation": result.validation}

@@ -74,14 +74,15 @@ class Bench:
         return self.score(prompt, picks, dict(zip(expert_ids, w)), seed=0)[-1]
 
 
-def _train(bench: Bench, prompts: list[str], steps: int, seed: int, active: set[str] | None = None):
+def _train(bench: Bench, prompts: list[str], validation: list[str], steps: int, seed: int,
+           active: set[str] | None = None):
     from diffgraph.planner.train import TrainConfig, train
 
     def select(prompt):
         return [p["id"] for p in bench.select(prompt) if active is None or p["id"] in active]
 
     config = TrainConfig(steps=steps, prompts_per_step=4, samples_per_prompt=4, seed=seed)
-    return train(bench.store, prompts, select, bench.reward, config=config, console=console)
+    return train(bench.store, prompts, select, bench.reward, config=config, validation=validation, console=console)
 
 
 def methods(bench: Bench, planner, rng: random.Random) -> dict:
@@ -159,6 +160,7 @@ def main(home: Path = typer.Option(Path("benchmarks/.work/graph"), help="Graph h
          prompts: int = typer.Option(24, help="Held-out test prompts."),
          train_prompts: int = typer.Option(48, help="Training prompts."),
          steps: int = typer.Option(60, help="REINFORCE steps (4 prompts x 4 samples each)."),
+         validation_prompts: int = typer.Option(16, help="Prompts on which the best Beta-mean policy is kept."),
          reference_prompts: int = typer.Option(12, help="N_r when the graph is built."),
          rule: str = typer.Option("anchored", help="Merge rule: 'paper' (softmax per kind) or 'anchored'."),
          save_planner_to: Path = typer.Option(None, help="Also save the trained planner here."),
@@ -173,10 +175,13 @@ def main(home: Path = typer.Option(Path("benchmarks/.work/graph"), help="Graph h
     profile = bases.profile(BASE)
     train_set = profile.training_prompts(train_prompts, 1)
     test_set = [p for p in profile.training_prompts(prompts * 2, 7) if p not in set(train_set)][:prompts]
-    console.print(f"graph: {len(bench.rows)} active experts; {len(train_set)} training, {len(test_set)} test prompts")
+    valid_set = [p for p in profile.training_prompts(validation_prompts * 2, 3)
+                 if p not in set(train_set) | set(test_set)][:validation_prompts]
+    console.print(f"graph: {len(bench.rows)} active experts; {len(train_set)} training, {len(valid_set)} validation, "
+                  f"{len(test_set)} test prompts")
 
     t0 = time.time()
-    trained = _train(bench, train_set, steps, seed=0)
+    trained = _train(bench, train_set, valid_set, steps, seed=0)
     train_s = time.time() - t0
     if save_planner_to is not None:
         from diffgraph.planner.checkpoint import save_planner
@@ -185,7 +190,7 @@ def main(home: Path = typer.Option(Path("benchmarks/.work/graph"), help="Graph h
     results = evaluate(bench, methods(bench, trained.planner, random.Random(0)), test_set)
 
     year1 = {i for i, r in bench.rows.items() if (r.published_at or "").startswith("2023")}
-    early = _train(bench, train_set, steps, seed=0, active=year1)
+    early = _train(bench, train_set, valid_set, steps, seed=0, active=year1)
     scaling = evaluate(bench, {
         "Planner trained on year 1, year 2 added training-free": lambda p: (bench.select(p), early.planner.plan(
             bench.store, [s["id"] for s in bench.select(p)], p) if bench.select(p) else {}),
@@ -194,7 +199,9 @@ def main(home: Path = typer.Option(Path("benchmarks/.work/graph"), help="Graph h
     }, test_set)
     report = {"table1_5": results, "table2_scaling": scaling, "training_history": trained.history,
               "year1_experts": sorted(year1), "train_seconds": train_s, "total_seconds": time.time() - started,
+              "validation": trained.validation, "validation_year1": early.validation,
               "config": {"prompts": prompts, "train_prompts": train_prompts, "steps": steps, "seeds": SEEDS,
+                         "validation_prompts": validation_prompts,
                          "rule": rule}}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))

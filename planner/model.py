@@ -107,6 +107,12 @@ class VGAEPlanner(nn.Module):
         self.conv_logstd = TransformerConv(hidden, latent, edge_dim=schema.edge_dim)
         nn.init.constant_(self.conv_logstd.lin_skip.bias, INIT_LOGSTD)
         self.decoder = nn.Sequential(nn.Linear(2 * latent, hidden), nn.ReLU(), nn.Linear(hidden, 2))
+        # a, b ~ 0 at the start: every expert gets about Beta(2, 2), mean 0.5, so training starts
+        # from the equal-weights plan. Exactly zero weights stall learning (measured on the
+        # learning test: no progress in 200 steps); a 0.01 scale keeps the symmetry broken.
+        with torch.no_grad():
+            self.decoder[-1].weight.mul_(0.01)
+            self.decoder[-1].bias.zero_()
 
     def _graph(self, data: HeteroData | Data) -> Data:
         """A view's HeteroData is featurised here; featurise()'s output, or a Batch of them, is

@@ -20,7 +20,7 @@ from diffgraph.graph_store.store import GraphStore
 from diffgraph.planner.checkpoint import load_planner, save_planner
 from diffgraph.planner.features import FeatureSchema, SchemaMismatch, activated_view, featurise
 from diffgraph.planner.model import VGAEPlanner
-from diffgraph.planner.train import TrainConfig, train
+from diffgraph.planner.train import TrainConfig, episodes, policy_reward, train
 
 METRICS = ["clip", "aesthetic"]
 TOPICS = {
@@ -227,6 +227,33 @@ def test_reinforce_raises_the_reward(trained, world, targets):
     held_out = mean_reward(planner, store, HELD_OUT, lambda p: ALL, targets)
     assert held_out > before["held_out"] / 2, (before, held_out)  # prompts never trained on
     assert planner.training_info["prompts"] == len(TRAIN) and not planner.training
+
+
+def test_validation_keeps_the_best_beta_mean_policy(world, targets):
+    """Training that makes the test-time policy worse hands back the starting policy."""
+    store, _ = world
+    true = make_reward(targets)
+    held_out = set(HELD_OUT)
+
+    def misleading(prompt, expert_ids, kinds, w):  # training prompts reward the opposite
+        return true(prompt, expert_ids, kinds, w) * (1 if prompt in held_out else -1)
+
+    def select(prompt):
+        return SUBSETS.get(prompt, ALL)
+
+    torch.manual_seed(4)
+    planner = VGAEPlanner(FeatureSchema.fit(views(store, TRAIN, SUBSETS.get)))
+    start = {k: v.clone() for k, v in planner.state_dict().items()}
+    result = train(store, TRAIN, select, misleading, planner=planner, validation=HELD_OUT,
+                   config=TrainConfig(steps=30, seed=4, validate_every=10), progress=False)
+    steps = [step for step, _ in result.validation]
+    assert steps == [0, 10, 20, 30]
+    assert result.validation[-1][1] < result.validation[0][1]  # training did push it the wrong way
+    kept = max(result.validation, key=lambda s: s[1])
+    assert planner.training_info["kept_step"] == kept[0] == 0
+    assert all(torch.equal(start[k], v) for k, v in planner.state_dict().items())
+    again = policy_reward(planner, episodes(store, HELD_OUT, select, planner.schema)[0], misleading)
+    assert again == pytest.approx(kept[1], abs=1e-9)
 
 
 @pytest.mark.parametrize("samples", [1, 4])  # running-mean and leave-one-out baselines
