@@ -18,8 +18,6 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .lora_coverage import coverage
-
 
 class MergeError(ValueError):
     """An expert that cannot be merged into this base (wrong shapes, missing tensors...)."""
@@ -67,35 +65,91 @@ def merge_checkpoints(inputs: Iterable[tuple[Path | Mapping[str, torch.Tensor], 
     return merged
 
 
-def lora_deltas(pipe, path: Path, adapter: str = "delta", min_coverage: float = 1.0) -> dict[str, torch.Tensor]:
-    """Per-parameter dW of one LoRA file, keyed like the pipeline's state ("unet.<module>.weight").
+def _read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """The file's tensors and, for a PEFT ``save_pretrained`` folder or file, its adapter config."""
+    import json
 
-    ``pipe`` is a scratch pipeline with the base's architecture; the adapter is removed again.
-    Raises MergeError if the file does not fit the architecture or not all of it lands.
-    """
-    from peft.tuners.lora import LoraLayer
     from safetensors.torch import load_file
 
+    path = Path(path)
+    if path.is_dir():
+        path = path / "adapter_model.safetensors"
     try:
-        pipe.load_lora_weights(str(path), adapter_name=adapter)
+        state = load_file(str(path))
+    except Exception as exc:
+        raise MergeError(f"{path.name} is not a readable safetensors file: {str(exc).splitlines()[0][:200]}") from exc
+    config_path = path.parent / "adapter_config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() and any(
+        k.startswith("base_model.model.") for k in state) else None
+    return state, config
+
+
+def _one_line(exc: Exception) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+    return next((ln for ln in lines if "size mismatch" in ln), " ".join(lines))[:240]
+
+
+def lora_deltas(pipe, path: Path, adapter: str = "delta", min_coverage: float = 1.0,
+                family: str | None = None) -> dict[str, torch.Tensor]:
+    """Per-parameter dW of one LoRA file, keyed like the pipeline's state ("unet.<module>.weight").
+
+    ``pipe`` is a scratch pipeline with the base's architecture (SD 1.5, SDXL, FLUX or the mini
+    world's); the adapter is removed again. The file is named and normalised first
+    (``lora_formats``), loaded by diffusers' own converters, and then at least ``min_coverage``
+    of its low-rank matrices must be found in the model (``lora_coverage``). Raises MergeError
+    (one line) if the format is unsupported, the file is for another base, it does not fit
+    the architecture, or not enough of it lands.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    from .lora_formats import pipeline_components, pipeline_family, prepare_lora
+
+    path = Path(path)
+    state, peft_config = _read_lora(path)
+    family = family or pipeline_family(pipe)
+    components = pipeline_components(pipe)
+    unet = components.get("unet")
+    prepared = prepare_lora(state, family, unet_config=unet.config if unet is not None else None,
+                            components=components, peft_config=peft_config)
+    # an unchanged file is loaded from disk, so diffusers also reads its adapter metadata (alpha)
+    source = str(path) if prepared.unchanged and not path.is_dir() else prepared.loadable
+
+    def shapes():  # PEFT renames a wrapped layer's weight to <module>.base_layer.weight
+        return {f"{c}.{n.replace('.base_layer.', '.')}": p.shape for c, m in components.items()
+                for n, p in m.named_parameters() if f".{adapter}." not in n}
+
+    def unload():
+        try:  # FLUX: also undo layers diffusers widened for the LoRA (Control-style inputs)
+            pipe.unload_lora_weights(reset_to_overwritten_params=True)
+        except TypeError:
+            pipe.unload_lora_weights()
+
+    before = shapes()
+    try:
+        pipe.load_lora_weights(source, adapter_name=adapter)
     except Exception as exc:  # diffusers raises size-mismatch RuntimeErrors, ValueErrors for bad keys
-        pipe.unload_lora_weights()
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
-        detail = next((ln for ln in lines if "size mismatch" in ln), lines[0])
-        raise MergeError(f"LoRA does not fit this base model: {detail[:240]}") from exc
+        unload()
+        raise MergeError(f"LoRA does not fit this base model: {_one_line(exc)}") from exc
     try:
-        landed, total = coverage(pipe, adapter, load_file(str(path)))
-        if total == 0 or landed < min_coverage * total:
-            raise MergeError(f"{Path(path).name}: only {landed} of {total} LoRA matrices landed in the model")
+        after = shapes()
+        grown = sorted(n for n in before if after.get(n, before[n]) != before[n])
+        if grown:
+            raise MergeError(f"{path.name}: loading it changed the shape of {grown[0]} (a LoRA for another model)")
+        from .lora_coverage import coverage_report
+
+        report = coverage_report(pipe, adapter, prepared.matrices)
+        if report.total == 0 or report.landed < min_coverage * report.total:
+            example = f" (e.g. {report.missing[0]!r} did not)" if report.missing else ""
+            raise MergeError(f"{path.name}: only {report.landed} of {report.total} LoRA matrices landed in the model"
+                             f"{example}")
         deltas: dict[str, torch.Tensor] = {}
-        for component in ("unet", "text_encoder"):
-            model = getattr(pipe, component)
+        for component, model in components.items():
             for name, module in model.named_modules():
                 if isinstance(module, LoraLayer) and adapter in module.lora_A:
                     deltas[f"{component}.{name}.weight"] = module.get_delta_weight(adapter).detach().to("cpu", torch.float32)
         return deltas
     finally:
-        pipe.unload_lora_weights()
+        unload()
 
 
 def add_deltas(weights: dict[str, torch.Tensor], deltas: Iterable[tuple[Mapping[str, torch.Tensor], float]]) -> dict[str, torch.Tensor]:
