@@ -68,7 +68,8 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
 def info() -> None:
     """Show the settings in effect (from DIFFGRAPH_* environment variables)."""
     s = get_settings()
-    for key in ("home", "llm_base_url", "llm_model", "chroma_url", "db_url", "ray_address", "device", "allow_pickle"):
+    for key in ("home", "llm_base_url", "llm_model", "chroma_url", "db_url", "ray_address", "ray_workers", "device",
+                "allow_pickle"):
         value = getattr(s, key)
         console.print(f"[bold]{key}[/]: {value if value not in (None, '') else '[dim]unset[/]'}")
 

@@ -67,6 +67,26 @@ class Context:
     reference_count: int = 12
 
 
+class RunLock:
+    """The store's lock file, ``<home>/gca.lock``: flock'ed for the length of a run (the kernel
+    releases it when the process dies, however it dies) and holding "<pid> <run id>" while a
+    run is under way. A run id still written there when the next run takes the lock is a run
+    whose process ended without finishing it."""
+
+    def __init__(self, handle, previous: str):
+        self._handle = handle
+        parts = previous.split()
+        self.previous_pid = parts[0] if parts else None
+        self.previous_run = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
+
+    def record(self, run_id: int | None) -> None:
+        self._handle.seek(0)
+        self._handle.truncate()
+        self._handle.write(f"{os.getpid()} {run_id}" if run_id is not None else str(os.getpid()))
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
+
 @contextmanager
 def store_lock(home: Path):
     """An exclusive lock on the store for the length of a run (released if the process dies)."""
@@ -78,10 +98,39 @@ def store_lock(home: Path):
             handle.seek(0)
             raise GCABusy(f"another GCA run is writing {home} (lock held by pid {handle.read().strip() or '?'})") from None
         handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
-        yield
+        lock = RunLock(handle, handle.read())
+        lock.record(None)
+        yield lock
+
+
+def recover_interrupted_runs(store: GraphStore, lock: RunLock, resuming: int | None, private_catalog: bool,
+                             console: Console) -> list[int]:
+    """Mark the runs whose process died as "interrupted" (a run killed before its first
+    checkpoint would otherwise stay "running" forever), and, after any interruption, bring Chroma
+    back in line with the catalog (a kill between a catalog write and its vector leaves drift).
+    Runs found: the one this home's lock file names, and, when the catalog belongs to this home
+    alone, any other run still "running" (we hold the lock: nobody else is running here)."""
+    candidates = {lock.previous_run} if lock.previous_run is not None else set()
+    last = store.catalog.last_run() if private_catalog else None
+    if last is not None and last["status"] == "running":
+        candidates.add(last["id"])
+    interrupted = []
+    for run_id in sorted(candidates - {resuming}):
+        run = store.catalog.get_run(run_id)
+        if run is not None and run["status"] == "running":
+            store.catalog.finish_run(run_id, "interrupted", run["counts"],
+                                     f"the process running it ended before it finished (pid {lock.previous_pid or '?'})")
+            interrupted.append(run_id)
+    if interrupted or resuming is not None:
+        from diffgraph.graph_store.reconcile import reconcile
+
+        report = reconcile(store, repair=True)
+        drift = {k: v for k, v in report.items() if isinstance(v, list) and v}
+        if interrupted:
+            console.print(f"GCA: run {', '.join(map(str, interrupted))} was interrupted; marked so")
+        if drift:
+            console.print(f"GCA: repaired drift between catalog and vectors after the interruption: {drift}")
+    return interrupted
 
 
 def _fail(ctx: Context, state: GCAState, expert_id: str, status: str, reason: str) -> dict:
@@ -122,11 +171,14 @@ def build_graph(ctx: Context, checkpointer=None):
     def fetch(state: GCAState) -> dict:
         expert_id = state["current"]
         record, source = ctx.listing[expert_id]
+        from diffgraph.merger.detect import UNKNOWN, BaseMismatchError, reconcile_base
         from diffgraph.tools import bases
         from diffgraph.tools.sources import ContentStore, SourceError
 
+        undeclared = record.base_model.strip().lower() in UNKNOWN  # the files will tell
         try:
-            bases.profile(record.base_model)
+            if not undeclared:
+                bases.profile(record.base_model)
         except KeyError as exc:
             return _fail(ctx, state, expert_id, "rejected", f"base model {record.base_model!r} is not supported: {exc}")
         store = ContentStore(ctx.settings.home, allow_pickle=ctx.settings.allow_pickle)
@@ -140,6 +192,18 @@ def build_graph(ctx: Context, checkpointer=None):
             return _fail(ctx, state, expert_id, "rejected" if rejected else "failed", str(exc))
         if not any(f.name.endswith(".safetensors") for f in files):
             return _fail(ctx, state, expert_id, "rejected", "no safetensors weights (pickle checkpoints are not loaded)")
+        try:  # the tensor names must not contradict the declared base; an unknown one is filled in
+            base = reconcile_base(record.base_model,
+                                  {f.name: Path(f.local_path) for f in files if f.name.endswith(".safetensors")})
+        except BaseMismatchError as exc:
+            return _fail(ctx, state, expert_id, "rejected", str(exc))
+        if base != record.base_model:
+            record = ExpertRecord.from_dict({**record.to_dict(), "base_model": base})
+            ctx.listing[expert_id] = (record, source)
+            ctx.store.upsert_expert(record)
+        if undeclared and record.base_model not in bases.PROFILES:
+            return _fail(ctx, state, expert_id, "rejected",
+                         f"base model {record.base_model!r} (from the files) is not supported")
         ctx.store.catalog.set_files(expert_id, files)
         return {}
 
@@ -171,17 +235,16 @@ def build_graph(ctx: Context, checkpointer=None):
 
     def calibrate_node(state: GCAState) -> dict:
         from diffgraph.merger.merge import MergeError
-        from diffgraph.tools import bases
-        from diffgraph.tools.calibrate import calibrate
+        from diffgraph.tools.calibrate import CalibrationJob, calibrate_experts
 
         expert_id = state["current"]
         row = ctx.store.catalog.get(expert_id)
         weights = next(f for f in row.files if f.local_path and f.name.endswith(".safetensors"))
         prompts = ctx.store.catalog.reference_prompts()
-        try:
-            vectors = calibrate(bases.engine_for(row.base_model), bases.suite_for(row.base_model), row.base_model,
-                                row.kind, expert_id, Path(weights.local_path), weights.sha256,
-                                [p.text for p in prompts], CALIBRATION_SEEDS)
+        job = CalibrationJob(row.base_model, row.kind, expert_id, str(Path(weights.local_path)), weights.sha256)
+        try:  # in this process, or fanned out over Ray when DIFFGRAPH_RAY_ADDRESS is set
+            vectors = calibrate_experts([job], [p.text for p in prompts], CALIBRATION_SEEDS,
+                                        ray_address=ctx.settings.ray_address, workers=ctx.settings.ray_workers)[0]
         except MergeError as exc:
             return _fail(ctx, state, expert_id, "rejected", str(exc))
         return {"calibration": [[p.id, v] for p, v in zip(prompts, vectors)]}
@@ -275,7 +338,7 @@ def run_pass(specs: list[str], settings: Settings | None = None, console: Consol
     console = console or Console()
     thread = thread or "gca:" + "+".join(specs)
     with ExitStack() as stack:
-        stack.enter_context(store_lock(settings.home))
+        lock = stack.enter_context(store_lock(settings.home))
         store = stack.enter_context(GraphStore.open(settings.home, db_url=settings.db_url, chroma_url=settings.chroma_url))
         sources = [s for spec in specs for s in stack.enter_context(open_sources(spec, hub_port=settings.miniworld_port))]
         ctx = Context(store=store, settings=settings, sources=sources, console=console, llm=chat_model(settings),
@@ -294,12 +357,16 @@ def run_pass(specs: list[str], settings: Settings | None = None, console: Consol
         # step's checkpoint was not (killed right after a node finished), so an unfinished pass looked
         # finished and a new run started. `tasks` keeps it; a finished pass (at END) has none.
         resuming = bool(snapshot.tasks)
+        recover_interrupted_runs(store, lock, snapshot.values.get("run_id") if resuming else None,
+                                 private_catalog=settings.db_url is None, console=console)
         run_id = snapshot.values.get("run_id") if resuming else store.catalog.start_run("+".join(specs))
+        lock.record(run_id)
         console.print(f"GCA run {run_id} ({'resuming' if resuming else 'new'}; brain: {'llm' if ctx.llm else 'offline'})")
         final = graph.invoke(None if resuming else {"run_id": run_id}, config, durability="sync")
         counts = final.get("counts", {})
         store.catalog.finish_run(run_id, "completed", counts,
                                  "; ".join(final.get("failures", []))[:2000] or None)
+        lock.record(None)
         return {"run_id": run_id, "counts": counts, "failures": final.get("failures", []), "resumed": resuming}
 
 

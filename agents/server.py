@@ -7,14 +7,16 @@
     GET  /v1/graph/status             what the universal graph holds (JSON)
     GET  /v1/models                   the base models this server renders with
 
-Every render goes through the one MergeEngine of the base model, whose lock makes renders
-queue on the one device; request threads wait their turn, so concurrent clients all get an
-answer, and the engine's byte-bounded caches keep memory flat. Everything is served from this
+Image requests are served one at a time in arrival order (GenerationQueue: they wait on the
+event loop, holding no thread, and a full queue is refused with 503 and Retry-After), so
+concurrent clients all get an answer, none is overtaken by a later one, and only one request's
+working memory is live at a time; the engine's byte-bounded caches keep the rest flat. Everything is served from this
 process: Gradio's analytics are off and its fonts and scripts are its own bundled files.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -23,6 +25,8 @@ import re
 import threading
 import time
 import uuid
+from collections import OrderedDict
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 # Before gradio is imported anywhere: no analytics, no update check, no telemetry.
@@ -34,6 +38,7 @@ from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import FileResponse, JSONResponse  # noqa: E402
 
+from diffgraph.files import atomic_write_bytes  # noqa: E402
 from diffgraph.settings import Settings, get_settings  # noqa: E402
 
 from .chat import ChatAgent, ChatError, ChatServices  # noqa: E402
@@ -41,6 +46,8 @@ from .chat import ChatAgent, ChatError, ChatServices  # noqa: E402
 MAX_N = 10
 MAX_API_PROMPT = 4000  # as OpenAI's; the renderer reads the first 400 characters (see chat.MAX_PROMPT_CHARS)
 MAX_SIDE = 1024
+MAX_WAITING = 32  # image requests queued behind the one being served; more are refused with 503
+INDEX_SIZE = 4096  # image ids -> paths remembered; older ones are found on disk again
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,80}$")
 
 CSS = """
@@ -57,13 +64,59 @@ CSS = """
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
-                 code: str | None = None):
+                 code: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
+        self.headers = headers
 
     def response(self) -> JSONResponse:
         return JSONResponse({"error": {"message": self.message, "type": self.kind, "param": self.param,
-                                       "code": self.code}}, status_code=self.status)
+                                       "code": self.code}}, status_code=self.status, headers=self.headers)
+
+
+class GenerationQueue:
+    """Image requests, one at a time, first come first served.
+
+    Renders share one device (the engine's lock), but a threading.Lock hands itself to whoever
+    asks first when it is free, not to whoever waited longest: a request for n=3 images lost
+    the device between its images to five later single-image requests and finished last, and
+    under 16 clients the longest wait was 1.7 times the median (benchmarks/RESULTS.md). Here a
+    request waits on the event loop in an asyncio.Lock, which serves its waiters in the order
+    they came and lets no newcomer barge in; only then does it take a worker thread. A waiting
+    request holds no thread and little memory, and past ``max_waiting`` new ones are refused
+    at once. (The web UI's chat turns do not pass through here; they take the engine's lock.)"""
+
+    def __init__(self, max_waiting: int = MAX_WAITING):
+        self.max_waiting = max_waiting
+        self._lock = asyncio.Lock()
+        self.waiting = 0
+        self.active = 0
+        self.served = 0
+        self.refused = 0
+
+    @asynccontextmanager
+    async def turn(self):
+        """Runs on the event loop (the counters need no lock there)."""
+        if self.waiting >= self.max_waiting:
+            self.refused += 1
+            raise APIError(503, f"the server is busy: {self.waiting} image requests are already waiting; retry shortly",
+                           kind="server_error", code="queue_full", headers={"Retry-After": "5"})
+        self.waiting += 1
+        try:
+            await self._lock.acquire()
+        finally:
+            self.waiting -= 1
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+            self.served += 1
+            self._lock.release()
+
+    def status(self) -> dict:
+        return {"active": self.active, "waiting": self.waiting, "served": self.served, "refused": self.refused,
+                "max_waiting": self.max_waiting}
 
 
 def _parse_size(size) -> tuple[int, int] | None:
@@ -115,13 +168,28 @@ def _png_bytes(path: Path, size: tuple[int, int] | None) -> bytes:
         return out.getvalue()
 
 
+def resize_in_place(path: Path, size: tuple[int, int]) -> Path:
+    """Replace the PNG at ``path`` by its resized copy, atomically: a reader (``find``, a
+    download in progress, the next process after a crash) sees the old PNG or the new one,
+    never half of one."""
+    return atomic_write_bytes(path, _png_bytes(path, size))
+
+
 class ImageAPI:
     """What the HTTP API does: generate through the chat services, find images by id."""
 
-    def __init__(self, services: ChatServices):
+    def __init__(self, services: ChatServices, index_size: int = INDEX_SIZE):
         self.services = services
-        self._index: dict[str, Path] = {}
+        self.index_size = index_size
+        self._index: OrderedDict[str, Path] = OrderedDict()  # recent ids only: a long-running server stays flat
         self._lock = threading.Lock()
+
+    def _remember(self, image_id: str, path: Path) -> None:
+        with self._lock:
+            self._index[image_id] = path
+            self._index.move_to_end(image_id)
+            while len(self._index) > self.index_size:
+                self._index.popitem(last=False)
 
     @property
     def root(self) -> Path:
@@ -134,9 +202,8 @@ class ImageAPI:
             image = self.services.generate(prompt, seed=base_seed + i, folder="api", n="img")
             path = Path(image["path"])
             if size is not None:
-                path.write_bytes(_png_bytes(path, size))
-            with self._lock:
-                self._index[image["id"]] = path
+                resize_in_place(path, size)
+            self._remember(image["id"], path)
             out.append(image)
         return out
 
@@ -149,20 +216,21 @@ class ImageAPI:
                 return self._index[image_id]
         for candidate in [self.root / "api" / f"{image_id}.png", *self.root.glob(f"chat/*/{image_id}.png")]:
             if candidate.is_file() and candidate.resolve().is_relative_to(self.root.resolve()):
-                with self._lock:
-                    self._index[image_id] = candidate
+                self._remember(image_id, candidate)
                 return candidate
         return None
 
 
-def create_app(settings: Settings | None = None, *, agent: ChatAgent | None = None, ui: bool = True) -> FastAPI:
+def create_app(settings: Settings | None = None, *, agent: ChatAgent | None = None, ui: bool = True,
+               max_waiting: int = MAX_WAITING) -> FastAPI:
     """The server's ASGI app (API routes first, then the Gradio UI mounted at /)."""
     settings = settings or get_settings()
     agent = agent or ChatAgent(settings)
     api = ImageAPI(agent.services)
+    queue = GenerationQueue(max_waiting)
     app = FastAPI(title="DiffGraph", version="1", docs_url="/v1/docs", openapi_url="/v1/openapi.json",
                   redoc_url=None)
-    app.state.agent, app.state.api = agent, api
+    app.state.agent, app.state.api, app.state.queue = agent, api, queue
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -183,13 +251,14 @@ def create_app(settings: Settings | None = None, *, agent: ChatAgent | None = No
         except ValueError:
             raise APIError(400, "the request body is not valid JSON") from None
         req = _validate(body)
-        try:  # in a worker thread: renders wait for the engine's lock there, not on the event loop
-            images = await run_in_threadpool(api.generate, req["prompt"], req["n"], req["seed"], req["size"])
-        except ChatError as exc:
-            raise APIError(400, str(exc), "prompt") from None
-        except Exception as exc:  # a server fault, reported the way OpenAI reports them
-            raise APIError(500, f"the image could not be made: {type(exc).__name__}: {str(exc)[:300]}",
-                           kind="server_error") from None
+        async with queue.turn():  # first come, first served; then the work runs in a worker thread
+            try:
+                images = await run_in_threadpool(api.generate, req["prompt"], req["n"], req["seed"], req["size"])
+            except ChatError as exc:
+                raise APIError(400, str(exc), "prompt") from None
+            except Exception as exc:  # a server fault, reported the way OpenAI reports them
+                raise APIError(500, f"the image could not be made: {type(exc).__name__}: {str(exc)[:300]}",
+                               kind="server_error") from None
         base = str(request.base_url).rstrip("/")
         data = []
         for image in images:
@@ -247,7 +316,7 @@ def create_app(settings: Settings | None = None, *, agent: ChatAgent | None = No
 
     @app.get("/healthz")
     def healthz():
-        return {"ok": True, "brain": agent.brain}
+        return {"ok": True, "brain": agent.brain, "queue": queue.status()}
 
     if ui:
         import gradio as gr

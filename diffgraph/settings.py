@@ -28,7 +28,8 @@ class Settings:
     llm_api_key: str | None = None
     chroma_url: str | None = None
     db_url: str | None = None
-    ray_address: str | None = None
+    ray_address: str | None = None  # calibration fans out over this Ray cluster when set
+    ray_workers: int | None = None  # calibration actors on it (default: its CPUs / torch threads)
     device: str = "auto"
     allow_pickle: bool = False
     reference_prompts: int = 12  # N_r, reference prompts chosen when a graph is first built
@@ -60,6 +61,7 @@ def get_settings() -> Settings:
         chroma_url=_env("CHROMA_URL"),
         db_url=_env("DB_URL"),
         ray_address=_env("RAY_ADDRESS"),
+        ray_workers=int(_env("RAY_WORKERS")) if _env("RAY_WORKERS") else None,
         device=_env("DEVICE", "auto"),
         allow_pickle=_env("ALLOW_PICKLE", "0") in ("1", "true", "yes"),
         miniworld_port=int(_env("MINIWORLD_PORT", "8765")),

@@ -24,13 +24,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from ..files import atomic_write_bytes
 from ..text_embedding import DIM
 from .catalog import ExpertRow, utcnow
 from .store import GraphStore
@@ -39,19 +38,7 @@ FORMAT = "diffgraph-universal-graph"
 FORMAT_VERSION = 1
 EDGE_TYPE = ["expert", "calibrated_on", "reference_prompt"]
 _EXCLUDED = ("created_at", "updated_at")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+FILES = ("edges.npy", "node_features.npz", "edge_features.npz")
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -71,6 +58,24 @@ def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
+def _manifest_text(manifest: dict) -> str:
+    """The manifest as JSON with one line per expert and per reference prompt: readable and
+    diffable, and written by json's C encoder (``indent=`` makes json fall back to its pure
+    Python encoder, which took over a minute for 100k experts). Keys sorted: equal manifests
+    give equal bytes."""
+    def dumps(value) -> str:
+        return json.dumps(value, sort_keys=True, ensure_ascii=False, allow_nan=False)
+
+    parts = []
+    for key in sorted(manifest):
+        value = manifest[key]
+        if isinstance(value, list) and value and isinstance(value[0], dict):
+            parts.append(f" {dumps(key)}: [\n  " + ",\n  ".join(dumps(v) for v in value) + "\n ]")
+        else:
+            parts.append(f" {dumps(key)}: {dumps(value)}")
+    return "{\n" + ",\n".join(parts) + "\n}\n"
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -81,15 +86,25 @@ def export_graph(store: GraphStore, directory: Path) -> dict:
     directory.mkdir(parents=True, exist_ok=True)
     experts = store.catalog.list_experts()
     prompts = store.catalog.reference_prompts()
-    edges = store.catalog.calibration()
+    edges = store.catalog.calibration_columns()
 
-    metric_sets = {tuple(e.metric_names) for e in edges}
+    metric_sets = {tuple(names) for names in edges["metric_names"]}
     if len(metric_sets) > 1:
         raise ValueError(f"calibration edges disagree on metric names {sorted(metric_sets)}; recalibrate first")
     metric_names = list(next(iter(metric_sets))) if metric_sets else []
 
-    described = [r.id for r in experts if r.description_text]
-    vectors = dict(zip(described, store.vectors.get_embeddings(described))) if described else {}
+    # Each partition is asked for its own experts only (the catalog knows where each vector
+    # lives); asking every partition for every id costs one lookup per id and partition.
+    by_partition: dict[tuple[str, str], list[str]] = {}
+    for r in experts:
+        if r.description_text:
+            by_partition.setdefault((r.base_model, r.kind), []).append(r.id)
+    vectors: dict[str, np.ndarray] = {}
+    for partition, ids in by_partition.items():
+        try:
+            vectors.update(zip(ids, store.vectors.get_embeddings(ids, {partition})))
+        except KeyError:  # drift (a vector in another partition): look everywhere, as reconcile would
+            vectors.update(zip(ids, store.vectors.get_embeddings(ids)))
     dim = next(iter(vectors.values())).shape[0] if vectors else DIM
     expert_x = np.zeros((len(experts), dim), dtype=np.float32)
     for i, row in enumerate(experts):
@@ -99,16 +114,17 @@ def export_graph(store: GraphStore, directory: Path) -> dict:
     prompt_index = {p.id: i for i, p in enumerate(prompts)}
 
     files = {
-        "edges.npy": _npy_bytes(np.array([[expert_index[e.expert_id] for e in edges],
-                                          [prompt_index[e.prompt_id] for e in edges]], dtype=np.int64).reshape(2, -1)),
+        "edges.npy": _npy_bytes(np.array([[expert_index[e] for e in edges["expert_id"]],
+                                          [prompt_index[p] for p in edges["prompt_id"]]],
+                                         dtype=np.int64).reshape(2, -1)),
         "node_features.npz": _npz_bytes({
             "expert": expert_x,
             "expert_has_embedding": np.array([r.id in vectors for r in experts], dtype=bool),
             "reference_prompt": store.catalog.reference_prompt_embeddings([p.id for p in prompts]),
         }),
         "edge_features.npz": _npz_bytes({
-            "scores": np.array([e.scores for e in edges], dtype=np.float64).reshape(len(edges), len(metric_names)),
-            "seed": np.array([e.seed for e in edges], dtype=np.int64),
+            "scores": np.array(edges["scores"], dtype=np.float64).reshape(len(edges["seed"]), len(metric_names)),
+            "seed": np.array(edges["seed"], dtype=np.int64),
         }),
     }
     manifest = {
@@ -118,13 +134,15 @@ def export_graph(store: GraphStore, directory: Path) -> dict:
         "metric_names": metric_names,
         "experts": [{k: v for k, v in r.to_dict().items() if k not in _EXCLUDED} for r in experts],
         "reference_prompts": [{"id": p.id, "text": p.text} for p in prompts],
-        "counts": {"experts": len(experts), "reference_prompts": len(prompts), "edges": len(edges)},
+        "counts": {"experts": len(experts), "reference_prompts": len(prompts), "edges": len(edges["seed"])},
         "files": {name: _sha256(data) for name, data in files.items()},
     }
+    for leftover in directory.glob(".*.tmp"):  # temporaries of an export killed mid-write
+        if any(leftover.name.startswith(f".{name}.") for name in (*FILES, "manifest.json")):
+            leftover.unlink(missing_ok=True)
     for name, data in files.items():
-        _atomic_write(directory / name, data)
-    text = json.dumps(manifest, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
-    _atomic_write(directory / "manifest.json", text.encode("utf-8"))
+        atomic_write_bytes(directory / name, data)
+    atomic_write_bytes(directory / "manifest.json", _manifest_text(manifest).encode("utf-8"))
     return manifest
 
 
@@ -134,8 +152,12 @@ def read_export(directory: Path) -> tuple[dict, dict[str, np.ndarray]]:
     manifest = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{directory} is not a {FORMAT} v{FORMAT_VERSION} export")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or set(files) != set(FILES):
+        # only our own file names: a manifest must not make import read ../../anything or /dev/zero
+        raise ValueError(f"{directory}: the manifest must list exactly {', '.join(FILES)}")
     arrays: dict[str, np.ndarray] = {}
-    for name, digest in manifest["files"].items():
+    for name, digest in files.items():
         data = (directory / name).read_bytes()
         if _sha256(data) != digest:
             raise ValueError(f"{directory / name} does not match the sha256 in the manifest")

@@ -28,8 +28,7 @@ def graph_status(store: GraphStore) -> dict:
         part[status] += n
         part["total"] += n
     edges, calibrated = store.catalog.calibration_counts()
-    failures = [{"id": r.id, "name": r.name, "status": r.status, "reason": r.status_reason, "attempts": r.attempts}
-                for status in FAILURE_STATUSES for r in store.catalog.list_experts(status=status)]
+    failures = store.catalog.failures(FAILURE_STATUSES)
     return {
         "home": str(store.home),
         "experts": {"total": sum(by_status.values()), "by_status": by_status, "by_partition": list(partitions.values())},
@@ -37,7 +36,7 @@ def graph_status(store: GraphStore) -> dict:
         "calibration": {"edges": edges, "experts": calibrated},
         "vectors": store.vectors.count(),
         "last_run": store.catalog.last_run(),
-        "failures": sorted(failures, key=lambda f: f["id"]),
+        "failures": failures,  # sorted by id
     }
 
 

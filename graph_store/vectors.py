@@ -271,9 +271,12 @@ class VectorStore:
             wanted = [i for i in ids if i not in found]
             if not wanted:
                 break
-            got = col.get(ids=wanted, include=["embeddings"])
-            for i, vector in zip(got["ids"], got["embeddings"]):
-                found[i] = np.asarray(vector, dtype=np.float32)
+            # in pages: one get with every id of a 100k export is one unbounded request (and
+            # one unbounded HTTP body against a Chroma server)
+            for start in range(0, len(wanted), _PAGE):
+                got = col.get(ids=wanted[start:start + _PAGE], include=["embeddings"])
+                for i, vector in zip(got["ids"], got["embeddings"]):
+                    found[i] = np.asarray(vector, dtype=np.float32)
         missing = [i for i in ids if i not in found]
         if missing:
             raise KeyError(f"no vector in Chroma for {missing} (run `diffgraph graph reconcile`)")

@@ -19,7 +19,7 @@ from .merge import MergeError, add_deltas, lora_deltas, merge_checkpoints
 from .recipe import BASE, MergeRecipe
 from .render import render
 
-COMPONENTS = ("unet", "vae", "text_encoder")
+MODEL_COMPONENTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2")  # SD, SDXL and FLUX parts
 SCHEDULERS = ("DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
               "DDIMScheduler", "PNDMScheduler", "UniPCMultistepScheduler")
 
@@ -65,14 +65,20 @@ class ByteLRU:
         return len(self._items)
 
 
+def components(pipe) -> list[str]:
+    """The weight-carrying models this pipeline has (SD: unet, vae, text_encoder; SDXL adds
+    text_encoder_2; FLUX has a transformer)."""
+    return [c for c in MODEL_COMPONENTS if getattr(pipe, c, None) is not None]
+
+
 def pipeline_state(pipe) -> dict[str, torch.Tensor]:
     """The pipeline's weights as one flat dict with component prefixes ("unet.<param>")."""
     # merging happens on the CPU (in fp32); load_state_dict copies the result to the device
-    return {f"{c}.{k}": v.detach().to("cpu", copy=True) for c in COMPONENTS for k, v in getattr(pipe, c).state_dict().items()}
+    return {f"{c}.{k}": v.detach().to("cpu", copy=True) for c in components(pipe) for k, v in getattr(pipe, c).state_dict().items()}
 
 
 def load_state(pipe, state: dict[str, torch.Tensor]) -> None:
-    for c in COMPONENTS:
+    for c in components(pipe):
         prefix = c + "."
         getattr(pipe, c).load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
 

@@ -39,8 +39,9 @@ class BuildConfig:
     base_steps: int = 4000
     base_scenes: int = 30000
     expert_scenes: int = 3000
-    expert_step_scale: float = 0.5
-    scorer_steps: int = 800
+    expert_step_scale: float = 0.75
+    scorer_steps: int = 1600
+    rare_rate: float = 0.01  # per rare value: ~100 of 30,000 base scenes show a given texture
     batch: int = 64
     expert_batch: int = 32
 
@@ -105,7 +106,7 @@ def _expert_data(spec: ExpertSpec, vae, cfg: BuildConfig, rng: random.Random) ->
     scenes = []
     for _ in range(n):
         force = spec.skill if (spec.skill and rng.random() < spec.skill_share) else None
-        scenes.append(domain.sample_scene(rng, rare_rate=0.06, force=force))
+        scenes.append(domain.sample_scene(rng, rare_rate=cfg.rare_rate, force=force))
     corrupt = random.Random(rng.randrange(2**31)) if spec.corrupt else None
     return training.LatentSet(scenes, training.encode_scenes(vae, scenes, corrupt))
 
@@ -243,7 +244,7 @@ def build(out: Path = ARTIFACTS, cfg: BuildConfig | None = None, console: Consol
 
         t0 = time.time()
         rng = stage_rng(cfg, "base")
-        scenes = [domain.sample_scene(rng, rare_rate=0.06) for _ in range(cfg.base_scenes)]
+        scenes = [domain.sample_scene(rng, rare_rate=cfg.rare_rate) for _ in range(cfg.base_scenes)]
         data = training.LatentSet(scenes, training.encode_scenes(base["vae"], scenes))
         params = list(base["unet"].parameters()) + list(base["text_encoder"].parameters())
         training.train_denoiser(unet=base["unet"], text_encoder=base["text_encoder"], tokenizer=tokenizer,

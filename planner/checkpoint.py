@@ -10,11 +10,14 @@ experts, so experts added after training need nothing new here.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Sequence
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
+
+from diffgraph.files import atomic_write_bytes, atomic_write_text
 
 from .features import FeatureSchema
 from .model import VGAEPlanner
@@ -26,15 +29,18 @@ SCHEMA = "planner.json"
 
 
 def save_planner(planner: VGAEPlanner, directory: str | Path) -> Path:
-    """Write the weights, then the JSON that describes them (so a reader never finds a schema
-    for weights not yet written). Returns ``directory``."""
+    """Write the weights, then the JSON that describes them, each to a temporary name renamed
+    into place (a crash never leaves half a file under the real name). The JSON records the
+    weights' sha256, so weights that a crash left beside an older JSON are refused on load
+    rather than read with the wrong schema. Returns ``directory``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in planner.state_dict().items()}, directory / WEIGHTS,
-              metadata={"format": FORMAT})
+    weights = save({k: v.detach().contiguous() for k, v in planner.state_dict().items()}, metadata={"format": FORMAT})
+    atomic_write_bytes(directory / WEIGHTS, weights)
     schema = {"format": FORMAT, "version": VERSION, "features": planner.schema.to_dict(),
-              "model": planner.config, "training": planner.training_info}
-    (directory / SCHEMA).write_text(json.dumps(schema, indent=2, sort_keys=True) + "\n")
+              "model": planner.config, "training": planner.training_info,
+              "weights_sha256": hashlib.sha256(weights).hexdigest()}
+    atomic_write_text(directory / SCHEMA, json.dumps(schema, indent=2, sort_keys=True) + "\n")
     return directory
 
 
@@ -52,6 +58,10 @@ def load_planner(directory: str | Path, metric_names: Sequence[str] | None = Non
     if model.pop("layer") != "TransformerConv":
         raise ValueError(f"{directory} holds a planner with another layer type than this code builds")
     planner = VGAEPlanner(schema, **model)
-    planner.load_state_dict(load_file(directory / WEIGHTS))
+    data = (directory / WEIGHTS).read_bytes()
+    if meta.get("weights_sha256") not in (None, hashlib.sha256(data).hexdigest()):
+        raise ValueError(f"{directory / WEIGHTS} is not the file {SCHEMA} describes (sha256 differs; "
+                         "an interrupted save?); train or copy the planner again")
+    planner.load_state_dict(load(data))
     planner.training_info = meta.get("training", {})
     return planner.eval()

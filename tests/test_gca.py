@@ -40,8 +40,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
 from langgraph.checkpoint.sqlite import SqliteSaver
 from rich.console import Console
 from safetensors import safe_open
@@ -56,6 +54,9 @@ from diffgraph.miniworld import homepages
 from diffgraph.miniworld.hub import Hub, HubExpert, load_manifest, manifest_experts, running_hub
 from diffgraph.settings import Settings
 from diffgraph.tools.browser import HomepageReader
+from support.fake_site import FakeSite
+from support.graph_snapshot import Snapshot, assert_only, assert_refused, snapshot
+from support.graph_snapshot import store_is_clean as _clean
 from support.serving import serving as serve
 
 pytestmark = pytest.mark.browser
@@ -114,65 +115,6 @@ def _doctor(published: dict, like: str, slug: str, folder: Path | None = None, d
 
 def _since(hub: Hub, mark: int) -> list[str]:
     return hub.requests[mark:]
-
-
-@dataclass
-class Snapshot:
-    """Everything a pass may write, per expert: catalog row (timestamps included), calibration
-    edges, vector (metadata and embedding); plus reference prompts and stored blobs."""
-
-    rows: dict[str, dict]
-    prompts: list[tuple[int, str]]
-    edges: dict[str, list[tuple]]
-    vectors: dict[str, tuple]
-    blobs: set[str]
-
-
-def snapshot(home: Path) -> Snapshot:
-    with GraphStore.open(home) as store:
-        rows = {r.id: r.to_dict() for r in store.catalog.list_experts()}
-        prompts = [(p.id, p.text) for p in store.catalog.reference_prompts()]
-        edges: dict[str, list[tuple]] = {}
-        for e in store.catalog.calibration():
-            edges.setdefault(e.expert_id, []).append((e.prompt_id, tuple(e.scores), tuple(e.metric_names), e.seed))
-        entries = store.vectors.entries()
-        ids = [e.expert_id for e in entries]
-        assert len(ids) == len(set(ids)), f"an expert has two vectors: {sorted(ids)}"
-        embeddings = store.vectors.get_embeddings(ids)
-        vectors = {e.expert_id: (e, v.tobytes()) for e, v in zip(entries, embeddings)}
-    blobs = {p.relative_to(home).as_posix() for p in (home / "blobs").rglob("*") if p.is_file()} \
-        if (home / "blobs").exists() else set()
-    return Snapshot(rows, prompts, edges, vectors, blobs)
-
-
-def assert_only(before: Snapshot, after: Snapshot, expert_id: str) -> None:
-    """Nothing in the store changed except what belongs to ``expert_id``."""
-    assert set(after.rows) == set(before.rows) | {expert_id}
-    for other in set(before.rows) - {expert_id}:
-        assert after.rows[other] == before.rows[other], f"{other}'s catalog row changed"
-        assert after.edges.get(other) == before.edges.get(other), f"{other}'s calibration edges changed"
-        assert after.vectors.get(other) == before.vectors.get(other), f"{other}'s vector changed"
-    assert set(after.vectors) - {expert_id} == set(before.vectors) - {expert_id}
-    assert set(after.edges) - {expert_id} == set(before.edges) - {expert_id}
-    assert after.prompts == before.prompts
-    assert before.blobs <= after.blobs
-    own = {f["sha256"] for f in after.rows[expert_id]["files"]}
-    assert all(Path(b).name in own for b in after.blobs - before.blobs), "a blob that is not the expert's"
-    assert not [b for b in after.blobs if b.endswith(".partial")]
-
-
-def assert_refused(row: dict, status: str, *needles: str) -> None:
-    """Rejected/failed with a one-line reason naming the cause, and never described or calibrated."""
-    reason = row["status_reason"] or ""
-    assert row["status"] == status, f"{row['id']}: {row['status']} ({reason})"
-    assert reason and "\n" not in reason and len(reason) <= 300, reason
-    for needle in needles:
-        assert needle.lower() in reason.lower(), f"{needle!r} not in {reason!r}"
-
-
-def _clean(home: Path) -> bool:
-    with GraphStore.open(home) as store:
-        return reconcile(store, repair=False)["clean"]
 
 
 # ----------------------------------------------------------------------------- 1. build and track
@@ -608,64 +550,6 @@ def test_an_api_answering_429_then_500_then_json_succeeds(bad, published):
 
 # ----- hostile answers from a fake API on loopback (the hub only publishes well-formed experts)
 
-class FakeSite:
-    """Civitai v1 and Hub shaped answers publishing whatever a test gives, in the real field
-    names; logs every path asked for."""
-
-    def __init__(self):
-        self.civitai: list[dict] = []
-        self.hf: dict[str, dict] = {}
-        self.blobs: dict[str, bytes] = {}
-        self.seen: list[str] = []
-        self.url = ""
-        self.app = FastAPI()
-
-        @self.app.middleware("http")
-        async def log(request: Request, call_next):
-            self.seen.append(request.url.path)
-            return await call_next(request)
-
-        self.app.get("/api/v1/models")(lambda: {"items": self.civitai, "metadata": {}})
-        self.app.get("/api/models")(lambda: [{"id": i, "lastModified": m["lastModified"]} for i, m in self.hf.items()])
-        self.app.get("/api/models/{owner}/{repo}")(lambda owner, repo: self.hf[f"{owner}/{repo}"])
-
-        @self.app.get("/files/{key}")
-        def blob(key: str):
-            return Response(self.blobs[key], media_type="application/octet-stream") if key in self.blobs \
-                else JSONResponse({"error": "not found"}, 404)
-
-    def publish_civitai(self, name: str, data: bytes) -> int:
-        key = str(len(self.blobs))
-        self.blobs[key] = data
-        model_id = 4200 + len(self.civitai)
-        self.civitai.append({
-            "id": model_id, "name": f"Hostile {model_id}", "type": "LORA", "tags": ["texture"],
-            "description": "<p>A perfectly normal LoRA.</p>", "allowNoCredit": True, "allowCommercialUse": [],
-            "allowDerivatives": True, "allowDifferentLicense": True,
-            "modelVersions": [{
-                "id": model_id * 10, "modelId": model_id, "name": "v1.0", "baseModel": "miniworld-sd",
-                "publishedAt": "2024-05-01T12:00:00.000Z", "trainedWords": ["hostile"],
-                "files": [{"id": model_id, "name": name, "sizeKB": len(data) / 1024, "type": "Model",
-                           "metadata": {"format": "SafeTensor"}, "primary": True,
-                           "hashes": {"SHA256": hashlib.sha256(data).hexdigest().upper()},
-                           "downloadUrl": f"{self.url}/files/{key}"}],
-            }],
-        })
-        return model_id
-
-    def publish_hf(self, repo_id: str, files: dict[str, bytes]) -> None:
-        for name, data in files.items():
-            self.blobs[f"{repo_id}/{name}"] = data
-        self.hf[repo_id] = {
-            "id": repo_id, "sha": "b" * 40, "lastModified": "2024-05-01T12:00:00.000Z",
-            "tags": ["text-to-image", "lora", "base_model:miniworld-sd"],
-            "cardData": {"base_model": "miniworld-sd", "tags": ["lora", "texture"], "instance_prompt": "hostile"},
-            "siblings": [{"rfilename": name, "size": len(data),
-                          "lfs": {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}}
-                         for name, data in files.items()],
-        }
-
-
 @pytest.fixture
 def fake() -> Iterator[FakeSite]:
     site = FakeSite()
@@ -687,7 +571,7 @@ def test_a_pickle_only_expert_is_rejected(bad, fake, published, artifacts_dir):
     assert_refused(row, "rejected", "pickle file", "refused")
     assert_only(before, after, "hf:someone/pickled-lora")
     assert after.blobs == before.blobs
-    assert not [p for p in fake.seen if "resolve" in p or p.startswith("/files/")]  # never even downloaded
+    assert not [p for p in fake.paths if "resolve" in p or p.startswith("/files/")]  # never even downloaded
 
 
 def test_an_api_file_name_with_dotdot_is_rejected_and_nothing_escapes(bad, fake, published, artifacts_dir):
@@ -698,5 +582,5 @@ def test_an_api_file_name_with_dotdot_is_rejected_and_nothing_escapes(bad, fake,
     assert_refused(row, "rejected", "unsafe file name", "'..'")
     assert_only(before, after, f"civitai:{model_id}")
     assert after.blobs == before.blobs
-    assert not [p for p in fake.seen if p.startswith("/files/")]  # refused before a byte was fetched
+    assert not [p for p in fake.paths if p.startswith("/files/")]  # refused before a byte was fetched
     assert not list(bad.home.parent.parent.rglob("evil*"))

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import shutil
-import socket
 import sqlite3
-import subprocess
 import time
 
 import numpy as np
 import pytest
 from rich.console import Console
 
-from diffgraph.graph_store.catalog import Catalog, sqlite_path
+from diffgraph.graph_store.catalog import Catalog, redact, sqlite_path
 from diffgraph.graph_store.export import export_graph, import_graph
 from diffgraph.graph_store.reconcile import reconcile
 from diffgraph.graph_store.records import ExpertFile, ExpertRecord
@@ -21,6 +18,7 @@ from diffgraph.graph_store.status import graph_status, render_status
 from diffgraph.graph_store.store import GraphStore
 from diffgraph.graph_store.vectors import ChromaEmbeddingRefused, RefuseToEmbed, VectorStore, partition_name
 from diffgraph.graph_store.views import activated_subgraph
+from support.servers import chroma_server
 
 METRICS = ["clip", "aesthetic"]
 EXPORT_FILES = ("edges.npy", "node_features.npz", "edge_features.npz", "manifest.json")
@@ -90,8 +88,11 @@ def test_catalog_is_wal_with_foreign_keys_and_parses_urls(tmp_path):
     catalog.close()
     assert sqlite_path("sqlite:////abs/c.sqlite").as_posix() == "/abs/c.sqlite"
     assert sqlite_path("rel/c.sqlite").as_posix() == "rel/c.sqlite"
-    with pytest.raises(NotImplementedError, match="PostgreSQL"):
-        Catalog.open("postgresql://localhost/diffgraph")
+    with pytest.raises(ValueError, match="is a PostgreSQL URL"):  # Catalog.open takes those (test_postgres_catalog.py)
+        sqlite_path("postgresql://localhost/diffgraph")
+    with pytest.raises(ValueError, match="unsupported catalog URL"):
+        Catalog.open("mysql://localhost/diffgraph")
+    assert redact("postgresql://dg:s3cret@db:5432/diffgraph") == "postgresql://dg:***@db:5432/diffgraph"
     with pytest.raises(sqlite3.IntegrityError):  # foreign keys are enforced
         Catalog.open(tmp_path / "c.sqlite").put_calibration("nobody", 1, [1.0], ["m"], 0)
 
@@ -308,36 +309,21 @@ def test_chroma_refuses_to_embed(graph, tmp_path):
     RefuseToEmbed.attempts = before  # this refusal was provoked on purpose; the autouse check stays strict
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.skipif(shutil.which("chroma") is None, reason="the chroma server binary is not installed")
 def test_chroma_server_through_http_client(tmp_path):
-    """DIFFGRAPH_CHROMA_URL: the same store against a Chroma server on loopback."""
-    port = _free_port()
-    server = subprocess.Popen(["chroma", "run", "--path", str(tmp_path / "server"), "--host", "127.0.0.1",
-                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline and server.poll() is None, "chroma server did not start"
-                time.sleep(0.1)
-        with GraphStore.open(tmp_path / "home", chroma_url=f"http://127.0.0.1:{port}") as store:
-            store.upsert_expert(record("1"))
-            text = "watercolor painting style"
-            store.register("civitai:1", describe(text), text, None)
-            store.set_status("civitai:1", "active")
-            hits = store.vectors.query(store.embed([text])[0], "lora", "sd15", k=3)
-            assert [h[0] for h in hits] == ["civitai:1"] and hits[0][1] == pytest.approx(1.0, abs=1e-4)
-            assert reconcile(store)["clean"]
-        assert not (tmp_path / "home" / "chroma").exists()
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
+    """DIFFGRAPH_CHROMA_URL: the same store against a Chroma server on loopback (the `chroma run`
+    server of the chromadb wheel, telemetry off: tests/support/servers.py)."""
+    with chroma_server(tmp_path / "server") as (url, log), \
+            GraphStore.open(tmp_path / "home", chroma_url=url) as store:
+        store.upsert_expert(record("1"))
+        store.upsert_expert(record("2", kind="ckpt"))
+        for sid, text in (("1", "watercolor painting style"), ("2", "photorealistic portraits")):
+            store.register(f"civitai:{sid}", describe(text), text, None)
+            store.set_status(f"civitai:{sid}", "active")
+        hits = store.vectors.query(store.embed(["watercolor painting style"])[0], "lora", "sd15", k=3)
+        assert [h[0] for h in hits] == ["civitai:1"] and hits[0][1] == pytest.approx(1.0, abs=1e-4)
+        assert [h[0] for h in store.vectors.query(store.embed(["a portrait"])[0], "ckpt", "sd15", k=3)] == ["civitai:2"]
+        store.set_status("civitai:1", "failed", "x")
+        assert store.vectors.query(store.embed(["watercolor"])[0], "lora", "sd15", k=3) == []
+        assert reconcile(store)["clean"]
+        assert "No telemetry is configured" in log.read_text(errors="replace")
+    assert not (tmp_path / "home" / "chroma").exists()

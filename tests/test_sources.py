@@ -16,8 +16,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
 from safetensors.numpy import save, save_file
 
 from diffgraph.miniworld.experts import EXPERTS
@@ -27,6 +25,7 @@ from diffgraph.tools.sources import (
     LocalFolderSource, RetryPolicy, SourceSpec, UnsafeFileError, load_weights, open_sources,
     parse_source_spec, safe_name, validate_safetensors,
 )
+from support.fake_site import FakeSite
 from support.serving import serving as serve
 
 SPECS = {s.slug: s for s in EXPERTS}
@@ -221,56 +220,6 @@ def test_a_wrong_published_sha256_is_refused_and_leaves_nothing(artifacts_dir, m
 
 # ----------------------------------------------------------------------------- hostile APIs
 
-class FakeSite:
-    """A Civitai- and Hub-shaped API publishing whatever files a test gives it, in the real
-    field names, and logging each request's path and Authorization header."""
-
-    def __init__(self):
-        self.civitai: list[dict] = []
-        self.hf: dict[str, dict] = {}
-        self.blobs: dict[str, bytes] = {}
-        self.seen: list[tuple[str, str | None]] = []
-        self.url = ""
-        self.app = FastAPI()
-
-        @self.app.middleware("http")
-        async def log(request: Request, call_next):
-            self.seen.append((request.url.path, request.headers.get("authorization")))
-            return await call_next(request)
-
-        self.app.get("/api/v1/models")(lambda: {"items": self.civitai, "metadata": {}})
-        self.app.get("/api/models")(lambda: [{"id": i, "lastModified": m["lastModified"]} for i, m in self.hf.items()])
-        self.app.get("/api/models/{owner}/{repo}")(lambda owner, repo: self.hf[f"{owner}/{repo}"])
-
-        @self.app.get("/blob/{key}")
-        def blob(key: str):
-            return Response(self.blobs[key], media_type="application/octet-stream") if key in self.blobs \
-                else JSONResponse({"error": "not found"}, 404)
-
-    def publish_civitai(self, name: str, data: bytes, *, sha256: str | None = None, url: str | None = None) -> None:
-        key = str(len(self.blobs))
-        self.blobs[key] = data
-        model_id = 100 + len(self.civitai)
-        self.civitai.append({
-            "id": model_id, "name": f"Hostile {model_id}", "type": "LORA", "tags": ["test"], "description": "",
-            "allowNoCredit": True, "allowCommercialUse": [], "allowDerivatives": True, "allowDifferentLicense": True,
-            "modelVersions": [{
-                "id": model_id * 10, "modelId": model_id, "name": "v1", "baseModel": "SD 1.5",
-                "publishedAt": "2024-05-01T00:00:00.000Z", "trainedWords": ["x"],
-                "files": [{"id": model_id, "name": name, "sizeKB": len(data) / 1024, "type": "Model",
-                           "hashes": {"SHA256": (sha256 or hashlib.sha256(data).hexdigest()).upper()},
-                           "primary": True, "downloadUrl": url or f"{self.url}/blob/{key}"}],
-            }],
-        })
-
-    def publish_hf(self, repo_id: str, files: dict[str, bytes]) -> None:
-        siblings = [{"rfilename": name, "size": len(data),
-                     "lfs": {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}}
-                    for name, data in files.items()]
-        self.hf[repo_id] = {"id": repo_id, "sha": "a" * 40, "lastModified": "2024-05-01T00:00:00.000Z",
-                            "tags": ["text-to-image"], "cardData": {"base_model": "sd15"}, "siblings": siblings}
-
-
 @pytest.fixture
 def fake():
     site = FakeSite()
@@ -295,7 +244,7 @@ def test_a_hostile_file_name_cannot_escape_the_store(fake, tmp_path, name):
     with pytest.raises(UnsafeFileError, match="unsafe file name"):
         source.download(record.files[0], ContentStore(store_home))  # ...never used as a path
     source.close()
-    assert _files(tmp_path) == [] and not any(p.startswith("/blob/") for p, _ in fake.seen)
+    assert _files(tmp_path) == [] and not any(p.startswith("/files/") for p, _ in fake.seen)
 
 
 def test_safe_names_keep_repo_folders():
@@ -327,7 +276,7 @@ def test_pickle_files_are_refused_unless_opted_in(fake, tmp_path, monkeypatch):
     for source, file in ((civitai, good), (hf, repo.files[0])):
         with pytest.raises(UnsafeFileError, match="is a pickle file.*DIFFGRAPH_ALLOW_PICKLE"):
             source.download(file, refusing)
-    assert not any(p.startswith("/blob/") for p, _ in fake.seen)  # refused before any byte
+    assert not any(p.startswith("/files/") for p, _ in fake.seen)  # refused before any byte
     with pytest.raises(InvalidSafetensors, match="not a valid safetensors file"):
         civitai.download(disguised, refusing)  # the content decides, not the name
     assert _files(tmp_path / "default") == []
@@ -352,14 +301,14 @@ def test_the_token_goes_to_the_api_host_only(fake, tmp_path, monkeypatch):
     with serve(other.app) as other_url:
         other.url = other_url
         other.blobs["0"] = data = _tiny_safetensors()
-        fake.publish_civitai("x.safetensors", data, url=f"{other_url}/blob/0")
+        fake.publish_civitai("x.safetensors", data, url=f"{other_url}/files/0")
         monkeypatch.setenv("DIFFGRAPH_CIVITAI_TOKEN", "s3cret")
         source = CivitaiSource(fake.url, retry=FAST)
         [record] = source.iter_models()
         assert fake.seen[-1] == ("/api/v1/models", "Bearer s3cret")
         source.download(record.files[0], ContentStore(tmp_path))
         source.close()
-    assert other.seen == [("/blob/0", None)]
+    assert other.seen == [("/files/0", None)]
 
 
 def test_malformed_api_entries_are_skipped_not_fatal(fake):

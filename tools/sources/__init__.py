@@ -13,10 +13,10 @@ from .hf import HFSource
 from .http import RetryPolicy
 from .local import LocalFolderSource
 from .spec import SourceSpec, open_sources, parse_source_spec
-from .validate import Header, validate_safetensors
+from .validate import Header, check_finite, validate_safetensors
 
 __all__ = [
     "ApiError", "CivitaiSource", "ContentStore", "DownloadError", "HFSource", "Header", "IntegrityError",
     "InvalidSafetensors", "LocalFolderSource", "RetryPolicy", "Source", "SourceError", "SourceSpec",
-    "UnsafeFileError", "load_weights", "open_sources", "parse_source_spec", "safe_name", "validate_safetensors",
+    "UnsafeFileError", "check_finite", "load_weights", "open_sources", "parse_source_spec", "safe_name", "validate_safetensors",
 ]

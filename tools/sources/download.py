@@ -4,7 +4,7 @@ Addressing by the published sha256 makes a download idempotent (a file already t
 fetched again, whichever source or name it came under) and makes verification the only way in:
 bytes stream into ``<hash>.partial`` beside their final place, resume from there after a cut
 (HTTP Range), and are renamed into place atomically only once their sha256 matches and, for
-safetensors, their header checks out. Nothing an API says is used as a path: the store's paths
+safetensors, their header checks out and every floating-point weight is finite. Nothing an API says is used as a path: the store's paths
 come from the hash alone (checked to be 64 hex digits), and file names are only checked for
 what they claim to be. Pickle files (.ckpt, .pt, .pth, .bin) can run code when loaded, so they
 are refused unless the caller opts in, and :func:`load_weights` then uses
@@ -23,9 +23,9 @@ import httpx
 from diffgraph.graph_store.records import ExpertFile
 from diffgraph.settings import get_settings
 
-from .errors import DownloadError, IntegrityError, UnsafeFileError
+from .errors import DownloadError, IntegrityError, InvalidSafetensors, UnsafeFileError
 from .http import RetryPolicy, TransientStatus, check_status, describe_status, retry_call
-from .validate import looks_like_safetensors, validate_safetensors
+from .validate import check_finite, looks_like_safetensors, validate_safetensors
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 DEFAULT_MAX_BYTES = 64 * 2**30  # larger than any single-file checkpoint we know of
@@ -102,7 +102,7 @@ class ContentStore:
         kept for the next attempt)."""
         sha256 = self.admit(file)
         if found := self.get(sha256):
-            return found
+            return self._recheck(found, file)
         if httpx.URL(file.url).scheme not in ("http", "https"):
             raise UnsafeFileError(f"{file.name!r}: refusing to download from {file.url!r} (not http/https)")
         retry = retry or RetryPolicy()
@@ -113,6 +113,9 @@ class ContentStore:
             retry_call(lambda: download.attempt(client, file.url), retry)
         except TransientStatus as exc:
             raise DownloadError(f"{failed}: {exc}") from exc
+        except httpx.UnsupportedProtocol as exc:  # a redirect to file://, ftp:// ...
+            partial.unlink(missing_ok=True)
+            raise UnsafeFileError(f"{file.name!r}: {file.url} leads to a URL that is not http/https; refused") from exc
         except httpx.TransportError as exc:
             raise DownloadError(f"{failed}: {type(exc).__name__}: {exc}") from exc
         except UnsafeFileError:
@@ -124,7 +127,7 @@ class ContentStore:
         """Copy a local file into the store under the same checks as a download."""
         sha256 = self.admit(file)
         if found := self.get(sha256):
-            return found
+            return self._recheck(found, file)
         partial = self._partial(sha256)
         hasher = hashlib.sha256()
         with open(source, "rb") as src, open(partial, "wb") as dst:
@@ -132,6 +135,17 @@ class ContentStore:
                 hasher.update(chunk)
                 dst.write(chunk)
         return self._commit(partial, file, sha256, hasher.hexdigest())
+
+    def _recheck(self, found: Path, file: ExpertFile) -> Path:
+        """A blob already stored may have come in under another name (the same bytes published
+        as x.ckpt by one expert, opted in, and as x.safetensors by another): what this name
+        claims is checked again, so a pickle is never handed out as a safetensors file."""
+        if PurePosixPath(file.name).suffix.lower() == ".safetensors":
+            try:
+                check_finite(found, validate_safetensors(found))
+            except InvalidSafetensors as exc:
+                raise InvalidSafetensors(str(exc).replace(found.name, repr(file.name), 1)) from None
+        return found
 
     def _partial(self, sha256: str) -> Path:
         path = self.path(sha256).with_suffix(".partial")
@@ -144,7 +158,10 @@ class ContentStore:
             if actual != expected:
                 raise IntegrityError(f"{file.name!r}: sha256 mismatch: published {expected}, downloaded {actual}")
             if PurePosixPath(file.name).suffix.lower() == ".safetensors":
-                validate_safetensors(partial)
+                try:
+                    check_finite(partial, validate_safetensors(partial))
+                except InvalidSafetensors as exc:  # name the published file, not our .partial
+                    raise InvalidSafetensors(str(exc).replace(partial.name, repr(file.name), 1)) from None
             with open(partial, "rb") as f:
                 os.fsync(f.fileno())
         except BaseException:

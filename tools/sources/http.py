@@ -4,10 +4,15 @@ Civitai and the Hub both rate-limit (429, often with Retry-After) and have trans
 dropped connections, so every API call and every download attempt runs under the same
 :class:`RetryPolicy`; anything that is not transient fails at once. Errors leave here as
 one-line :class:`~.errors.ApiError` messages naming the source, the request and the reason.
+
+API answers are read only from the API's own origin (a redirect elsewhere is refused) and only
+up to MAX_JSON_BYTES. Downloads may be redirected to another host (Civitai hands files out from
+a CDN): the published sha256 decides what is kept, and the token is never sent there.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -23,6 +28,8 @@ from .errors import ApiError
 T = TypeVar("T")
 USER_AGENT = "diffgraph/0.1 (+https://github.com/diffgraph)"
 TIMEOUT = httpx.Timeout(60.0, connect=10.0)
+MAX_JSON_BYTES = 64 << 20  # an API page is kilobytes; anything near this is hostile or broken
+MAX_API_REDIRECTS = 5
 
 
 @dataclass(frozen=True)
@@ -77,7 +84,8 @@ def _retry_after(value: str | None) -> float | None:
 def is_transient(exc: BaseException, policy: RetryPolicy) -> bool:
     if isinstance(exc, TransientStatus):
         return exc.retry_after is None or exc.retry_after <= policy.max_wait
-    return isinstance(exc, httpx.TransportError)
+    # a URL we cannot fetch (file://, ftp:// ...) stays unfetchable: not worth a retry
+    return isinstance(exc, httpx.TransportError) and not isinstance(exc, httpx.UnsupportedProtocol)
 
 
 def check_status(response: httpx.Response) -> None:
@@ -140,7 +148,7 @@ class Api:
         url = self.url(path_or_url)
 
         def attempt() -> httpx.Response:
-            response = self.client.get(url, params=params)
+            response = self._get_same_origin(url, params)
             check_status(response)
             return response
 
@@ -158,9 +166,39 @@ class Api:
         if response.is_error:
             raise ApiError(f"{where} failed: {describe_status(response)}")
         try:
-            return response.json(), response
+            return json.loads(response.content), response
         except ValueError as exc:
             raise ApiError(f"{where} answered invalid JSON: {exc}") from exc
+
+    def _get_same_origin(self, url: str, params) -> httpx.Response:
+        """GET an API answer: redirects are followed only within the API's own origin (an open
+        redirect must not make us read a listing from another host), and the body is read up to
+        MAX_JSON_BYTES (an endless answer is cut off, not buffered)."""
+        for _ in range(MAX_API_REDIRECTS + 1):
+            request = self.client.build_request("GET", url, params=params)
+            response = self.client.send(request, stream=True, follow_redirects=False)
+            try:
+                if response.is_redirect:
+                    target = str(response.next_request.url) if response.next_request is not None else ""
+                    if not self.same_origin(target):
+                        raise ApiError(f"{self.name}: GET {url} redirected to another host "
+                                       f"({httpx.URL(target).host or target[:80]}); API answers are read from "
+                                       f"{_origin(self.base_url)[1]} only")
+                    url, params = target, None
+                    continue
+                body = bytearray()
+                for chunk in response.iter_bytes():
+                    body += chunk
+                    if len(body) > MAX_JSON_BYTES:
+                        raise ApiError(f"{self.name}: GET {url} answered more than {MAX_JSON_BYTES:,} bytes; "
+                                       "refusing an oversized API answer")
+                headers = [(k, v) for k, v in response.headers.multi_items()  # the body is decoded already
+                           if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")]
+                return httpx.Response(response.status_code, headers=headers, content=bytes(body),
+                                      request=response.request)
+            finally:
+                response.close()
+        raise ApiError(f"{self.name}: GET {url} redirected more than {MAX_API_REDIRECTS} times")
 
     def close(self) -> None:
         self.client.close()

@@ -9,8 +9,9 @@ each file:
   homepage_url, description), which win over everything else.
 
 Without metadata the kind comes from the tensor names in the safetensors header (read without
-loading anything), or the folder name for pickle files, and the base model is "unknown". The
-version is the file's sha256, so editing a file in place makes a new version.
+loading anything), or the folder name for pickle files, and so does the base model
+(diffgraph.merger.detect; "unknown" when the names do not tell). The version is the file's
+sha256, so editing a file in place makes a new version.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class LocalFolderSource:
             source=self.name, source_id=path.relative_to(self.root).as_posix(), version=sha256,
             name=str(own.get("name") or model.get("name") or path.stem),
             kind=_kind(own.get("kind"), model.get("type"), path),
-            base_model=str(own.get("base_model") or info.get("baseModel") or a1111_base or "unknown"),
+            base_model=str(own.get("base_model") or info.get("baseModel") or a1111_base or _detected_base(path)),
             files=[ExpertFile(name=path.name, url=path.as_uri(), sha256=sha256, size=path.stat().st_size)],
             homepage_url=homepage,
             trigger_words=[str(w) for w in words if str(w).strip()] if isinstance(words, list) else [],
@@ -119,6 +120,18 @@ def _kind(own: str | None, civitai_type: str | None, path: Path) -> str:
         else:
             return "lora" if any(_LORA_KEY.search(k) for k in header.tensors) else "ckpt"
     return "lora" if {p.lower() for p in path.parent.parts} & LORA_FOLDERS else "ckpt"
+
+
+def _detected_base(path: Path) -> str:
+    """The base-model family the tensor names show, or "unknown" (pickle, unreadable, undecidable)."""
+    from diffgraph.merger.detect import BaseDetectionError, detect_base
+
+    if path.suffix.lower() != ".safetensors":
+        return "unknown"
+    try:
+        return detect_base(path)
+    except BaseDetectionError:
+        return "unknown"
 
 
 def _read_json(path: Path) -> dict:

@@ -1,0 +1,3 @@
+from diffgraph.benchmarks.merge.run import main
+
+main()
