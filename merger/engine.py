@@ -110,12 +110,39 @@ class MergeEngine:
         key = recipe.checkpoint_key()
         cached = self.bases.get(key)
         if cached is None:
-            inputs = [(self.base_state if c.name == BASE else Path(c.path), w) for c, w in recipe.checkpoint_weights()]
+            inputs = [(self.base_state if c.name == BASE else self._checkpoint(Path(c.path)), w)
+                      for c, w in recipe.checkpoint_weights()]
             cached = merge_checkpoints(inputs)
             if set(cached) != set(self.base_state):
                 raise MergeError("a checkpoint's tensors do not match the base model's architecture")
             self.bases.put(key, cached)
         return cached
+
+    def _checkpoint(self, path: Path) -> Path | dict[str, torch.Tensor]:
+        """A checkpoint expert under the pipeline's names: the file itself when it already uses
+        them (the mini world's files; streamed), else its original single-file layout (LDM/SGM,
+        as Civitai and A1111 ship SD1.5 and SDXL) converted with this pipeline's configs. A
+        converted file is held in memory while it is merged."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            if set(f.keys()) == set(self.base_state):
+                return path
+        from safetensors.torch import load_file
+
+        from .detect import detect_base
+        from .ldm_keys import ldm_to_diffusers
+
+        parts = ldm_to_diffusers(load_file(str(path)), detect_base(path), self._configs())
+        return {f"{c}.{k}": v for c, state in parts.items() for k, v in state.items()}
+
+    def _configs(self) -> dict[str, dict]:
+        """The pipeline's component configs, as the LDM converters take them."""
+        out = {}
+        for c in components(self.pipe):
+            config = getattr(self.pipe, c).config
+            out[c] = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        return out
 
     def lora_delta(self, path: Path, sha256: str | None = None) -> dict[str, torch.Tensor]:
         key = sha256 or str(Path(path).resolve())

@@ -15,18 +15,21 @@ Four kinds of work are killed while they write, each in a child process of its o
 - images through the HTTP API's code (ESA, planner, merge, render, PNG, then the resize written
   over it): every PNG under a final name decodes whole and carries its recipe. The merge engine
   itself writes nothing to disk (merged weights and LoRA deltas are cached in memory only), so
-  these PNGs are everything the render path persists.
+  these PNGs are everything the render path persists; merged models reach disk only through
+  merger/stream.py's ``merge_recipe_to_file``, killed here too (the file is always a whole merge).
+- planner checkpoints (weights + schema, two files): never read half-written or mismatched.
 - chat turns (history persisted by LangGraph's SQLite checkpointer): after a restart the thread
   holds every finished turn once, in order, and answers the next message.
 
-The kill schedule comes from a seeded RNG (SEED), so a failure can be replayed; where the kill
-lands inside the work still depends on timing, and each check holds wherever it lands.
+The kill schedule comes from a seeded RNG (SEED), so a failure can be replayed; where a timed
+kill lands inside the work still depends on timing, and each check holds wherever it lands.
+Some kills are exact instead: the child dies inside a file write, after a seeded fraction of
+its bytes (crash_children.die_inside_write), which is where a non-atomic write would be caught.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import multiprocessing
 import os
 import random
@@ -52,7 +55,7 @@ pytestmark = pytest.mark.browser
 SEED = 20240607
 N_R = 3
 SUBSET = ("tangerine", "royal-purple", "navy-backdrop", "golden-hour")  # civitai, hf, civitai, hf
-KILLS = {"gca": 6, "export": 6, "images": 3, "writes": 4, "chat": 4}
+KILLS = {"gca": 6, "export": 6, "images": 3, "writes": 4, "merges": 3, "chat": 4}
 CUT_KILLS = 2  # of the export and write kills: inside a write, at a seeded byte offset  # plus the run killed before its first checkpoint
 
 
@@ -75,9 +78,11 @@ def forkserver():
             os.environ["PYTHONPATH"] = old
 
 
-@pytest.fixture(scope="module")
-def rng() -> random.Random:
-    return random.Random(SEED)
+@pytest.fixture
+def rng(request) -> random.Random:
+    """The kill schedule of one test: seeded by SEED and the test's name, so each test replays
+    the same schedule whether it runs alone or with the others."""
+    return random.Random(f"{SEED}/{request.node.name}")
 
 
 class Child:
@@ -151,10 +156,11 @@ def _store_state(home: Path, expected_ids: set[str]) -> dict:
 
 
 @pytest.fixture(scope="module")
-def crashed_home(forkserver, rng, artifacts_dir, tmp_path_factory):
+def crashed_home(forkserver, artifacts_dir, tmp_path_factory):
     """A GCA pass over SUBSET killed KILLS["gca"] + 1 times, then finished. Yields (home, kills,
     notes) for the other cases, which work on the finished store."""
     published = {s.slug: (s, e) for s, e in manifest_experts(load_manifest(artifacts_dir))}
+    rng = random.Random(f"{SEED}/gca")
     root = tmp_path_factory.mktemp("crash")
     home = root / "home"
     kills, notes = 0, []
@@ -214,7 +220,10 @@ def crashed_home(forkserver, rng, artifacts_dir, tmp_path_factory):
             assert "repaired drift" in log, log
     state = _store_state(home, expected)
     assert state["active"] == expected and not state["drift"], state
-    assert [r["status"] for r in state["runs"]] == ["interrupted", "completed"], state["runs"]
+    # run 1 died before its first checkpoint; run 2 was killed and resumed until it completed (a
+    # later run, if the pass completed before the last kill, found nothing to do)
+    statuses = [r["status"] for r in state["runs"]]
+    assert statuses[:2] == ["interrupted", "completed"] and set(statuses[2:]) <= {"completed"}, state["runs"]
     assert state["runs"][1]["counts"] == {"listed": len(SUBSET), "active": len(SUBSET), "removed": 0}
     with GraphStore.open(home) as store:
         assert reconcile(store, repair=False)["clean"]
@@ -223,13 +232,13 @@ def crashed_home(forkserver, rng, artifacts_dir, tmp_path_factory):
 
 
 def test_gca_passes_survive_sigkill(crashed_home):
-    home, kills, notes = crashed_home
+    _, kills, notes = crashed_home
     print(f"\nGCA: {kills} kills survived\n  " + "\n  ".join(notes))
     assert kills >= 4
 
 
 def test_graph_exports_survive_sigkill(crashed_home, forkserver, rng, tmp_path):
-    home, _, _ = crashed_home
+    home = crashed_home[0]
     with GraphStore.open(home) as store:
         reference = export_graph(store, tmp_path / "reference")
     ref = {p.name: p.read_bytes() for p in (tmp_path / "reference").iterdir()}
@@ -337,6 +346,36 @@ def test_image_writes_survive_sigkill(crashed_home, forkserver, rng, tmp_path):
                         + (", killed mid-write (temporary file left)" if temps else ""))
     print(f"\nimages: {kills} kills survived, {mid_write} of them inside a write\n  " + "\n  ".join(outcomes))
     assert kills == KILLS["images"] + KILLS["writes"] and mid_write >= CUT_KILLS
+
+
+def test_merged_model_files_survive_sigkill(forkserver, rng, tmp_path):
+    """The one place the merger writes a merged model to disk (merger/stream.py,
+    ``merge_recipe_to_file``: a single .safetensors for A1111 and friends). The merge is
+    deterministic, so the file under its final name must always equal a reference merge."""
+    from diffgraph.merger.stream import merge_recipe_to_file, read_recipe_metadata
+    from diffgraph.tools.sources import validate_safetensors
+
+    reference = merge_recipe_to_file(crash_children.merged_recipe(), tmp_path / "reference.safetensors").read_bytes()
+    out = tmp_path / "merged.safetensors"
+    kills, outcomes = 0, []
+    for i in range(KILLS["merges"]):
+        child = Child(forkserver, crash_children.merged_files, (str(out),), tmp_path / f"merge-{i}.log")
+        child.wait_for("ready")
+        delay = rng.uniform(0.0, 1.5)
+        assert child.run_for(delay), child.text()[-2000:]
+        kills += 1
+        done = len(re.findall(r"^merge \d+", child.text(), re.M))
+        if out.exists():
+            assert out.read_bytes() == reference, f"the merged file is not whole after a kill at +{delay:.2f} s"
+            validate_safetensors(out)
+            assert read_recipe_metadata(out) == crash_children.merged_recipe()
+        else:
+            assert done == 0
+        temps = [p.name for p in tmp_path.iterdir() if p.name.startswith(out.name) and p.name != out.name]
+        outcomes.append(f"+{delay:.2f} s ({done} merges done): {'whole' if out.exists() else 'absent'}, "
+                        f"{len(temps)} temporary files left")
+    print(f"\nmerged model files: {kills} kills survived\n  " + "\n  ".join(outcomes))
+    assert kills == KILLS["merges"]
 
 
 def _turns(home: Path, thread: str) -> tuple[list[dict], list[dict]]:

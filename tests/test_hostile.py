@@ -41,7 +41,7 @@ import numpy as np
 import pytest
 import torch
 from rich.console import Console
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save as save_numpy
 from safetensors.torch import save as save_torch
 
@@ -49,7 +49,6 @@ from diffgraph.agents import registration
 from diffgraph.agents.gca import run_pass
 from diffgraph.agents.registration import LIST_FIELDS, register, skeleton
 from diffgraph.graph_store.export import export_graph, import_graph, read_export
-from diffgraph.graph_store.reconcile import reconcile
 from diffgraph.graph_store.store import GraphStore
 from diffgraph.miniworld.experts import EXPERTS
 from diffgraph.miniworld.hub import load_manifest, manifest_experts, running_hub
@@ -247,9 +246,8 @@ def test_pickle_payloads_under_every_extension_never_run(tmp_path, monkeypatch):
         with pytest.raises(UnsafeFileError):
             local.download(record.files[0], ContentStore(tmp_path / "local-store", allow_pickle=False))
     for name in PICKLE_NAMES:  # and the safetensors reader itself, on each
-        with pytest.raises(Exception):
-            with safe_open(str(folder / name), "pt") as f:
-                list(f.keys())
+        with pytest.raises(SafetensorError), safe_open(str(folder / name), "pt") as f:
+            list(f.keys())
     monkeypatch.delenv("DIFFGRAPH_ALLOW_PICKLE", raising=False)
     with pytest.raises(UnsafeFileError, match="pickle loading is off"):
         load_weights(folder / "lora.ckpt")
@@ -767,7 +765,7 @@ def test_prompt_injection_is_neutralised_and_measured(baseline, home, published,
     report = {
         "techniques": len(techniques), "page_techniques": len(page), "api_field_cases": len(techniques) - len(page),
         "reached_the_llm": len(reached),
-        "llm_obeyed_rate": len(reached) / len(techniques),
+        "reached_and_obeyed_rate": len(reached) / len(techniques),
         "llm_changed_rate": sum(bool(r["llm_changed"]) for r in techniques) / len(techniques),
         "llm_summary_fallbacks": sum(r["llm_summary_fallback"] for r in techniques),
         "offline_changed_rate": sum(bool(r["offline_changed"]) for r in techniques) / len(techniques),
@@ -783,7 +781,7 @@ def test_prompt_injection_is_neutralised_and_measured(baseline, home, published,
     print("\n" + "\n".join(lines))
     print(f"\nprompt injection: {report['techniques']} techniques ({report['page_techniques']} in pages, "
           f"{report['api_field_cases']} in API fields); reached the obedient LLM: {report['reached_the_llm']} "
-          f"(obeyed rate {report['llm_obeyed_rate']:.2f}); description changed: LLM path "
+          f"(rate {report['reached_and_obeyed_rate']:.2f}); description changed: LLM path "
           f"{report['llm_changed_rate']:.2f} (summary fell back to the offline brain's {report['llm_summary_fallbacks']}x), "
           f"offline brain {report['offline_changed_rate']:.2f}; offline description identical to the clean twin's on "
           f"{report['offline_identical_page_rate']:.2f} of page techniques; claim-shaped control: LLM "

@@ -207,3 +207,28 @@ def planner_save(directory: str, seed: int, cut: tuple[int, float], log: str) ->
     out.write("ready\n")
     save_planner(tiny_planner(seed), Path(directory))
     out.write("saved\n")
+
+
+def merged_recipe():
+    """Two mini-world checkpoints and a LoRA: the recipe whose merged model is written to a file."""
+    from diffgraph.merger.recipe import ExpertWeight, MergeRecipe
+    from diffgraph.miniworld import ARTIFACTS
+
+    experts = ARTIFACTS / "experts"
+    return MergeRecipe(base_model="miniworld-sd", prompt="a pink circle", seed=0,
+                       checkpoints=[ExpertWeight("neon-nights", 0.3, str(experts / "neon-nights.safetensors")),
+                                    ExpertWeight("pastel-dream", 0.7, str(experts / "pastel-dream.safetensors"))],
+                       loras=[ExpertWeight("tangerine", 0.5, str(experts / "tangerine.safetensors"))])
+
+
+def merged_files(out: str, log: str) -> None:
+    """The merged model of one recipe written to the same single file, again and again."""
+    stream = _start(log)
+    from diffgraph.merger.stream import merge_recipe_to_file
+
+    stream.write("ready\n")
+    n = 0
+    while True:
+        merge_recipe_to_file(merged_recipe(), Path(out))
+        n += 1
+        stream.write(f"merge {n}\n")

@@ -43,9 +43,10 @@ def clip_text(hidden: int = 32, layers: int = 12, projection: int | None = None)
     """A CLIP text encoder with real depth (12 for CLIP-L, 32 for OpenCLIP bigG) and tiny width."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    cfg = CLIPTextConfig(vocab_size=1000, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+    # CLIP's real vocabulary, so the real tokenizer (diffgraph.clip_bpe) can drive a render
+    cfg = CLIPTextConfig(vocab_size=49408, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                          num_attention_heads=2, max_position_embeddings=77, projection_dim=projection or hidden,
-                         bos_token_id=0, eos_token_id=2, pad_token_id=1)
+                         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
     return CLIPTextModelWithProjection(cfg) if projection else CLIPTextModel(cfg)
 
 

@@ -18,10 +18,10 @@ from __future__ import annotations
 import json
 import math
 import struct
-
-import numpy as np
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from .errors import InvalidSafetensors
 
