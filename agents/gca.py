@@ -201,7 +201,7 @@ def build_graph(ctx: Context, checkpointer=None):
             record = ExpertRecord.from_dict({**record.to_dict(), "base_model": base})
             ctx.listing[expert_id] = (record, source)
             ctx.store.upsert_expert(record)
-        if undeclared and record.base_model not in bases.PROFILES:
+        if undeclared and not bases.has_profile(record.base_model):
             return _fail(ctx, state, expert_id, "rejected",
                          f"base model {record.base_model!r} (from the files) is not supported")
         ctx.store.catalog.set_files(expert_id, files)
@@ -303,7 +303,7 @@ def _ensure_reference_prompts(ctx: Context) -> None:
     from diffgraph.tools import bases
     from diffgraph.tools.calibrate import select_reference_prompts
 
-    base_models = {rec.base_model for rec, _ in ctx.listing.values()} & set(bases.PROFILES)
+    base_models = {rec.base_model for rec, _ in ctx.listing.values() if bases.has_profile(rec.base_model)}
     candidates = [p for b in sorted(base_models) for p in bases.profile(b).reference_candidates(N_CANDIDATES)]
     if candidates:
         ctx.store.set_reference_prompts(select_reference_prompts(candidates, ctx.reference_count, embed))

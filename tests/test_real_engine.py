@@ -81,3 +81,29 @@ def test_the_merged_model_renders_and_a_mismatched_checkpoint_is_refused(world):
     with pytest.raises((MergeError, ValueError)) as exc:
         world["engine"].merged_base(recipe)
     assert "\n" not in str(exc.value)
+
+
+def test_a_real_base_profile_comes_from_the_users_folder(world, tmp_path, monkeypatch):
+    """DIFFGRAPH_BASE_SD15 names the user's base; published names map to the family; without
+    it, SD1.5 experts are refused with a line that says what to set."""
+    from diffgraph.tools import bases
+
+    monkeypatch.delenv("DIFFGRAPH_BASE_SD15", raising=False)
+    with pytest.raises(KeyError, match="DIFFGRAPH_BASE_SD15"):
+        bases.profile("SD 1.5")
+    assert not bases.has_profile("SD 1.5") and not bases.has_profile("SD 2.1")
+    folder = tmp_path / "my-sd15"
+    world["engine"].pipe.save_pretrained(str(folder))
+    monkeypatch.setenv("DIFFGRAPH_BASE_SD15", str(folder))
+    bases._engine.cache_clear()
+    try:
+        profile = bases.profile("SD 1.5")
+        assert profile.name == "sd15" and bases.has_profile("sd15")
+        refs, train = profile.reference_candidates(30), profile.training_prompts(20, 0)
+        assert len(refs) == 30 and len(train) == 20 and not set(refs) & set(train)
+        engine = bases.engine_for("SD 1.5")
+        assert engine is bases.engine_for("sd15")
+        image = engine.render(_recipe(world, None, 0.7))
+        assert np.asarray(image).std() > 0
+    finally:
+        bases._engine.cache_clear()

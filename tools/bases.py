@@ -7,6 +7,7 @@ reason, instead of being rendered on the wrong architecture.
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,19 +68,101 @@ PROFILES: dict[str, BaseProfile] = {
 }
 
 
+# Real base models: the user's own weights, named by DIFFGRAPH_BASE_<FAMILY> (a single-file
+# .safetensors as Civitai/A1111 ship it, or a diffusers folder). FLUX needs a T5 text encoder
+# that never comes in a single file, so it has no profile yet (docs/real-models.md).
+REAL_FAMILIES = ("sd15", "sdxl")
+REAL_PROMPTS = Path(__file__).parent / "prompts" / "real.txt"
+
+
+def _real_prompts() -> list[str]:
+    return [line.strip() for line in REAL_PROMPTS.read_text().splitlines() if line.strip()]
+
+
+N_REAL_REFERENCES = 30  # the first 30 shipped prompts are reference candidates, the rest train the planner
+
+
+def _real_training(n: int, seed: int) -> list[str]:
+    """The shipped prompts that are not reference candidates, shuffled by ``seed``."""
+    refs = set(_real_prompts()[:N_REAL_REFERENCES])
+    rest = [p for p in _real_prompts() if p not in refs]
+    random.Random(seed).shuffle(rest)
+    return rest[:n]
+
+
+def _real_engine(family: str, path: Path) -> Callable[[], object]:
+    def build():
+        import torch
+
+        from diffgraph.merger.engine import MergeEngine
+        from diffgraph.merger.real_pipelines import load_base
+        from diffgraph.settings import get_settings
+
+        device = get_settings().torch_device
+        dtype = torch.float16 if device.startswith("cuda") else torch.float32
+        return MergeEngine(load_base(path, family, dtype=dtype, device=device), cache_bytes=8 << 30)
+    return build
+
+
+def _real_suite():
+    from .scoring import get_suite
+
+    return get_suite("real")  # weights from DIFFGRAPH_METRICS_DIR or the HF cache; says what is missing
+
+
+def _real_profile(family: str) -> BaseProfile:
+    from diffgraph.merger.detect import LABELS
+
+    variable = f"DIFFGRAPH_BASE_{family.upper()}"
+    value = os.environ.get(variable)
+    if not value:
+        raise KeyError(f"{LABELS[family]} experts need your {LABELS[family]} base model: set {variable} to its "
+                       f"single-file .safetensors or diffusers folder (docs/real-models.md)")
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise KeyError(f"{variable} points at {path}, which does not exist")
+    return BaseProfile(family, _real_engine(family, path), _real_suite,
+                       lambda n: _real_prompts()[:min(n, N_REAL_REFERENCES)], _real_training)
+
+
 def profile(base_model: str) -> BaseProfile:
-    try:
+    """The profile of a base-model name as the catalog stores it ("miniworld-sd", "sd15",
+    "sdxl"; published names such as "SD 1.5" or "SDXL 1.0" map to their family)."""
+    if base_model in PROFILES:
         return PROFILES[base_model]
+    from diffgraph.merger.detect import family_of
+
+    family = family_of(base_model)
+    if family in PROFILES:
+        return PROFILES[family]
+    if family in REAL_FAMILIES:
+        return _real_profile(family)
+    raise KeyError(f"no base-model profile for {base_model!r} (known: {', '.join([*PROFILES, *REAL_FAMILIES])})")
+
+
+def has_profile(base_model: str) -> bool:
+    try:
+        profile(base_model)
     except KeyError:
-        raise KeyError(f"no base-model profile for {base_model!r} (known: {', '.join(PROFILES)})") from None
+        return False
+    return True
 
 
-@lru_cache(maxsize=4)
 def engine_for(base_model: str):
-    """One merge engine per base per process (it holds the pipeline and the merge caches)."""
-    return profile(base_model).engine()
+    """One merge engine per base per process (it holds the pipeline and the merge caches);
+    "SD 1.5" and "sd15" share one."""
+    return _engine(profile(base_model).name)
+
+
+def suite_for(base_model: str):
+    return _suite(profile(base_model).name)
 
 
 @lru_cache(maxsize=4)
-def suite_for(base_model: str):
-    return profile(base_model).suite()
+def _engine(name: str):
+    return profile(name).engine()
+
+
+@lru_cache(maxsize=4)
+def _suite(name: str):
+    return profile(name).suite()
