@@ -295,11 +295,14 @@ def chat(thread: str = typer.Option("default", "--thread", help="Conversation to
 def serve(
     host: str = typer.Option("127.0.0.1", help="Interface to bind (loopback by default)."),
     port: int = typer.Option(7860, help="Port to listen on."),
+    max_active: int = typer.Option(1, min=1, help="API image requests in progress at a time. 1: answered in arrival "
+                                   "order; 2: the next selects its experts while one renders (more throughput; "
+                                   "requests in progress together may finish out of order)."),
 ) -> None:
     """Web chat UI (Gradio) at / and the HTTP API (/v1/images/generations, OpenAI-compatible) on one server."""
     from diffgraph.agents.server import serve as run
 
-    run(host=host, port=port, console=console)
+    run(host=host, port=port, console=console, max_active=max_active)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -25,7 +25,7 @@ import re
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -75,48 +75,72 @@ class APIError(Exception):
 
 
 class GenerationQueue:
-    """Image requests, one at a time, first come first served.
+    """Image requests served first come, first served, ``max_active`` at a time (default one).
 
     Renders share one device (the engine's lock), but a threading.Lock hands itself to whoever
     asks first when it is free, not to whoever waited longest: a request for n=3 images lost
     the device between its images to five later single-image requests and finished last, and
-    under 16 clients the longest wait was 1.7 times the median (benchmarks/RESULTS.md). Here a
-    request waits on the event loop in an asyncio.Lock, which serves its waiters in the order
-    they came and lets no newcomer barge in; only then does it take a worker thread. A waiting
-    request holds no thread and little memory, and past ``max_waiting`` new ones are refused
-    at once. (The web UI's chat turns do not pass through here; they take the engine's lock.)"""
+    later requests overtook earlier ones under load (benchmarks/RESULTS.md). Here a request
+    waits on the event loop in a FIFO of futures and a freed slot is handed straight to the
+    oldest waiter, so no newcomer barges in; only then does it take a worker thread. A waiting
+    request holds no thread and little memory, and past ``max_waiting`` new ones are refused at
+    once. With ``max_active=1`` answers come back in arrival order; 2 lets the next request
+    select its experts while one renders (more throughput on the mini world, where selection is
+    a large share of a request) at the price of one more request's working memory and of order:
+    requests in progress side by side can finish out of order (a long one, n > 1, can be passed
+    by short ones admitted while it runs). (The web UI's chat turns do not pass through here;
+    they take the engine's lock.)"""
 
-    def __init__(self, max_waiting: int = MAX_WAITING):
-        self.max_waiting = max_waiting
-        self._lock = asyncio.Lock()
-        self.waiting = 0
+    def __init__(self, max_waiting: int = MAX_WAITING, max_active: int = 1):
+        if max_active < 1:
+            raise ValueError("max_active must be at least 1")
+        self.max_waiting, self.max_active = max_waiting, max_active
+        self._waiters: deque[asyncio.Future] = deque()
         self.active = 0
         self.served = 0
         self.refused = 0
 
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
     @asynccontextmanager
     async def turn(self):
         """Runs on the event loop (the counters need no lock there)."""
-        if self.waiting >= self.max_waiting:
-            self.refused += 1
-            raise APIError(503, f"the server is busy: {self.waiting} image requests are already waiting; retry shortly",
-                           kind="server_error", code="queue_full", headers={"Retry-After": "5"})
-        self.waiting += 1
-        try:
-            await self._lock.acquire()
-        finally:
-            self.waiting -= 1
-        self.active += 1
+        if self.active < self.max_active and not self._waiters:
+            self.active += 1
+        else:
+            if len(self._waiters) >= self.max_waiting:
+                self.refused += 1
+                raise APIError(503, f"the server is busy: {len(self._waiters)} image requests are already waiting; "
+                               "retry shortly", kind="server_error", code="queue_full", headers={"Retry-After": "5"})
+            slot = asyncio.get_running_loop().create_future()
+            self._waiters.append(slot)
+            try:
+                await slot  # resolved by _release, which has already counted this request as active
+            except asyncio.CancelledError:
+                if slot.done() and not slot.cancelled():  # given a slot, then cancelled: pass it on
+                    self._release()
+                elif slot in self._waiters:
+                    self._waiters.remove(slot)
+                raise
         try:
             yield
         finally:
-            self.active -= 1
             self.served += 1
-            self._lock.release()
+            self._release()
+
+    def _release(self) -> None:
+        while self._waiters:
+            slot = self._waiters.popleft()
+            if not slot.done():
+                slot.set_result(None)  # the slot goes to the oldest waiter directly; active stays the same
+                return
+        self.active -= 1
 
     def status(self) -> dict:
         return {"active": self.active, "waiting": self.waiting, "served": self.served, "refused": self.refused,
-                "max_waiting": self.max_waiting}
+                "max_active": self.max_active, "max_waiting": self.max_waiting}
 
 
 def _parse_size(size) -> tuple[int, int] | None:
@@ -222,12 +246,12 @@ class ImageAPI:
 
 
 def create_app(settings: Settings | None = None, *, agent: ChatAgent | None = None, ui: bool = True,
-               max_waiting: int = MAX_WAITING) -> FastAPI:
+               max_waiting: int = MAX_WAITING, max_active: int = 1) -> FastAPI:
     """The server's ASGI app (API routes first, then the Gradio UI mounted at /)."""
     settings = settings or get_settings()
     agent = agent or ChatAgent(settings)
     api = ImageAPI(agent.services)
-    queue = GenerationQueue(max_waiting)
+    queue = GenerationQueue(max_waiting, max_active)
     app = FastAPI(title="DiffGraph", version="1", docs_url="/v1/docs", openapi_url="/v1/openapi.json",
                   redoc_url=None)
     app.state.agent, app.state.api, app.state.queue = agent, api, queue
@@ -403,10 +427,11 @@ def build_ui(agent: ChatAgent):
     return blocks
 
 
-def serve(host: str = "127.0.0.1", port: int = 7860, settings: Settings | None = None, console=None) -> None:
+def serve(host: str = "127.0.0.1", port: int = 7860, settings: Settings | None = None, console=None,
+          max_active: int = 1) -> None:
     import uvicorn
 
-    app = create_app(settings)
+    app = create_app(settings, max_active=max_active)
     if console is not None:
         agent = app.state.agent if hasattr(app, "state") and hasattr(app.state, "agent") else None
         console.print(f"DiffGraph on http://{host}:{port}/  (web UI)  ·  API: POST http://{host}:{port}/v1/images/generations"

@@ -16,6 +16,11 @@ then finish. Recorded per client count:
 - fairness: requests answered per client (min/max, Jain's index) and FIFO overtakes: pairs
   where a request sent at least 50 ms after another was answered before it (0 when requests
   are served in arrival order).
+
+--no-fifo serves the same app with its GenerationQueue turned into a pass-through, i.e. the
+server as it was before requests were queued in arrival order (renders then only wait for the
+engine's threading.Lock), for an A/B comparison on the same machine; --max-active 2 runs
+`diffgraph serve --max-active 2` (one request selecting experts while another renders).
 """
 
 from __future__ import annotations
@@ -75,16 +80,32 @@ def build_home(home: Path) -> None:
         raise SystemExit(f"the GCA pass did not activate the 22 mini-world experts: {result}")
 
 
+NO_FIFO_SERVER = """
+import contextlib, sys, uvicorn
+from diffgraph.agents.server import create_app
+
+app = create_app()
+
+@contextlib.asynccontextmanager
+async def turn():  # no queue: every request goes straight to a worker thread
+    yield
+
+app.state.queue.turn = turn
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+"""
+
+
 class Server:
     """`diffgraph serve` in a child process on a free loopback port."""
 
-    def __init__(self, home: Path, log: Path):
+    def __init__(self, home: Path, log: Path, max_active: int = 1, fifo: bool = True):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "DIFFGRAPH_HOME": str(home)}
         self._log = open(log, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "diffgraph.agents.cli", "serve", "--host", "127.0.0.1",
-                                      "--port", str(self.port)], env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        cmd = ([sys.executable, "-m", "diffgraph.agents.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+                "--max-active", str(max_active)] if fifo else [sys.executable, "-c", NO_FIFO_SERVER, str(self.port)])
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout_s: float = 300) -> None:
         import httpx
@@ -201,6 +222,8 @@ def summarise(records: list[dict], rss: list[tuple[float, float]], clients: int,
 def main(clients: List[int] = typer.Option([8, 16], "--clients", help="concurrent clients (repeatable)"),
          duration: float = typer.Option(60.0, help="seconds each client keeps sending"),
          home: Optional[Path] = typer.Option(None, help="a DIFFGRAPH_HOME with the mini world's graph (default: build one)"),
+         no_fifo: bool = typer.Option(False, "--no-fifo", help="without the arrival-order queue (A/B)"),
+         max_active: int = typer.Option(1, help="requests in progress at a time (the server's default: 1)"),
          out: Path = typer.Option(Path("benchmarks/results/load.json"))) -> None:
     import httpx
 
@@ -211,7 +234,7 @@ def main(clients: List[int] = typer.Option([8, 16], "--clients", help="concurren
         t0 = time.perf_counter()
         build_home(home)
         console.print(f"  done in {time.perf_counter() - t0:.0f} s")
-    server = Server(home, Path(tmp.name) / "server.log")
+    server = Server(home, Path(tmp.name) / "server.log", max_active=max_active, fifo=not no_fifo)
     results = []
     try:
         server.wait_ready()
@@ -233,8 +256,9 @@ def main(clients: List[int] = typer.Option([8, 16], "--clients", help="concurren
         server.stop()
         tmp.cleanup()
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"duration_s": duration, "cpus": os.cpu_count(), "loadavg": os.getloadavg(),
-                               "runs": results}, indent=1))
+    out.write_text(json.dumps({"duration_s": duration, "fifo_queue": not no_fifo, "max_active": max_active,
+                               "cpus": os.cpu_count(),
+                               "loadavg": os.getloadavg(), "runs": results}, indent=1))
 
 
 if __name__ == "__main__":

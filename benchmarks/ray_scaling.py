@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import socket
 import statistics
 import tempfile
@@ -61,11 +62,13 @@ def main(experts: int = typer.Option(6, help="E: experts calibrated per run"),
          cpus: int = typer.Option(2, help="CPUs of the local cluster (without --address)"),
          address: Optional[str] = typer.Option(None, help="an existing Ray cluster instead of a local one"),
          out: Path = typer.Option(Path("benchmarks/results/ray_scaling.json"))) -> None:
+    scratch: list[str] = []  # Ray's HOME and session folder, removed at the end
     if address is None:
         if {name for _, name in socket.if_nameindex()} - {"lo"}:
             raise SystemExit("refusing to start Ray outside a loopback-only network namespace: run "
                              "unshare -n bash -c 'ip link set lo up && python -m diffgraph.benchmarks.ray_scaling'")
         ray_home = Path(tempfile.mkdtemp(prefix="dg-ray-home-"))
+        scratch.append(str(ray_home))
         (ray_home / "ray_bootstrap_config.yaml").write_text("provider: {type: local}\n")
         os.environ["HOME"] = str(ray_home)
         os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
@@ -91,8 +94,9 @@ def main(experts: int = typer.Option(6, help="E: experts calibrated per run"),
                   f"(CPU {cpu_local / renders:.3f} s per render)")
 
     if address is None:
+        scratch.append(tempfile.mkdtemp(prefix="dgray-", dir="/tmp"))  # short: unix socket paths are limited
         ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
-                 _temp_dir=tempfile.mkdtemp(prefix="dgray-", dir="/tmp"))
+                 _temp_dir=scratch[-1])
     else:
         ray.init(address=address, log_to_driver=False)
     runs: dict[int, list[dict]] = {1: [], 2: []}
@@ -118,6 +122,8 @@ def main(experts: int = typer.Option(6, help="E: experts calibrated per run"),
                               f"render, {cpu / seconds:.2f} cores used); scores equal in-process")
     finally:
         ray.shutdown()
+        for folder in scratch:
+            shutil.rmtree(folder, ignore_errors=True)
     t1 = statistics.median(r["seconds"] for r in runs[1])
     t2 = statistics.median(r["seconds"] for r in runs[2])
     result = {

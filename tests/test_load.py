@@ -163,3 +163,66 @@ def _closed_loop(url: str, clients: int, seconds: float) -> tuple[list[int], lis
     for thread in threads:
         thread.join(timeout=600)
     return counts, errors, first_urls[0] if first_urls else ""
+
+
+def test_generation_queue_hands_slots_to_the_oldest_waiter():
+    """The queue itself, without a server: arrival order, the max_active bound, a waiter that is
+    cancelled before or after it was handed a slot, and refusal past max_waiting."""
+    import asyncio
+
+    from diffgraph.agents.server import APIError, GenerationQueue
+
+    async def scenario(max_active: int):
+        queue = GenerationQueue(max_waiting=6 - max_active, max_active=max_active)
+        started, most_active = [], 0
+        gate = asyncio.Event()
+
+        async def request(tag):
+            nonlocal most_active
+            async with queue.turn():
+                started.append(tag)
+                most_active = max(most_active, queue.active)
+                await gate.wait()
+
+        tasks = []
+        for tag in range(6):  # 0 .. max_active-1 start at once, the rest wait in arrival order
+            tasks.append(asyncio.create_task(request(tag)))
+            await asyncio.sleep(0)
+        assert queue.waiting == 6 - max_active
+        with pytest.raises(APIError) as refused:
+            async with queue.turn():
+                pass
+        assert refused.value.status == 503 and queue.refused == 1
+        tasks[max_active].cancel()  # cancelled while waiting: leaves the line
+        await asyncio.sleep(0)
+        gate.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        assert started == [t for t in range(6) if t != max_active]
+        assert most_active == max_active and queue.status()["active"] == 0 and queue.waiting == 0
+
+        # handed a slot, then cancelled before it could run: the slot goes on to the next waiter
+        hold = asyncio.Event()
+        order = []
+
+        async def quick(tag):
+            async with queue.turn():
+                order.append(tag)
+
+        async def holder():
+            async with queue.turn():
+                await hold.wait()
+
+        holders = [asyncio.create_task(holder()) for _ in range(max_active)]
+        await asyncio.sleep(0)
+        b, c = asyncio.create_task(quick("b")), None
+        await asyncio.sleep(0)
+        c = asyncio.create_task(quick("c"))
+        await asyncio.sleep(0)
+        hold.set()
+        await asyncio.sleep(0)  # a holder leaves and hands its slot to b, which has not run yet
+        b.cancel()
+        await asyncio.gather(*holders, b, c, return_exceptions=True)
+        assert order == ["c"] and queue.active == 0 and queue.waiting == 0
+
+    asyncio.run(scenario(1))
+    asyncio.run(scenario(2))
