@@ -244,7 +244,8 @@ def build_graph(ctx: Context, checkpointer=None):
         job = CalibrationJob(row.base_model, row.kind, expert_id, str(Path(weights.local_path)), weights.sha256)
         try:  # in this process, or fanned out over Ray when DIFFGRAPH_RAY_ADDRESS is set
             vectors = calibrate_experts([job], [p.text for p in prompts], CALIBRATION_SEEDS,
-                                        ray_address=ctx.settings.ray_address, workers=ctx.settings.ray_workers)[0]
+                                        ray_address=ctx.settings.ray_address, workers=ctx.settings.ray_workers,
+                                        gpus_per_worker=ctx.settings.ray_gpus_per_worker)[0]
         except MergeError as exc:
             return _fail(ctx, state, expert_id, "rejected", str(exc))
         return {"calibration": [[p.id, v] for p, v in zip(prompts, vectors)]}

@@ -30,6 +30,7 @@ class Settings:
     db_url: str | None = None
     ray_address: str | None = None  # calibration fans out over this Ray cluster when set
     ray_workers: int | None = None  # calibration actors on it (default: its CPUs / torch threads)
+    ray_gpus_per_worker: float = 0.0  # > 0: each calibration actor reserves this share of a GPU and renders on it
     device: str = "auto"
     allow_pickle: bool = False
     reference_prompts: int = 12  # N_r, reference prompts chosen when a graph is first built
@@ -62,6 +63,7 @@ def get_settings() -> Settings:
         db_url=_env("DB_URL"),
         ray_address=_env("RAY_ADDRESS"),
         ray_workers=int(_env("RAY_WORKERS")) if _env("RAY_WORKERS") else None,
+        ray_gpus_per_worker=float(_env("RAY_GPUS_PER_WORKER", "0")),
         device=_env("DEVICE", "auto"),
         allow_pickle=_env("ALLOW_PICKLE", "0") in ("1", "true", "yes"),
         miniworld_port=int(_env("MINIWORLD_PORT", "8765")),

@@ -124,14 +124,17 @@ def calibrate(engine, suite, base_model: str, kind: str, name: str, path: Path, 
 
 
 def calibrate_experts(jobs: Sequence[CalibrationJob], prompts: list[str], seeds: tuple[int, ...] = (0,), *,
-                      ray_address: str | None = None, workers: int | None = None) -> list[list[list[float]]]:
+                      ray_address: str | None = None, workers: int | None = None,
+                      gpus_per_worker: float = 0.0) -> list[list[list[float]]]:
     """Score vectors of each expert on each reference prompt: ``result[j][p]`` for ``jobs[j]``
     and ``prompts[p]``. In this process with the base's one engine, or over Ray when
-    ``ray_address`` is set (``workers`` actors; default: as many as the cluster's CPUs allow)."""
+    ``ray_address`` is set (``workers`` actors; default: as many as the cluster's CPUs allow;
+    ``gpus_per_worker`` > 0 gives each actor its share of a GPU, which it then renders on)."""
     if ray_address:
         from .ray_calibrate import calibrate_on_ray
 
-        return calibrate_on_ray(jobs, prompts, seeds, address=ray_address, workers=workers)
+        return calibrate_on_ray(jobs, prompts, seeds, address=ray_address, workers=workers,
+                                gpus_per_worker=gpus_per_worker)
     from . import bases
 
     return [calibrate(bases.engine_for(j.base_model), bases.suite_for(j.base_model), j.base_model, j.kind, j.name,

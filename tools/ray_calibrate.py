@@ -184,16 +184,16 @@ def _drop(pool: RayCalibrationPool) -> None:
     pool.close()
 
 
-def get_pool(workers: int | None = None, threads: int | None = None) -> RayCalibrationPool:
+def get_pool(workers: int | None = None, threads: int | None = None, gpus_per_worker: float = 0.0) -> RayCalibrationPool:
     """The pool for this cluster and shape, made once and kept (actors keep their engines warm)."""
     import ray
     import torch
 
-    key = (ray.get_runtime_context().gcs_address, workers, threads or torch.get_num_threads())
+    key = (ray.get_runtime_context().gcs_address, workers, threads or torch.get_num_threads(), gpus_per_worker)
     for other in [k for k in _POOLS if k[0] != key[0]]:  # a pool on a cluster this driver has left
         del _POOLS[other]
     if key not in _POOLS:
-        _POOLS[key] = RayCalibrationPool(workers, threads)
+        _POOLS[key] = RayCalibrationPool(workers, threads, gpus_per_worker)
     return _POOLS[key]
 
 
@@ -204,6 +204,6 @@ def shutdown_pools() -> None:
 
 
 def calibrate_on_ray(jobs: Sequence[CalibrationJob], prompts: list[str], seeds: tuple[int, ...] = (0,), *,
-                     address: str, workers: int | None = None) -> list[list[list[float]]]:
+                     address: str, workers: int | None = None, gpus_per_worker: float = 0.0) -> list[list[list[float]]]:
     connect(address)
-    return get_pool(workers).run(jobs, prompts, seeds)
+    return get_pool(workers, gpus_per_worker=gpus_per_worker).run(jobs, prompts, seeds)
