@@ -95,7 +95,7 @@ def miniworld_build(
     only_scorers: bool = typer.Option(False, "--only-scorers", help="Retrain only the scorers of an existing build."),
     only_experts: bool = typer.Option(False, "--only-experts", help="Retrain only the experts of an existing build."),
 ) -> None:
-    """Train the whole mini world from seeds (base, experts, scorers): about 50 minutes on 2 CPU cores."""
+    """Train the whole mini world from seeds (base, experts, scorers): 110 minutes measured on 2 busy CPU cores."""
     from diffgraph.miniworld.build import ARTIFACTS, BuildConfig, artifact_bytes, build, rebuild_experts, rebuild_scorers
 
     target = out or ARTIFACTS
