@@ -133,7 +133,10 @@ class MergeEngine:
         from .detect import detect_base
         from .ldm_keys import ldm_to_diffusers
 
-        parts = ldm_to_diffusers(load_file(str(path)), detect_base(path), self._configs())
+        try:
+            parts = ldm_to_diffusers(load_file(str(path)), detect_base(path), self._configs())
+        except ValueError as exc:  # undetectable, another family, or tensors no rule accounts for
+            raise MergeError(f"{path.name}: its tensors do not match the base model's architecture ({exc})") from None
         return {f"{c}.{k}": v for c, state in parts.items() for k, v in state.items()}
 
     def _configs(self) -> dict[str, dict]:
