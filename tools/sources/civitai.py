@@ -11,7 +11,6 @@ map to experts.
 from __future__ import annotations
 
 import logging
-import os
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ from diffgraph.graph_store.records import ExpertFile, ExpertRecord
 from .base import Since, as_utc, newest
 from .download import ContentStore
 from .errors import ApiError
-from .http import Api, RetryPolicy
+from .http import HubSource
 
 DEFAULT_URL = "https://civitai.com"
 TOKEN_ENV = "DIFFGRAPH_CIVITAI_TOKEN"
@@ -31,21 +30,14 @@ LICENSE_FIELDS = ("allowNoCredit", "allowCommercialUse", "allowDerivatives", "al
 log = logging.getLogger(__name__)
 
 
-class CivitaiSource:
+class CivitaiSource(HubSource):
     """Civitai at ``base_url`` (the real site by default). The API token is ``token``, or
     DIFFGRAPH_CIVITAI_TOKEN when ``token`` is None ("" sends none); it goes as a Bearer
     header to that host only."""
 
     name = "civitai"
-
-    def __init__(self, base_url: str | None = None, *, token: str | None = None,
-                 retry: RetryPolicy | None = None):
-        token = os.environ.get(TOKEN_ENV) if token is None else token
-        self.api = Api(self.name, base_url or DEFAULT_URL, token=token, retry=retry)
-
-    @property
-    def base_url(self) -> str:
-        return self.api.base_url
+    default_url = DEFAULT_URL
+    token_env = TOKEN_ENV
 
     def iter_models(self, *, types: Iterable[str] = ("LORA", "Checkpoint"),
                     base_models: Iterable[str] | None = None, since: Since = None,

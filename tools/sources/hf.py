@@ -10,7 +10,6 @@ incremental run stop at the first repo older than ``since`` instead of walking t
 from __future__ import annotations
 
 import logging
-import os
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
@@ -21,7 +20,7 @@ from diffgraph.graph_store.records import ExpertFile, ExpertRecord
 from .base import Since, as_utc, newest
 from .download import PICKLE_SUFFIXES, ContentStore
 from .errors import ApiError
-from .http import Api, RetryPolicy
+from .http import HubSource
 
 DEFAULT_URL = "https://huggingface.co"
 TOKEN_ENV = "DIFFGRAPH_HF_TOKEN"
@@ -30,21 +29,14 @@ _LORA_NAME = re.compile(r"(^|[^a-z])lora([^a-z]|$)")  # "pytorch_lora_weights", 
 log = logging.getLogger(__name__)
 
 
-class HFSource:
+class HFSource(HubSource):
     """The Hub at ``base_url`` (the real one by default). The token is ``token``, or
     DIFFGRAPH_HF_TOKEN when ``token`` is None ("" sends none); it goes as a Bearer header to
     that host only."""
 
     name = "hf"
-
-    def __init__(self, base_url: str | None = None, *, token: str | None = None,
-                 retry: RetryPolicy | None = None):
-        token = os.environ.get(TOKEN_ENV) if token is None else token
-        self.api = Api(self.name, base_url or DEFAULT_URL, token=token, retry=retry)
-
-    @property
-    def base_url(self) -> str:
-        return self.api.base_url
+    default_url = DEFAULT_URL
+    token_env = TOKEN_ENV
 
     def iter_models(self, *, filter_tags: Iterable[str] = ("text-to-image",), base_model: str | None = None,
                     since: Since = None, limit: int = 100) -> Iterator[ExpertRecord]:

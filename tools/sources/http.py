@@ -13,6 +13,7 @@ a CDN): the published sha256 decides what is kept, and the token is never sent t
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -202,3 +203,22 @@ class Api:
 
     def close(self) -> None:
         self.client.close()
+
+
+class HubSource:
+    """What the Civitai and Hugging Face clients share: one ``Api`` at ``base_url`` (the
+    public site by default) and a token, ``token`` or the ``token_env`` variable when None
+    ("" sends none), sent as a Bearer header to that host only."""
+
+    name = ""
+    default_url = ""
+    token_env = ""
+
+    def __init__(self, base_url: str | None = None, *, token: str | None = None,
+                 retry: RetryPolicy | None = None):
+        token = os.environ.get(self.token_env) if token is None else token
+        self.api = Api(self.name, base_url or self.default_url, token=token, retry=retry)
+
+    @property
+    def base_url(self) -> str:
+        return self.api.base_url
