@@ -61,9 +61,12 @@ def _small_mappings(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("read_mode", ["mmap", "pread"])
-def test_streamed_sum_equals_naive_fp32_arithmetic(tmp_path, dtype, read_mode):
+@pytest.mark.parametrize("read_mode", ["auto", "auto-on-disk", "mmap", "pread"])
+def test_streamed_sum_equals_naive_fp32_arithmetic(tmp_path, dtype, read_mode, monkeypatch):
     paths = [_checkpoint(tmp_path / f"c{i}.safetensors", i, dtype) for i in range(3)]
+    if read_mode == "auto-on-disk":  # as if no page were cached: "auto" then reads with pread
+        monkeypatch.setattr(stream._MADVISE, "resident", lambda mm: False)
+        read_mode = "auto"
     # tiny chunks and a tiny prefetch window: every tensor is split and reads queue behind the sum
     merged = stream_merge(list(zip(paths, WEIGHTS)), read_mode=read_mode, chunk_elems=64, prefetch_bytes=256)
     naive, unfused = _naive(paths, WEIGHTS, dtype), _naive(paths, WEIGHTS, dtype, fused=False)
