@@ -583,4 +583,4 @@ def test_an_api_file_name_with_dotdot_is_rejected_and_nothing_escapes(bad, fake,
     assert_only(before, after, f"civitai:{model_id}")
     assert after.blobs == before.blobs
     assert not [p for p in fake.paths if p.startswith("/files/")]  # refused before a byte was fetched
-    assert not list(bad.home.parent.parent.rglob("evil.safetensors")  # the name it tried to escape with)
+    assert not list(bad.home.parent.parent.rglob("evil.safetensors"))  # the name it tried to escape with
