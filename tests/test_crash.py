@@ -231,6 +231,18 @@ def crashed_home(forkserver, artifacts_dir, tmp_path_factory):
     yield home, kills, notes
 
 
+def _kill(child, cut, rng, max_delay: float) -> float:
+    """SIGKILL ``child`` after a random run of up to ``max_delay`` s, or, when it was given a
+    ``cut``, wait for it to kill itself inside that write. Returns the delay (0 for a cut)."""
+    if cut is not None:
+        child.process.join(timeout=120)
+        assert child.process.exitcode == -signal.SIGKILL and "dying inside a write" in child.text(), child.text()
+        return 0.0
+    delay = rng.uniform(0.0, max_delay)
+    assert child.run_for(delay), child.text()[-2000:]
+    return delay
+
+
 def test_gca_passes_survive_sigkill(crashed_home):
     _, kills, notes = crashed_home
     print(f"\nGCA: {kills} kills survived\n  " + "\n  ".join(notes))
@@ -249,13 +261,7 @@ def test_graph_exports_survive_sigkill(crashed_home, forkserver, rng, tmp_path):
         cut = (rng.randrange(4 * 3), rng.uniform(0.05, 0.95)) if i >= KILLS["export"] - CUT_KILLS else None
         child = Child(forkserver, crash_children.export, (str(home), str(target), cut), tmp_path / f"export-{i}.log")
         child.wait_for("ready")
-        if cut is None:
-            delay = rng.uniform(0.0, 2.5)
-            assert child.run_for(delay), child.text()[-2000:]
-        else:
-            child.process.join(timeout=120)
-            assert child.process.exitcode == -signal.SIGKILL and "dying inside a write" in child.text(), child.text()
-            delay = 0.0
+        delay = _kill(child, cut, rng, 2.5)
         kills += 1
         done = child.text().count("export ")
         for path in target.iterdir() if target.exists() else []:
@@ -328,12 +334,7 @@ def test_image_writes_survive_sigkill(crashed_home, forkserver, rng, tmp_path):
         child = Child(forkserver, crash_children.resize_writes, (str(png), cut), tmp_path / f"writes-{i}.log")
         if cut is None:
             child.wait_for("write 1\n")
-            delay = rng.uniform(0.0, 1.0)
-            assert child.run_for(delay), child.text()[-2000:]
-        else:
-            child.process.join(timeout=120)
-            assert child.process.exitcode == -signal.SIGKILL and "dying inside a write" in child.text(), child.text()
-            delay = 0.0
+        delay = _kill(child, cut, rng, 1.0)
         kills += 1
         assert png.read_bytes() in versions.values(), "a PNG under its final name is not one whole version"
         _png_whole(png)
