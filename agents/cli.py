@@ -259,7 +259,13 @@ def gca_run(
     source: list[str] = typer.Option(..., "--source", help="civitai[:URL], hf[:URL], local:DIR or miniworld (repeatable)."),
     no_browser: bool = typer.Option(False, "--no-browser", help="Describe from API fields only (no Chromium)."),
 ) -> None:
-    """One pass: discover, read homepages, describe, register, calibrate; resumes a killed pass."""
+    """One pass: discover, read homepages, describe, register, calibrate; resumes a killed pass.
+
+    Exit code 1 if a source could not be listed (after the others are crawled and stored):
+    the graph is stale for that source, and cron, systemd or CI must notice.
+    A rejected or failed expert is not an error: it is recorded with its reason and retried later."""
+    from rich.markup import escape
+
     from diffgraph.agents.gca import GCABusy, run_pass
 
     try:
@@ -269,6 +275,10 @@ def gca_run(
     console.print(result["counts"])
     for failure in result["failures"]:
         console.print(f"  [yellow]{failure}")
+    for error in result["source_errors"]:
+        console.print(f"[red]error:[/] {escape(error)}")
+    if result["source_errors"]:
+        raise typer.Exit(1)
 
 
 @gca_app.command("watch")

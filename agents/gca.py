@@ -9,6 +9,10 @@ on the reference prompts and scored (calibration) before it becomes active. The 
 only ids and small dicts; records are looked up in this process's fresh listing, so a resumed
 run uses the sources' current URLs. Every store write is idempotent, so a node re-run after a
 kill duplicates nothing; the SQLite checkpointer (durability "sync") makes the kill resumable.
+
+A source whose listing fails (a dead endpoint, a refused answer, an unreadable folder) does not
+end the pass: the other sources are crawled, nothing of that source's name is swept, and the
+run is recorded "partial" ("failed" if no source could be listed) with one line per source.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import TypedDict
 from urllib.parse import urlparse
 
 from rich.console import Console
+from rich.markup import escape
 
 from diffgraph.graph_store.records import ExpertFile, ExpertRecord
 from diffgraph.graph_store.store import GraphStore
@@ -44,13 +49,26 @@ class GCAState(TypedDict, total=False):
     registration: dict | None
     calibration: list | None
     listed: list[str]  # every id the sources listed (for the removal sweep)
-    listing_complete: bool
+    unswept: list[str]  # source names whose listing failed: the sweep spares their experts
+    source_errors: list[str]  # one line per source whose listing failed
     counts: dict
     failures: list[str]
 
 
 class GCABusy(RuntimeError):
     """Another GCA run holds the store's lock."""
+
+
+@dataclass(frozen=True)
+class ListingFailure:
+    """A source whose listing failed in this process."""
+
+    spec: str  # as given to the pass
+    source: str  # the name its experts carry (ExpertRecord.source)
+    reason: str  # one line
+
+    def __str__(self) -> str:
+        return f"{self.spec}: listing failed: {self.reason}"
 
 
 @dataclass
@@ -61,6 +79,7 @@ class Context:
     settings: Settings
     sources: list
     listing: dict[str, tuple[ExpertRecord, object]] = field(default_factory=dict)  # id -> (record, source)
+    listing_failures: list[ListingFailure] = field(default_factory=list)
     reader: object | None = None
     llm: object | None = None
     console: Console = field(default_factory=Console)
@@ -133,13 +152,32 @@ def recover_interrupted_runs(store: GraphStore, lock: RunLock, resuming: int | N
     return interrupted
 
 
+def _one_line(reason: object) -> str:
+    return " ".join(str(reason).split())[:300]
+
+
 def _fail(ctx: Context, state: GCAState, expert_id: str, status: str, reason: str) -> dict:
-    reason = " ".join(str(reason).split())[:300]
+    reason = _one_line(reason)
     ctx.store.set_status(expert_id, status, reason)
     ctx.console.print(f"  [red]{status}[/] {expert_id}: {reason}")
     counts = dict(state.get("counts", {}))
     counts[status] = counts.get(status, 0) + 1
     return {"current": None, "counts": counts, "failures": [*state.get("failures", []), f"{expert_id}: {reason}"]}
+
+
+def _skip_unlisted(ctx: Context, expert_id: str) -> dict:
+    """A queued expert that this process's listing lacks (a resumed pass whose source cannot be
+    listed now, or that no longer publishes it) is left as it is for a later pass: failing it
+    would count an attempt against the expert for its source's fault."""
+    ctx.console.print(f"  [yellow]skipped[/] {expert_id}: not listed by its source in this run; left for a later pass")
+    return {"current": None}
+
+
+def _record(ctx: Context, expert_id: str) -> ExpertRecord:
+    """The expert's record from this process's listing or, on a pass resumed past its download
+    while its source cannot be listed, the one the catalog holds."""
+    listed = ctx.listing.get(expert_id)
+    return listed[0] if listed else ctx.store.catalog.get(expert_id).record()
 
 
 def _needs_work(ctx: Context, record: ExpertRecord) -> bool:
@@ -161,7 +199,9 @@ def build_graph(ctx: Context, checkpointer=None):
             ctx.store.upsert_expert(ctx.listing[i][0])
         _ensure_reference_prompts(ctx)
         ctx.console.print(f"GCA: {len(ids)} experts listed, {len(queue)} to process")
-        return {"queue": queue, "listed": ids, "counts": {"listed": len(ids)}, "failures": []}
+        return {"queue": queue, "listed": ids, "counts": {"listed": len(ids)}, "failures": [],
+                "unswept": sorted({f.source for f in ctx.listing_failures}),
+                "source_errors": [str(f) for f in ctx.listing_failures]}
 
     def next_expert(state: GCAState) -> dict:
         queue = list(state.get("queue", []))
@@ -170,6 +210,8 @@ def build_graph(ctx: Context, checkpointer=None):
 
     def fetch(state: GCAState) -> dict:
         expert_id = state["current"]
+        if expert_id not in ctx.listing:
+            return _skip_unlisted(ctx, expert_id)
         record, source = ctx.listing[expert_id]
         from diffgraph.merger.detect import UNKNOWN, BaseMismatchError, reconcile_base
         from diffgraph.tools import bases
@@ -208,7 +250,7 @@ def build_graph(ctx: Context, checkpointer=None):
         return {}
 
     def read(state: GCAState) -> dict:
-        record, _ = ctx.listing[state["current"]]
+        record = _record(ctx, state["current"])
         if not record.homepage_url or ctx.reader is None:
             return {"page": None}
         from diffgraph.tools.browser import PageError
@@ -222,7 +264,7 @@ def build_graph(ctx: Context, checkpointer=None):
     def describe(state: GCAState) -> dict:
         from diffgraph.tools.browser import PageReading
 
-        record, _ = ctx.listing[state["current"]]
+        record = _record(ctx, state["current"])
         page = PageReading.from_dict(state["page"]) if state.get("page") else None
         reg = register(record, page, ctx.llm)
         return {"registration": {"description": reg.description, "text": reg.text, "brain": reg.brain,
@@ -267,8 +309,9 @@ def build_graph(ctx: Context, checkpointer=None):
 
     def sweep(state: GCAState) -> dict:
         listed = set(state.get("listed", []))
-        # a source that lists only some of its site's experts (one URL or path) sweeps nothing
-        source_names = {s.name for s in ctx.sources if getattr(s, "sweeps", True)}
+        # A source that lists only some of its site's experts (one URL or path) sweeps nothing, nor
+        # does one whose listing failed; rows carry only the name, so all sources of that name are spared.
+        source_names = {s.name for s in ctx.sources if getattr(s, "sweeps", True)} - set(state.get("unswept", []))
         removed = 0
         for row in ctx.store.catalog.list_experts():
             if row.source in source_names and row.id not in listed and row.status != "removed":
@@ -310,12 +353,31 @@ def _ensure_reference_prompts(ctx: Context) -> None:
         ctx.store.set_reference_prompts(select_reference_prompts(candidates, ctx.reference_count, embed))
 
 
-def _list_sources(sources) -> dict[str, tuple[ExpertRecord, object]]:
-    listing = {}
-    for source in sources:
-        for record in source.iter_models():
-            listing[record.id] = (record, source)
-    return listing
+def _list_sources(sources: list[tuple[str, object]], console: Console
+                  ) -> tuple[dict[str, tuple[ExpertRecord, object]], list[ListingFailure]]:
+    """Every record the (spec, source) pairs list, and the sources whose listing failed. A failure
+    (SourceError: a dead or refusing API; OSError: an unreadable folder) is that source's alone:
+    the others are still listed, and its records listed before the failure are kept, each whole."""
+    from diffgraph.tools.sources import SourceError
+
+    listing, failures = {}, []
+    for spec, source in sources:
+        try:
+            for record in source.iter_models():
+                listing[record.id] = (record, source)
+        except (SourceError, OSError) as exc:
+            failure = ListingFailure(spec, source.name, _one_line(exc) or type(exc).__name__)
+            console.print(f"  [red]source failed[/] {escape(str(failure))}")
+            failures.append(failure)
+    return listing, failures
+
+
+def _run_status(source_errors: list[str], failures: list[ListingFailure], sources: list) -> str:
+    """How the run is recorded: "completed", "partial" when a source could not be listed (in this
+    process or when the pass began), or "failed" when none could be listed."""
+    if failures and len(failures) == len(sources):
+        return "failed"
+    return "partial" if source_errors else "completed"
 
 
 def _allowed_hosts(sources) -> set[str]:
@@ -330,7 +392,10 @@ def _allowed_hosts(sources) -> set[str]:
 
 def run_pass(specs: list[str], settings: Settings | None = None, console: Console | None = None,
              thread: str | None = None, read_pages: bool = True) -> dict:
-    """One GCA pass over the given source specs; resumes an interrupted pass of the same thread."""
+    """One GCA pass over the given source specs; resumes an interrupted pass of the same thread.
+    A spec that is malformed or cannot be opened (a missing folder) raises before any work; a
+    source whose listing fails is reported in ``source_errors``, one line each, and the pass
+    goes on with the others."""
     from langgraph.checkpoint.sqlite import SqliteSaver
 
     from diffgraph.tools.sources import open_sources
@@ -341,10 +406,12 @@ def run_pass(specs: list[str], settings: Settings | None = None, console: Consol
     with ExitStack() as stack:
         lock = stack.enter_context(store_lock(settings.home))
         store = stack.enter_context(GraphStore.open(settings.home, db_url=settings.db_url, chroma_url=settings.chroma_url))
-        sources = [s for spec in specs for s in stack.enter_context(open_sources(spec, hub_port=settings.miniworld_port))]
+        opened = [(spec, source) for spec in specs
+                  for source in stack.enter_context(open_sources(spec, hub_port=settings.miniworld_port))]
+        sources = [s for _, s in opened]
         ctx = Context(store=store, settings=settings, sources=sources, console=console, llm=chat_model(settings),
                       reference_count=settings.reference_prompts)
-        ctx.listing = _list_sources(sources)
+        ctx.listing, ctx.listing_failures = _list_sources(opened, console)
         if read_pages:
             from diffgraph.tools.browser import HomepageReader
 
@@ -365,10 +432,13 @@ def run_pass(specs: list[str], settings: Settings | None = None, console: Consol
         console.print(f"GCA run {run_id} ({'resuming' if resuming else 'new'}; brain: {'llm' if ctx.llm else 'offline'})")
         final = graph.invoke(None if resuming else {"run_id": run_id}, config, durability="sync")
         counts = final.get("counts", {})
-        store.catalog.finish_run(run_id, "completed", counts,
-                                 "; ".join(final.get("failures", []))[:2000] or None)
+        # the sources that failed when the pass began (its listing decided the queue) and now
+        source_errors = list(dict.fromkeys([*final.get("source_errors", []), *map(str, ctx.listing_failures)]))
+        store.catalog.finish_run(run_id, _run_status(source_errors, ctx.listing_failures, sources), counts,
+                                 "; ".join([*source_errors, *final.get("failures", [])])[:2000] or None)
         lock.record(None)
-        return {"run_id": run_id, "counts": counts, "failures": final.get("failures", []), "resumed": resuming}
+        return {"run_id": run_id, "counts": counts, "failures": final.get("failures", []),
+                "source_errors": source_errors, "resumed": resuming}
 
 
 def watch(specs: list[str], interval_s: float, passes: int = 0, console: Console | None = None,

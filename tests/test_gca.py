@@ -15,6 +15,9 @@ Issue 3's "Done when", for the GCA:
 - bad input, one test each: the expert ends rejected or failed with a one-line reason and
   nothing else in the store changes (a homepage full of injected instructions and an API
   answering 429, 500, then JSON are not the expert's fault: it ends active, cleanly described).
+- a source whose endpoint is dead, beside a working one: the working one's experts are
+  registered, the dead one is one line in the result, the run record, the console and the
+  CLI's exit code, and nothing it could not list is swept, on a new pass or a resumed one.
 
 Kept fast with N_r = 3 and 2-3 experts per hub; the crash test runs the real CLI in subprocesses.
 """
@@ -28,6 +31,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sqlite3
 import struct
 import subprocess
@@ -584,3 +588,95 @@ def test_an_api_file_name_with_dotdot_is_rejected_and_nothing_escapes(bad, fake,
     assert after.blobs == before.blobs
     assert not [p for p in fake.paths if p.startswith("/files/")]  # refused before a byte was fetched
     assert not list(bad.home.parent.parent.rglob("evil.safetensors"))  # the name it tried to escape with
+
+
+# ----------------------------------------------------------------------------- 4. a dead source
+
+@pytest.fixture
+def dead_url() -> Iterator[str]:
+    """A loopback URL that refuses every connection: its port is bound (no one else can take it
+    while the test runs) but not listening."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def _flat(text: str) -> str:
+    """Console output with rich's line wrapping undone."""
+    return " ".join(text.split())
+
+
+def test_a_dead_source_is_reported_and_the_other_sources_are_still_crawled(bad, published, dead_url, tmp_path):
+    """Civitai's endpoint dead, the Hub's alive: the Hub's new expert is registered; the dead
+    source is one line in the result, the run record and the console; the baseline's Civitai
+    expert, which the dead source could not list, is not swept. The CLI does the same and exits 1."""
+    e = bad.publish(*_doctor(published, "stripes-lite", "surviving-stripes"))  # a Hub expert
+    specs = [f"civitai:{dead_url}", f"hf:{bad.hub.url}"]
+    before = snapshot(bad.home)
+    out = io.StringIO()
+    result = run_pass(specs, settings=_settings(bad.home), console=Console(file=out, width=240))
+    after, log = snapshot(bad.home), out.getvalue()
+    expert_id = _expert_id(e)
+    assert result["counts"].get("active") == 1 and result["counts"]["removed"] == 0 and not result["failures"], log
+    assert after.rows[expert_id]["status"] == "active" and len(after.edges[expert_id]) == N_R
+    assert_only(before, after, expert_id)  # the Civitai expert of the baseline is as it was: active
+    [error] = result["source_errors"]
+    assert error.startswith(f"civitai:{dead_url}: listing failed: civitai: GET {dead_url}/api/v1/models failed"), error
+    assert "Connection refused" in error and "\n" not in error and len(error) < 400, error
+    assert f"source failed {error}" in _flat(log)
+    with GraphStore.open(bad.home) as store:
+        run = store.catalog.last_run()
+    assert (run["status"], run["error"]) == ("partial", error)
+    assert _clean(bad.home)
+
+    cmd = [sys.executable, "-m", "diffgraph.agents.cli", "gca", "run", "--no-browser"]
+    cmd += [arg for spec in specs for arg in ("--source", spec)]
+    code, cli_log = _run_cli(cmd, _cli_env(bad.home), tmp_path / "cli.log", None)
+    assert code == 1, cli_log[-3000:]
+    assert _flat(cli_log).count(f"error: {error}") == 1, cli_log[-3000:]
+    assert "'removed': 0" in cli_log, cli_log[-3000:]
+    assert snapshot(bad.home) == after  # nothing new on the Hub, nothing swept: no write at all
+
+
+@pytest.mark.parametrize("resume_at", ["fetch", "read"])
+def test_a_pass_resumed_while_a_source_is_dead_finishes_and_removes_nothing(world, dead_url, tmp_path, resume_at):
+    """The baseline pass cut back to just before its Civitai expert's ``resume_at`` step (as a
+    kill there leaves it), then resumed while Civitai's endpoint is dead. Before the download,
+    the expert is left as it was for a later pass (its source's fault is not its own); after
+    it, the pass goes on from the record the catalog holds. Either way the Hub's expert is
+    processed, nothing is swept, and the run is recorded partial."""
+    home = tmp_path / "home"
+    shutil.copytree(world.home, home)
+    before = snapshot(home)
+    thread = "gca:" + "+".join(_specs(world.hub.url))
+    config = {"configurable": {"thread_id": thread}}
+    conn = sqlite3.connect(home / "gca_checkpoints.sqlite")
+    try:
+        graph = build_graph(None, SqliteSaver(conn))
+        cut = next(h for h in graph.get_state_history(config)
+                   if h.next == (resume_at,) and h.values["current"].startswith("civitai:"))
+        civitai_id, checkpoint = cut.values["current"], cut.config["configurable"]["checkpoint_id"]
+        with conn:  # the cut step's own saved writes go too: it never ran
+            conn.execute("DELETE FROM checkpoints WHERE thread_id = ? AND checkpoint_id > ?", (thread, checkpoint))
+            conn.execute("DELETE FROM writes WHERE thread_id = ? AND checkpoint_id >= ?", (thread, checkpoint))
+    finally:
+        conn.close()
+    hf_id = next(i for i in before.rows if i.startswith("hf:"))
+
+    out = io.StringIO()
+    result = run_pass([f"civitai:{dead_url}", f"hf:{world.hub.url}"], settings=_settings(home),
+                      console=Console(file=out, width=240), thread=thread)
+    after, log = snapshot(home), out.getvalue()
+    assert result["resumed"] and result["run_id"] == 1 and not result["failures"], log
+    assert result["counts"]["removed"] == 0 and len(result["source_errors"]) == 1, log
+    assert result["source_errors"][0].startswith(f"civitai:{dead_url}: listing failed: "), result["source_errors"]
+    assert all(row["status"] == "active" for row in after.rows.values())
+    if resume_at == "fetch":
+        assert f"skipped {civitai_id}: not listed by its source in this run" in _flat(log)
+        assert_only(before, after, hf_id)
+    else:
+        assert after.rows[civitai_id]["description"] == before.rows[civitai_id]["description"]
+        assert after.edges[civitai_id] == before.edges[civitai_id]
+    with GraphStore.open(home) as store:
+        assert store.catalog.last_run()["status"] == "partial"
+    assert _clean(home)
