@@ -1,8 +1,10 @@
 """MergeEngine: recipe in, merged weights and image out, with the expensive parts cached.
 
-Merged bases are cached by the checkpoint part of the recipe and LoRA deltas by file, both in
-LRU caches bounded by bytes, so refining a prompt or changing only LoRA weights never re-merges
-checkpoints, and a server under load keeps its memory bounded.
+Checkpoints are merged by the streaming engine (``merger/stream.py``), the same loop that
+writes full-size merges to disk, so there is one checkpoint sum to trust. Merged bases are
+cached by the checkpoint part of the recipe and LoRA deltas by file, both in LRU caches bounded
+by bytes, so refining a prompt or changing only LoRA weights never re-merges checkpoints, and a
+server under load keeps its memory bounded.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .merge import MergeError, add_deltas, lora_deltas, merge_checkpoints
+from .merge import MergeError, add_deltas, lora_deltas
 from .recipe import BASE, MergeRecipe
 from .render import render
+from .stream import MemorySource, StreamMerge
 
 MODEL_COMPONENTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2")  # SD, SDXL and FLUX parts
 SCHEDULERS = ("DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
@@ -77,6 +80,15 @@ def pipeline_state(pipe) -> dict[str, torch.Tensor]:
     return {f"{c}.{k}": v.detach().to("cpu", copy=True) for c in components(pipe) for k, v in getattr(pipe, c).state_dict().items()}
 
 
+def _difference(shapes: dict[str, tuple], expected: dict[str, tuple]) -> str:
+    """What sets two tensor layouts apart, in a few words (for a one-line MergeError)."""
+    missing, extra = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+    if missing or extra:
+        return f"{len(missing)} missing, {len(extra)} extra, e.g. {(missing or extra)[0]}"
+    key = next(k for k in expected if shapes[k] != expected[k])
+    return f"{key} has shape {list(shapes[key])}, the base model has {list(expected[key])}"
+
+
 def load_state(pipe, state: dict[str, torch.Tensor]) -> None:
     for c in components(pipe):
         prefix = c + "."
@@ -89,6 +101,7 @@ class MergeEngine:
     def __init__(self, pipe, cache_bytes: int = 256 << 20):
         self.pipe = pipe
         self.base_state = pipeline_state(pipe)
+        self._shapes = {k: tuple(v.shape) for k, v in self.base_state.items()}
         self._scratch = None  # a copy of the pipeline where LoRA files are loaded to read their deltas
         self.bases = ByteLRU(cache_bytes)
         self.deltas = ByteLRU(cache_bytes // 2)
@@ -104,25 +117,35 @@ class MergeEngine:
         return cls(pipe.to(device), **kw)
 
     def merged_base(self, recipe: MergeRecipe) -> dict[str, torch.Tensor]:
-        """sum_i softmax(w_ckpt)_i W_i (the base itself when the recipe names no checkpoint)."""
+        """sum_i softmax(w_ckpt)_i W_i (the base itself when the recipe names no checkpoint).
+
+        Floating-point tensors come out fp32 whatever the files hold (the pipeline renders in
+        fp32, and the cache accounts for fp32 bytes), always in fresh tensors, never the base's
+        or a cached entry's, so nothing cached or shared can be changed through the result.
+        Every input is checked against the base's names and shapes before a tensor is read."""
         if not recipe.checkpoints:
             return self.base_state
         key = recipe.checkpoint_key()
         cached = self.bases.get(key)
         if cached is None:
-            inputs = [(self.base_state if c.name == BASE else self._checkpoint(Path(c.path)), w)
-                      for c, w in recipe.checkpoint_weights()]
-            cached = merge_checkpoints(inputs)
-            if set(cached) != set(self.base_state):
-                raise MergeError("a checkpoint's tensors do not match the base model's architecture")
+            inputs = [(MemorySource(self.base_state, "the base model") if c.name == BASE
+                       else self._checkpoint(Path(c.path)), w) for c, w in recipe.checkpoint_weights()]
+            with StreamMerge(inputs, dtype=torch.float32) as merge:
+                # the plan has checked every input against the first; the first must be the base's shape
+                planned = {job.key: job.shape for job in merge.jobs}
+                if planned != self._shapes:
+                    raise MergeError(f"{merge.ckpts[0][0].name}: its tensors do not match the base model's "
+                                     f"architecture ({_difference(planned, self._shapes)})")
+                cached = merge.to_dict()
             self.bases.put(key, cached)
         return cached
 
-    def _checkpoint(self, path: Path) -> Path | dict[str, torch.Tensor]:
+    def _checkpoint(self, path: Path) -> Path | MemorySource:
         """A checkpoint expert under the pipeline's names: the file itself when it already uses
         them (the mini world's files; streamed), else its original single-file layout (LDM/SGM,
         as Civitai and A1111 ship SD1.5 and SDXL) converted with this pipeline's configs. A
-        converted file is held in memory while it is merged."""
+        converted file is held in memory while it is merged, under its file name so that a
+        mismatch names it."""
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
@@ -137,7 +160,7 @@ class MergeEngine:
             parts = ldm_to_diffusers(load_file(str(path)), detect_base(path), self._configs())
         except ValueError as exc:  # undetectable, another family, or tensors no rule accounts for
             raise MergeError(f"{path.name}: its tensors do not match the base model's architecture ({exc})") from None
-        return {f"{c}.{k}": v for c, state in parts.items() for k, v in state.items()}
+        return MemorySource({f"{c}.{k}": v for c, state in parts.items() for k, v in state.items()}, path.name)
 
     def _configs(self) -> dict[str, dict]:
         """The pipeline's component configs, as the LDM converters take them."""

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from diffgraph.merger.engine import ByteLRU, MergeEngine, pipeline_state
-from diffgraph.merger.merge import MergeError, merge_checkpoints
+from diffgraph.merger.merge import MergeError
 from diffgraph.merger.png import a1111_parameters, read_recipe, save_png
 from diffgraph.merger.recipe import BASE, ExpertWeight, MergeRecipe
 from diffgraph.miniworld import artifacts_io
@@ -29,15 +29,25 @@ def _entry(root, slug, coefficient=0.0):
     return ExpertWeight(slug, coefficient, str(root / e["file"]), e["sha256"])
 
 
-def test_streamed_checkpoint_merge_equals_naive_arithmetic(artifacts_dir):
-    a = artifacts_io.expert_file("pastel-dream", artifacts_dir)
-    b = artifacts_io.expert_file("neon-nights", artifacts_dir)
-    merged = merge_checkpoints([(a, 0.3), (b, 0.7)])
-    sa, sb = load_file(str(a)), load_file(str(b))
-    assert set(merged) == set(sa)
+def test_streamed_checkpoint_merge_equals_naive_arithmetic(engine, artifacts_dir):
+    """The engine's merged base (the streaming engine, fp16 files in, fp32 out) is the naive
+    state-dict sum, in fresh tensors: neither the base nor the cached entry can be changed
+    through another recipe's result."""
+    recipe = MergeRecipe(BASE_MODEL, "x", checkpoints=[_entry(artifacts_dir, "pastel-dream", 0.3),
+                                                       _entry(artifacts_dir, "neon-nights", 0.7)])
+    (_, wa), (_, wb) = recipe.checkpoint_weights()
+    merged = engine.merged_base(recipe)
+    sa = load_file(str(artifacts_io.expert_file("pastel-dream", artifacts_dir)))
+    sb = load_file(str(artifacts_io.expert_file("neon-nights", artifacts_dir)))
+    assert set(merged) == set(sa) == set(engine.base_state)
     for key in sa:
-        naive = 0.3 * sa[key].float() + 0.7 * sb[key].float()
+        assert merged[key].dtype == torch.float32, key
+        naive = wa * sa[key].float() + wb * sb[key].float()
         assert torch.allclose(merged[key], naive, atol=1e-6), key
+    assert engine.merged_base(recipe) is merged, "cached by the checkpoint part of the recipe"
+    anchored = MergeRecipe(BASE_MODEL, "x", checkpoints=[ExpertWeight(BASE, 0.5), recipe.checkpoints[0]])
+    shared = {t.data_ptr() for t in [*merged.values(), *engine.base_state.values()]}
+    assert not shared & {t.data_ptr() for t in engine.merged_base(anchored).values()}
 
 
 def test_checkpoint_merge_with_base_uses_softmax(engine, artifacts_dir):
@@ -50,11 +60,17 @@ def test_checkpoint_merge_with_base_uses_softmax(engine, artifacts_dir):
     assert torch.allclose(merged[key], w_base * engine.base_state[key] + w_mono * mono[key].float(), atol=1e-6)
 
 
-def test_lora_merge_equals_diffusers_fuse_lora(engine, artifacts_dir):
+@pytest.mark.parametrize("lora_strength", [None, 1.5], ids=["softmax", "own-strengths"])
+def test_lora_merge_equals_diffusers_fuse_lora(engine, artifacts_dir, lora_strength):
     slugs = ["stripes-pro", "pink-pop"]  # one kohya file, one diffusers file
-    recipe = MergeRecipe(BASE_MODEL, "x", loras=[_entry(artifacts_dir, slugs[0], 0.8), _entry(artifacts_dir, slugs[1], 0.1)])
+    recipe = MergeRecipe(BASE_MODEL, "x", loras=[_entry(artifacts_dir, slugs[0], 0.8), _entry(artifacts_dir, slugs[1], 0.1)],
+                         lora_strength=lora_strength)
     ours = engine.weights(recipe)
     weights = [w for _, w in recipe.lora_weights()]
+    if lora_strength is None:
+        assert sum(weights) == pytest.approx(1.0)
+    else:  # A1111-style: each at coefficient x strength, not normalised
+        assert weights == pytest.approx([1.2, 0.15])
     pipe = copy.deepcopy(engine.pipe)
     for slug in slugs:
         pipe.load_lora_weights(str(artifacts_io.expert_file(slug, artifacts_dir)), adapter_name=slug.replace("-", "_"))
@@ -83,6 +99,22 @@ def test_lora_for_another_base_is_refused(engine, tmp_path, artifacts_dir):
         engine.weights(recipe)
     after = pipeline_state(engine.pipe)
     assert all(torch.equal(before[k], after[k]) for k in before), "a refused LoRA leaves the pipeline untouched"
+
+
+def test_a_checkpoint_of_another_shape_is_refused_in_one_line(engine, tmp_path, artifacts_dir):
+    """The base's names but one tensor widened: refused before any tensor is summed, naming the
+    file and the tensor, with or without the base among the inputs."""
+    from safetensors.torch import save_file
+
+    state = load_file(str(artifacts_io.expert_file("pastel-dream", artifacts_dir)))
+    state["unet.conv_in.weight"] = torch.zeros(state["unet.conv_in.weight"].shape[0] + 1, *state["unet.conv_in.weight"].shape[1:])
+    path = tmp_path / "wider.safetensors"
+    save_file(state, str(path))
+    wider = ExpertWeight("wider", 0.5, str(path))
+    for checkpoints in ([wider], [wider, _entry(artifacts_dir, "neon-nights", 0.5)], [ExpertWeight(BASE, 0.5), wider]):
+        with pytest.raises(MergeError, match="wider.safetensors") as info:
+            engine.merged_base(MergeRecipe(BASE_MODEL, "x", checkpoints=checkpoints))
+        assert "unet.conv_in.weight" in str(info.value) and "\n" not in str(info.value)
 
 
 def test_byte_lru_stays_bounded():
