@@ -9,6 +9,8 @@ engine's caches make the merge cheap. The seed is kept unless the edit is about 
 Effective weights are softmax(coefficients / temperature) per group (checkpoints, LoRAs; see
 merger.recipe.MergeRule). "less of X" lowers X's coefficient by ln 2 x temperature (halving its
 odds against the rest); when X is alone in its group, a BASE anchor entry (no weights of its own) takes half.
+Under a rule that gives each LoRA its own strength (``lora_strength``), "less of" a LoRA halves
+its coefficient and "more of" doubles it, up to the rule's full strength (coefficient 1).
 """
 
 from __future__ import annotations
@@ -293,16 +295,24 @@ def apply(recipe: MergeRecipe, edit: Edit, names: dict[str, str] | None = None) 
     for expert_id in edit.less:
         group = _group(out, expert_id)
         entry = _entry(group, expert_id)
-        if len(group) == 1:  # alone, it has the whole group: give half to a BASE anchor
+        if group is out.loras and out.lora_strength is not None:  # its own strength: halve it
+            entry.coefficient = round(entry.coefficient / 2, 6)
+        elif len(group) == 1:  # alone, it has the whole group: give half to a BASE anchor
             group.append(ExpertWeight(BASE, entry.coefficient))
         else:
             entry.coefficient = round(entry.coefficient - LN2 * out.temperature, 6)  # halves its odds
     for expert_id in edit.more:
         group = _group(out, expert_id)
         entry = _entry(group, expert_id)
-        if len(group) == 1:
+        if group is out.loras and out.lora_strength is not None:
+            if entry.coefficient >= 1.0:
+                raise RefinementError(f"{names.get(expert_id, expert_id)} is already at the rule's full strength "
+                                      f"({out.lora_strength:.2f})")
+            entry.coefficient = round(min(1.0, entry.coefficient * 2), 6)
+        elif len(group) == 1:
             raise RefinementError(f"{names.get(expert_id, expert_id)} already has the full weight of its group (1.00)")
-        entry.coefficient = round(entry.coefficient + LN2 * out.temperature, 6)
+        else:
+            entry.coefficient = round(entry.coefficient + LN2 * out.temperature, 6)
     for group in (out.checkpoints, out.loras):  # an anchor alone means "no expert": drop it
         if group and all(e.name == BASE for e in group):
             group.clear()

@@ -8,9 +8,11 @@
 3. On held-out prompts, render with each method and score with the mini metric suite, over
    three render seeds: Direct (base); single best retrieved expert (DiffAgent analogue);
    selected experts with equal weights (w/o MP); random coefficients; brain-chosen
-   coefficients (retrieval similarity, the LLM-chosen analogue); the VGAE; the VGAE over all
-   experts keeping the top 10 (w/o ESA); 10 randomly activated experts; all experts merged
-   (Diffusion Soup analogue).
+   coefficients (retrieval similarity, the LLM-chosen analogue); one constant coefficient for
+   every selected expert, the best of a grid on the validation prompts (the strongest plan
+   that is not per expert: a planner that only learns "how strong overall" ties it); the
+   VGAE; the VGAE over all experts keeping the top 10 (w/o ESA); 10 randomly activated
+   experts; all experts merged (Diffusion Soup analogue).
 4. Scaling (Table 2): a planner trained with "year 1" experts only, used training-free with
    year 1 + year 2 experts, against the planner trained on both.
 
@@ -30,6 +32,7 @@ from rich.console import Console
 
 BASE = "miniworld-sd"
 SEEDS = (0, 1, 2)
+CONSTANTS = (0.1, 0.25, 0.4, 0.55, 0.7, 0.85, 1.0)  # grid for the best-constant baseline
 console = Console()
 
 
@@ -85,7 +88,28 @@ def _train(bench: Bench, prompts: list[str], validation: list[str], steps: int, 
     return train(bench.store, prompts, select, bench.reward, config=config, validation=validation, console=console)
 
 
-def methods(bench: Bench, planner, rng: random.Random) -> dict:
+def best_constant(bench: Bench, prompts: list[str]) -> tuple[float, dict[float, float]]:
+    """The coefficient that, given to every selected expert, scores best on ``prompts`` (render
+    seed 0, as in training), and the grid's scores."""
+    scores = {}
+    for c in CONSTANTS:
+        values = [bench.score(p, sel, {s["id"]: c for s in sel}, seed=0)[-1] for p in prompts if (sel := bench.select(p))]
+        scores[c] = float(np.mean(values))
+    return max(scores, key=scores.get), scores
+
+
+def coefficient_spread(bench: Bench, planner, prompts: list[str]) -> dict:
+    """How much the VGAE's plan varies between the experts of one prompt and across prompts:
+    a planner that learned one global strength has spread ~0 on both."""
+    plans = {p: planner.plan(bench.store, [s["id"] for s in sel], p) for p in prompts if (sel := bench.select(p))}
+    values = [c for plan in plans.values() for c in plan.values()]
+    within = [float(np.std(list(plan.values()))) for plan in plans.values() if len(plan) > 1]
+    return {"mean": float(np.mean(values)), "std_all": float(np.std(values)), "min": float(np.min(values)),
+            "max": float(np.max(values)), "mean_std_within_prompt": float(np.mean(within)) if within else 0.0,
+            "plans": plans}
+
+
+def methods(bench: Bench, planner, rng: random.Random, constant: float) -> dict:
     """name -> function(prompt) -> (picks, coefficients)."""
     all_ids = sorted(bench.rows)
 
@@ -103,6 +127,10 @@ def methods(bench: Bench, planner, rng: random.Random) -> dict:
     def random_coef(p):
         sel = bench.select(p)
         return sel, {s["id"]: rng.random() for s in sel}
+
+    def constant_coef(p):
+        sel = bench.select(p)
+        return sel, {s["id"]: constant for s in sel}
 
     def brain_coef(p):
         sel = bench.select(p)
@@ -126,7 +154,8 @@ def methods(bench: Bench, planner, rng: random.Random) -> dict:
 
     return {"Direct (base)": base, "Single best expert (DiffAgent)": single_best,
             "Equal weights (w/o MP)": equal, "Random coefficients": random_coef,
-            "Brain-chosen coefficients": brain_coef, "DiffGraph VGAE": vgae,
+            "Brain-chosen coefficients": brain_coef,
+            f"Best constant coefficient ({constant}, tuned on validation)": constant_coef, "DiffGraph VGAE": vgae,
             "VGAE over all, top 10 (w/o ESA)": vgae_no_esa, "Random 10 experts": random_ten,
             "All experts merged (Soup)": all_experts}
 
@@ -162,16 +191,17 @@ def main(home: Path = typer.Option(Path("benchmarks/.work/graph"), help="Graph h
          steps: int = typer.Option(60, help="REINFORCE steps (4 prompts x 4 samples each)."),
          validation_prompts: int = typer.Option(16, help="Prompts on which the best Beta-mean policy is kept."),
          reference_prompts: int = typer.Option(12, help="N_r when the graph is built."),
-         rule: str = typer.Option("anchored", help="Merge rule: 'paper' (softmax per kind) or 'anchored'."),
+         rule: str = typer.Option("anchored", help="Merge rule: 'paper' (softmax per kind), 'anchored' or "
+                                  "'strengths' (merger.recipe.MergeRule)."),
          save_planner_to: Path = typer.Option(None, help="Also save the trained planner here."),
          out: Path = typer.Option(Path("benchmarks/results/paper_experiments.json"))) -> None:
     from diffgraph.tools import bases
 
     started = time.time()
     _graph(home, reference_prompts)
-    from diffgraph.merger.recipe import ANCHORED, PAPER
+    from diffgraph.merger.recipe import RULES
 
-    bench = Bench(home, {"paper": PAPER, "anchored": ANCHORED}[rule])
+    bench = Bench(home, RULES[rule])
     profile = bases.profile(BASE)
     train_set = profile.training_prompts(train_prompts, 1)
     test_set = [p for p in profile.training_prompts(prompts * 2, 7) if p not in set(train_set)][:prompts]
@@ -187,7 +217,12 @@ def main(home: Path = typer.Option(Path("benchmarks/.work/graph"), help="Graph h
         from diffgraph.planner.checkpoint import save_planner
 
         save_planner(trained.planner, save_planner_to)
-    results = evaluate(bench, methods(bench, trained.planner, random.Random(0)), test_set)
+    constant, constant_scores = best_constant(bench, valid_set)
+    console.print(f"best constant coefficient on validation: {constant} ({constant_scores})")
+    results = evaluate(bench, methods(bench, trained.planner, random.Random(0), constant), test_set)
+    spread = coefficient_spread(bench, trained.planner, test_set)
+    console.print(f"VGAE coefficients on the test prompts: mean {spread['mean']:.3f}, range "
+                  f"[{spread['min']:.3f}, {spread['max']:.3f}], std within a prompt {spread['mean_std_within_prompt']:.3f}")
 
     year1 = {i for i, r in bench.rows.items() if (r.published_at or "").startswith("2023")}
     early = _train(bench, train_set, valid_set, steps, seed=0, active=year1)
@@ -200,6 +235,7 @@ def main(home: Path = typer.Option(Path("benchmarks/.work/graph"), help="Graph h
     report = {"table1_5": results, "table2_scaling": scaling, "training_history": trained.history,
               "year1_experts": sorted(year1), "train_seconds": train_s, "total_seconds": time.time() - started,
               "validation": trained.validation, "validation_year1": early.validation,
+              "constant_grid_validation": constant_scores, "vgae_coefficients": spread,
               "config": {"prompts": prompts, "train_prompts": train_prompts, "steps": steps, "seeds": SEEDS,
                          "validation_prompts": validation_prompts,
                          "rule": rule}}

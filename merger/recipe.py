@@ -1,7 +1,8 @@
 """MergeRecipe: everything needed to rebuild a merged model and re-render an image.
 
 Coefficients are stored raw (as the planner produced them); the effective weights follow the
-paper: checkpoints mix as softmax(w_ckpt)_i W_i and LoRA deltas add as softmax(w_peft)_j dW_j.
+paper: checkpoints mix as softmax(w_ckpt)_i W_i and LoRA deltas add as softmax(w_peft)_j dW_j,
+or, with ``lora_strength`` set, each LoRA delta at its own strength (see MergeRule).
 A recipe is small JSON, embedded in every PNG, so any image can be replayed bit for bit.
 """
 
@@ -32,14 +33,24 @@ class MergeRule:
     coefficient) and softmax of values in (0, 1) spans at most a factor e. ANCHORED adds the base
     as a zero-delta member of each softmax with a fixed coefficient and sharpens it with a
     temperature, so a coefficient can take an expert from about 0.1 to 0.9 of full strength.
+
+    STRENGTHS keeps ANCHORED for checkpoints (full weights must stay a weighted average) but
+    gives each LoRA its own strength, coefficient x ``lora_strength``, the way people stack
+    LoRAs in A1111 (<lora:a:0.8> <lora:b:0.4>). Under either softmax the LoRA weights share one
+    budget of 1, so two skills that each need most of their strength (stripes and a colour)
+    cannot both have it, and "more of one" always means "less of another"; measured in
+    benchmarks/RESULTS.md, where this rule is what gives the planner per-expert choices.
     """
 
     temperature: float = 1.0
     anchor: float | None = None
+    lora_strength: float | None = None  # None: LoRA weights are a softmax like checkpoints
 
 
 PAPER = MergeRule()
 ANCHORED = MergeRule(temperature=0.2, anchor=0.5)
+STRENGTHS = MergeRule(temperature=0.2, anchor=0.5, lora_strength=1.5)
+RULES = {"paper": PAPER, "anchored": ANCHORED, "strengths": STRENGTHS}
 
 
 @dataclass
@@ -56,6 +67,7 @@ class MergeRecipe:
     width: int = 32
     height: int = 32
     temperature: float = 1.0  # of both softmaxes; 1.0 is the paper's rule
+    lora_strength: float | None = None  # set: each LoRA at coefficient x this, no softmax (MergeRule)
 
     def softmax(self, values: list[float]) -> list[float]:
         if not values:
@@ -70,6 +82,8 @@ class MergeRecipe:
         return list(zip(self.checkpoints, self.softmax([c.coefficient for c in self.checkpoints])))
 
     def lora_weights(self) -> list[tuple[ExpertWeight, float]]:
+        if self.lora_strength is not None:
+            return [(c, c.coefficient * self.lora_strength) for c in self.loras]
         return list(zip(self.loras, self.softmax([c.coefficient for c in self.loras])))
 
     def checkpoint_key(self) -> str:

@@ -34,9 +34,10 @@ def build_recipe(store: GraphStore, prompt: str, base_model: str, seed: int, pic
         (ckpts if row.kind == "ckpt" else loras).append(entry)
     if rule.anchor is not None:
         ckpts = [ExpertWeight(BASE, rule.anchor), *ckpts] if ckpts else []
-        loras = [ExpertWeight(BASE, rule.anchor), *loras] if loras else []
+        if rule.lora_strength is None:
+            loras = [ExpertWeight(BASE, rule.anchor), *loras] if loras else []
     return MergeRecipe(base_model=base_model, prompt=prompt, seed=seed, checkpoints=ckpts, loras=loras,
-                       temperature=rule.temperature)
+                       temperature=rule.temperature, lora_strength=rule.lora_strength)
 
 
 def render_recipe(recipe: MergeRecipe, out: Path | None = None, explanation: dict | None = None) -> dict:
