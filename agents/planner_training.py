@@ -7,6 +7,8 @@ the base profile and are disjoint from the reference prompts.
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from rich.console import Console
 
 from diffgraph.graph_store.store import GraphStore
@@ -22,6 +24,7 @@ def train_planner(base_model: str = "miniworld-sd", steps: int = 60, prompts: in
     from diffgraph.planner.train import TrainConfig, train
     from diffgraph.tools import bases
     from diffgraph.tools.plan import planner_dir
+    from diffgraph.merger.recipe import STRENGTHS
     from diffgraph.tools.render import build_recipe
 
     settings = settings or get_settings()
@@ -47,6 +50,8 @@ def train_planner(base_model: str = "miniworld-sd", steps: int = 60, prompts: in
 
         result = train(store, train_set, select, reward, config=TrainConfig(steps=steps, seed=seed),
                        validation=validation, console=console)
+        # coefficients mean something only under the rule they were trained for
+        result.planner.training_info["merge_rule"] = asdict(STRENGTHS)
         path = save_planner(result.planner, planner_dir(settings.home, base_model))
     return {"checkpoint": str(path), "prompts": len(train_set), "history": result.history,
             "validation": result.validation}

@@ -14,16 +14,18 @@ from langchain_core.tools import tool
 
 from diffgraph.graph_store.store import GraphStore
 from diffgraph.merger.png import save_png
-from diffgraph.merger.recipe import ANCHORED, BASE, ExpertWeight, MergeRecipe, MergeRule
+from diffgraph.merger.recipe import BASE, STRENGTHS, ExpertWeight, MergeRecipe, MergeRule
 from diffgraph.settings import get_settings
 
 from . import bases
 
 
 def build_recipe(store: GraphStore, prompt: str, base_model: str, seed: int, picks: list[dict],
-                 coefficients: dict[str, float], rule: MergeRule = ANCHORED) -> MergeRecipe:
+                 coefficients: dict[str, float], rule: MergeRule = STRENGTHS) -> MergeRecipe:
     """A recipe from picks ({id, kind}) and coefficients, with each expert's local file,
-    under a merge rule (the anchored rule by default; see MergeRule)."""
+    under a merge rule. The default, STRENGTHS (checkpoints: anchored softmax; each LoRA at its
+    own strength), is the one under which merging the selected experts gained most in the mini
+    world (benchmarks/RESULTS.md); see MergeRule."""
     ckpts, loras = [], []
     for pick in picks:
         row = store.catalog.get(pick["id"])
@@ -53,8 +55,9 @@ def render_recipe(recipe: MergeRecipe, out: Path | None = None, explanation: dic
 @tool
 def merge_and_render(prompt: str, expert_ids: list[str], coefficients: list[float], seed: int = 0,
                      base_model: str = "miniworld-sd") -> dict:
-    """Merge the given experts with the given coefficients (checkpoints: softmax-weighted sum;
-    LoRAs: softmax-weighted deltas added) and render the prompt. Returns the PNG path and recipe."""
+    """Merge the given experts with the given coefficients in (0, 1) (checkpoints: a softmax-
+    weighted sum with the base; LoRAs: each delta added at coefficient x 1.5) and render the
+    prompt. Returns the PNG path and recipe."""
     if len(expert_ids) != len(coefficients):
         raise ValueError("expert_ids and coefficients must have the same length")
     store = GraphStore.from_settings()
