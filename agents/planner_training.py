@@ -44,8 +44,9 @@ def train_planner(base_model: str = "miniworld-sd", steps: int = 60, prompts: in
             kinds[prompt] = select_experts(store, prompt, base_model, llm)["selected"]
             return [p["id"] for p in kinds[prompt]]
 
-        def reward(prompt, expert_ids, _kinds, w) -> float:
-            recipe = build_recipe(store, prompt, base_model, 0, [{"id": i} for i in expert_ids], dict(zip(expert_ids, w)))
+        def reward(prompt, expert_ids, _kinds, w, render_seed) -> float:
+            recipe = build_recipe(store, prompt, base_model, render_seed, [{"id": i} for i in expert_ids],
+                                  dict(zip(expert_ids, w)), STRENGTHS)
             return suite.reward(suite.score([engine.render(recipe)], [prompt])[0])
 
         result = train(store, train_set, select, reward, config=TrainConfig(steps=steps, seed=seed),

@@ -75,9 +75,9 @@ class Bench:
         vector = self.suite.score([image], [prompt])[0]
         return [*vector, self.suite.reward(vector)]
 
-    def reward(self, prompt, expert_ids, kinds, w) -> float:
+    def reward(self, prompt, expert_ids, kinds, w, seed) -> float:
         picks = [{"id": i} for i in expert_ids]
-        return self.score(prompt, picks, dict(zip(expert_ids, w)), seed=0)[-1]
+        return self.score(prompt, picks, dict(zip(expert_ids, w)), seed=seed)[-1]
 
 
 def _train(bench: Bench, prompts: list[str], validation: list[str], steps: int, seed: int,

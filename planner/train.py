@@ -7,7 +7,15 @@ planner independent of the agents and the merger:
 
 - ``select(prompt) -> expert ids``: the Expert Selection Agent (called once per prompt: the
   selection does not depend on the planner);
-- ``reward(prompt, expert_ids, kinds, w) -> float``: merge, render, score.
+- ``reward(prompt, expert_ids, kinds, w, seed) -> float``: merge, render with render seed
+  ``seed``, score.
+
+Render seeds: the objective is the reward expected over render seeds, so each visit of a
+prompt draws a fresh seed, shared by that visit's K coefficient draws (common random numbers:
+within a visit, rewards differ only by the coefficients, which is what the leave-one-out
+baseline compares). A fixed seed lets the policy fit the one image each prompt gives at that
+seed, which does not carry over to other seeds. Validation renders with seed 0 throughout, so
+its scores compare from one step to the next.
 
 The latent draw h = mu + sigma * eps is part of the policy. eps does not depend on the
 parameters, so for the joint draw (eps, w) the score function is exactly
@@ -52,7 +60,7 @@ if TYPE_CHECKING:
     from ..graph_store.store import GraphStore
 
 Select = Callable[[str], list[str]]
-Reward = Callable[[str, list[str], list[str], list[float]], float]
+Reward = Callable[[str, list[str], list[str], list[float], int], float]
 
 
 @dataclass(frozen=True)
@@ -67,6 +75,7 @@ class TrainConfig:
     running_decay: float = 0.9  # of the running reward mean (K = 1) and advantage RMS
     seed: int = 0
     validate_every: int = 10  # steps between scorings of the Beta-mean policy on the validation prompts
+    vary_render_seed: bool = True  # a fresh render seed per prompt visit (module docstring); False: always 0
 
 
 @dataclass
@@ -129,7 +138,7 @@ def episodes(store: "GraphStore", prompts: Sequence[str], select: Select,
 def policy_reward(planner: VGAEPlanner, data: Sequence[Episode], reward: Reward) -> float:
     """Mean reward of the test-time policy (the Beta means) over ``data``."""
     planner.eval()
-    values = [reward(ep.prompt, ep.expert_ids, ep.kinds, planner.coefficients(ep.graph).tolist()) for ep in data]
+    values = [reward(ep.prompt, ep.expert_ids, ep.kinds, planner.coefficients(ep.graph).tolist(), 0) for ep in data]
     planner.train()
     return float(sum(values) / len(values))
 
@@ -151,6 +160,7 @@ def train(store: "GraphStore", prompts: Sequence[str], select: Select, reward: R
     held_out = episodes(store, validation, select, schema)[0] if validation else []
     generator = torch.Generator().manual_seed(config.seed)
     shuffle = random.Random(config.seed)
+    render_seeds = random.Random(f"{config.seed}:render")  # its own stream: the prompt order stays as it was
     optimiser = torch.optim.AdamW(planner.parameters(), lr=config.lr, betas=config.betas,
                                   weight_decay=config.weight_decay)
     baseline = Baseline(config.running_decay)
@@ -178,12 +188,14 @@ def train(store: "GraphStore", prompts: Sequence[str], select: Select, reward: R
             while len(batch) < b:  # every prompt once per epoch, in a fresh order each epoch
                 queue = queue or shuffle.sample(data, len(data))
                 batch.append(queue.pop())
+            visit_seeds = [render_seeds.randrange(2**31) if config.vary_render_seed else 0 for _ in batch]
             draws = [ep for ep in batch for _ in range(k)]
+            seeds = [s for s in visit_seeds for _ in range(k)]
             out = planner(Batch.from_data_list([ep.graph for ep in draws]), generator)
             w, log_prob = out.sample(generator)
             sizes = [len(ep.expert_ids) for ep in draws]
-            rewards = torch.tensor([float(reward(ep.prompt, ep.expert_ids, ep.kinds, w_i.tolist()))
-                                    for ep, w_i in zip(draws, w.split(sizes))]).reshape(b, k)
+            rewards = torch.tensor([float(reward(ep.prompt, ep.expert_ids, ep.kinds, w_i.tolist(), s))
+                                    for ep, w_i, s in zip(draws, w.split(sizes), seeds)]).reshape(b, k)
             log_p = torch.stack([lp.sum() for lp in log_prob.split(sizes)])  # joint over the experts
             advantage = baseline.advantages(rewards).reshape(-1)
             loss = -(advantage * log_p).mean() + config.beta_kl * out.kl()

@@ -104,8 +104,8 @@ def targets(world):
 
 
 def make_reward(targets):
-    def reward(prompt, expert_ids, kinds, w):
-        assert len(kinds) == len(expert_ids) == len(w)
+    def reward(prompt, expert_ids, kinds, w, seed=0):
+        assert len(kinds) == len(expert_ids) == len(w) and isinstance(seed, int)
         return -float(np.mean([(wi - targets[prompt, e]) ** 2 for e, wi in zip(expert_ids, w)]))
     return reward
 
@@ -235,7 +235,7 @@ def test_validation_keeps_the_best_beta_mean_policy(world, targets):
     true = make_reward(targets)
     held_out = set(HELD_OUT)
 
-    def misleading(prompt, expert_ids, kinds, w):  # training prompts reward the opposite
+    def misleading(prompt, expert_ids, kinds, w, seed):  # training prompts reward the opposite
         return true(prompt, expert_ids, kinds, w) * (1 if prompt in held_out else -1)
 
     def select(prompt):
@@ -267,6 +267,30 @@ def test_training_is_deterministic(world, targets, samples):
         runs.append((result.history, result.planner.coefficients(activated_view(store, ALL, TRAIN[0]))))
     assert runs[0][0] == runs[1][0]
     torch.testing.assert_close(runs[0][1], runs[1][1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("vary", [True, False])
+def test_each_prompt_visit_renders_with_its_own_seed(world, targets, vary):
+    """The K draws of one visit share a render seed (they differ only by coefficients); visits
+    draw fresh seeds unless told not to; validation always renders with seed 0."""
+    store, _ = world
+    calls = []
+    true = make_reward(targets)
+
+    def recording(prompt, expert_ids, kinds, w, seed):
+        calls.append((prompt, seed))
+        return true(prompt, expert_ids, kinds, w)
+
+    config = TrainConfig(steps=3, prompts_per_step=2, samples_per_prompt=4, seed=5, validate_every=3,
+                         vary_render_seed=vary)
+    train(store, TRAIN, lambda p: SUBSETS.get(p, ALL), recording, config=config, validation=HELD_OUT[:2],
+          progress=False)
+    validation = [c for c in calls if c[0] in HELD_OUT[:2]]
+    visits = [calls[i:i + 4] for i in range(len(validation) // 2, len(calls) - len(validation) // 2, 4)]
+    assert all(seed == 0 for _, seed in validation) and len(visits) == 6
+    assert all(len(set(visit)) == 1 for visit in visits)  # one prompt, one seed per visit
+    seeds = {visit[0][1] for visit in visits}
+    assert len(seeds) == 6 if vary else seeds == {0}
 
 
 def test_expert_added_after_training_needs_no_retraining(trained, world):
