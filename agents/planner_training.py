@@ -20,11 +20,11 @@ from .llm import chat_model
 
 def train_planner(base_model: str = "miniworld-sd", steps: int = 60, prompts: int = 48, seed: int = 0,
                   settings: Settings | None = None, console: Console | None = None) -> dict:
+    from diffgraph.merger.recipe import STRENGTHS
     from diffgraph.planner.checkpoint import save_planner
     from diffgraph.planner.train import TrainConfig, train
     from diffgraph.tools import bases
     from diffgraph.tools.plan import planner_dir
-    from diffgraph.merger.recipe import STRENGTHS
     from diffgraph.tools.render import build_recipe
 
     settings = settings or get_settings()

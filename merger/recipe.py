@@ -38,8 +38,9 @@ class MergeRule:
     gives each LoRA its own strength, coefficient x ``lora_strength``, the way people stack
     LoRAs in A1111 (<lora:a:0.8> <lora:b:0.4>). Under either softmax the LoRA weights share one
     budget of 1, so two skills that each need most of their strength (stripes and a colour)
-    cannot both have it, and "more of one" always means "less of another"; measured in
-    benchmarks/RESULTS.md, where this rule is what gives the planner per-expert choices.
+    cannot both have it, and "more of one" always means "less of another". Measured in
+    benchmarks/RESULTS.md: the selected experts merged under it beat the same merge under
+    ANCHORED by far more than the seed spread.
     """
 
     temperature: float = 1.0
