@@ -93,7 +93,7 @@ def _train(bench: Bench, prompts: list[str], validation: list[str], steps: int, 
 
 def best_constant(bench: Bench, prompts: list[str]) -> tuple[float, dict[float, float]]:
     """The coefficient that, given to every selected expert, scores best on ``prompts`` (render
-    seed 0, as in training), and the grid's scores."""
+    seed 0, as the planner's validation), and the grid's scores."""
     scores = {}
     for c in CONSTANTS:
         values = [bench.score(p, sel, {s["id"]: c for s in sel}, seed=0)[-1] for p in prompts if (sel := bench.select(p))]
@@ -194,8 +194,8 @@ def main(home: Path = typer.Option(Path("benchmarks/.work/graph"), help="Graph h
          steps: int = typer.Option(60, help="REINFORCE steps (4 prompts x 4 samples each)."),
          validation_prompts: int = typer.Option(16, help="Prompts on which the best Beta-mean policy is kept."),
          reference_prompts: int = typer.Option(12, help="N_r when the graph is built."),
-         rule: str = typer.Option("anchored", help="Merge rule: 'paper' (softmax per kind), 'anchored' or "
-                                  "'strengths' (merger.recipe.MergeRule)."),
+         rule: str = typer.Option("strengths", help="Merge rule: 'strengths' (the product's default), "
+                                  "'anchored' or 'paper' (softmax per kind); see merger.recipe.MergeRule."),
          save_planner_to: Path = typer.Option(None, help="Also save the trained planner here."),
          out: Path = typer.Option(Path("benchmarks/results/paper_experiments.json"))) -> None:
     from diffgraph.tools import bases
