@@ -41,16 +41,11 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
+from diffgraph.miniworld.domain import EXAMPLE_REQUESTS
+
 console = Console()
 OVERTAKE_MARGIN_S = 0.05
-PROMPTS = [
-    "a pink circle on a striped white background", "a teal diamond on a mint background",
-    "vintage sepia photo of a red square on a beige background", "a purple triangle at night",
-    "neon style blue cross on a black background", "an orange circle on a polka dot background",
-    "a green square on a checkered gray background, warm light", "pastel colors yellow triangle",
-    "a blurry white circle on a navy background", "a red cross with a black outline",
-    "black and white photo of a blue diamond", "a pink square on a dotted beige background",
-]
+PROMPTS = EXAMPLE_REQUESTS[:12]  # the first 12, as every recorded run used
 
 
 def free_port() -> int:

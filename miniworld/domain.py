@@ -98,6 +98,22 @@ class Scene:
     size: int = 22
 
 
+# Hand-written requests, one or two rare values each, phrased as people type them: what the load
+# benchmark and the server tests send (one list, so a benchmark figure and a test mean the same load).
+EXAMPLE_REQUESTS = (
+    "a pink circle on a striped white background", "a teal diamond on a mint background",
+    "vintage sepia photo of a red square on a beige background", "a purple triangle at night",
+    "neon style blue cross on a black background", "an orange circle on a polka dot background",
+    "a green square on a checkered gray background, warm light", "pastel colors yellow triangle",
+    "a blurry white circle on a navy background", "a red cross with a black outline",
+    "black and white photo of a blue diamond", "a pink square on a dotted beige background",
+    "golden hour light over a teal circle", "a purple diamond on a striped mint background",
+    "vintage sepia photo of a green cross", "neon style orange square at night",
+    "a yellow circle on a navy background, blurry", "pastel colors pink diamond on a white background",
+    "a teal triangle with bold outlines on a checkered background", "an orange diamond on a gray background",
+)
+
+
 def sample_attrs(rng: random.Random, rare_rate: float = 0.06, force: dict | None = None, uniform: bool = False) -> dict:
     """Draw attributes from the skewed "in the wild" distribution, or uniformly.
 

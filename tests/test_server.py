@@ -16,21 +16,11 @@ import httpx
 import pytest
 from PIL import Image
 
+from diffgraph.miniworld.domain import EXAMPLE_REQUESTS
 from diffgraph.settings import Settings
 from support.serving import serving
 
-PROMPTS = [
-    "a pink circle on a striped white background", "a teal diamond on a mint background",
-    "vintage sepia photo of a red square on a beige background", "a purple triangle at night",
-    "neon style blue cross on a black background", "an orange circle on a polka dot background",
-    "a green square on a checkered gray background, warm light", "pastel colors yellow triangle",
-    "a blurry white circle on a navy background", "a red cross with a black outline",
-    "black and white photo of a blue diamond", "a pink square on a dotted beige background",
-    "golden hour light over a teal circle", "a purple diamond on a striped mint background",
-    "vintage sepia photo of a green cross", "neon style orange square at night",
-    "a yellow circle on a navy background, blurry", "pastel colors pink diamond on a white background",
-    "a teal triangle with bold outlines on a checkered background", "an orange diamond on a gray background",
-]
+PROMPTS = EXAMPLE_REQUESTS
 
 
 def rss_bytes() -> int:
