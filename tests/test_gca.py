@@ -310,11 +310,11 @@ def test_sigkill_at_several_points_then_resume_equals_an_uninterrupted_run(publi
             assert (run["id"], run["status"], run["counts"]) == (1, "completed", {"listed": 3, "active": 3, "removed": 0})
 
 
-def test_a_pass_killed_just_after_a_node_saved_its_writes_resumes_that_pass(world, tmp_path):
-    """The window a SIGKILL above hits only by chance: a node finished and LangGraph saved its
-    writes, but not yet the checkpoint of the step that follows. The snapshot's ``next`` then
-    leaves that node out and is empty, as for a finished pass. Made exact here by cutting the
-    baseline pass's checkpoints back to that moment (its last commit done, nothing after)."""
+def _cut_back(world, tmp_path, pick, drop_cut_writes: bool):
+    """A copy of the baseline store with the pass's checkpoints cut back to the newest state
+    ``pick`` accepts, as a kill there leaves them: later checkpoints and writes go, and the cut
+    step's own saved writes too when ``drop_cut_writes``. Returns the copy's home, its snapshot,
+    the pass's thread, the cut state and the state the cut leaves behind."""
     home = tmp_path / "home"
     shutil.copytree(world.home, home)
     before = snapshot(home)
@@ -323,15 +323,25 @@ def test_a_pass_killed_just_after_a_node_saved_its_writes_resumes_that_pass(worl
     conn = sqlite3.connect(home / "gca_checkpoints.sqlite")
     try:
         graph = build_graph(None, SqliteSaver(conn))
-        cut = next(h for h in graph.get_state_history(config) if h.next == ("commit",))  # newest first
-        assert [t.name for t in cut.tasks] == ["commit"] and cut.tasks[0].result  # commit's writes are saved
+        cut = next(h for h in graph.get_state_history(config) if pick(h))  # newest first
+        checkpoint = cut.config["configurable"]["checkpoint_id"]
         with conn:
-            for table in ("checkpoints", "writes"):
-                conn.execute(f"DELETE FROM {table} WHERE thread_id = ? AND checkpoint_id > ?",
-                             (thread, cut.config["configurable"]["checkpoint_id"]))
-        assert graph.get_state(config).next == ()  # what a kill in that window leaves
+            conn.execute("DELETE FROM checkpoints WHERE thread_id = ? AND checkpoint_id > ?", (thread, checkpoint))
+            conn.execute(f"DELETE FROM writes WHERE thread_id = ? AND checkpoint_id {'>=' if drop_cut_writes else '>'} ?",
+                         (thread, checkpoint))
+        return home, before, thread, cut, graph.get_state(config)
     finally:
         conn.close()
+
+
+def test_a_pass_killed_just_after_a_node_saved_its_writes_resumes_that_pass(world, tmp_path):
+    """The window a SIGKILL above hits only by chance: a node finished and LangGraph saved its
+    writes, but not yet the checkpoint of the step that follows. The snapshot's ``next`` then
+    leaves that node out and is empty, as for a finished pass. Made exact here by cutting the
+    baseline pass's checkpoints back to that moment (its last commit done, nothing after)."""
+    home, before, _, cut, left = _cut_back(world, tmp_path, lambda h: h.next == ("commit",), drop_cut_writes=False)
+    assert [t.name for t in cut.tasks] == ["commit"] and cut.tasks[0].result  # commit's writes are saved
+    assert left.next == ()  # what a kill in that window leaves
     result, log = _pass(world.hub, home)
     assert result["resumed"] and result["run_id"] == 1, log
     assert snapshot(home) == before  # commit's saved writes were used, nothing was redone
@@ -645,22 +655,10 @@ def test_a_pass_resumed_while_a_source_is_dead_finishes_and_removes_nothing(worl
     the expert is left as it was for a later pass (its source's fault is not its own); after
     it, the pass goes on from the record the catalog holds. Either way the Hub's expert is
     processed, nothing is swept, and the run is recorded partial."""
-    home = tmp_path / "home"
-    shutil.copytree(world.home, home)
-    before = snapshot(home)
-    thread = "gca:" + "+".join(_specs(world.hub.url))
-    config = {"configurable": {"thread_id": thread}}
-    conn = sqlite3.connect(home / "gca_checkpoints.sqlite")
-    try:
-        graph = build_graph(None, SqliteSaver(conn))
-        cut = next(h for h in graph.get_state_history(config)
-                   if h.next == (resume_at,) and h.values["current"].startswith("civitai:"))
-        civitai_id, checkpoint = cut.values["current"], cut.config["configurable"]["checkpoint_id"]
-        with conn:  # the cut step's own saved writes go too: it never ran
-            conn.execute("DELETE FROM checkpoints WHERE thread_id = ? AND checkpoint_id > ?", (thread, checkpoint))
-            conn.execute("DELETE FROM writes WHERE thread_id = ? AND checkpoint_id >= ?", (thread, checkpoint))
-    finally:
-        conn.close()
+    home, before, thread, cut, _ = _cut_back(
+        world, tmp_path, lambda h: h.next == (resume_at,) and h.values["current"].startswith("civitai:"),
+        drop_cut_writes=True)  # the cut step never ran
+    civitai_id = cut.values["current"]
     hf_id = next(i for i in before.rows if i.startswith("hf:"))
 
     out = io.StringIO()
