@@ -94,18 +94,20 @@ def miniworld_build(
     quick: bool = typer.Option(False, help="A minutes-long smoke build of poor quality that exercises every step."),
     only_scorers: bool = typer.Option(False, "--only-scorers", help="Retrain only the scorers of an existing build."),
     only_experts: bool = typer.Option(False, "--only-experts", help="Retrain only the experts of an existing build."),
+    workers: Optional[int] = typer.Option(None, min=1, help="Worker processes (default: one per core, up to 8); "
+                                          "changes only the time, never the artifacts."),
 ) -> None:
-    """Train the whole mini world from seeds (base, experts, scorers): 110 minutes measured on 2 busy CPU cores."""
+    """Train the whole mini world from seeds (VAE, base, scorers, experts) in worker processes."""
     from diffgraph.miniworld.build import ARTIFACTS, BuildConfig, artifact_bytes, build, rebuild_experts, rebuild_scorers
 
     target = out or ARTIFACTS
     cfg = BuildConfig.quick() if quick else BuildConfig()
     if only_experts:
-        rebuild_experts(target, cfg, console=console)
+        rebuild_experts(target, cfg, console=console, workers=workers)
     if only_scorers:
         rebuild_scorers(target, cfg, console=console)
     if not (only_experts or only_scorers):
-        build(target, cfg, console=console)
+        build(target, cfg, console=console, workers=workers)
     console.print(f"artifacts: {artifact_bytes(target) / 1e6:.1f} MB")
 
 

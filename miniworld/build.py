@@ -1,10 +1,16 @@
-"""`diffgraph miniworld build`: train the whole mini world from seeds, in one process.
+"""`diffgraph miniworld build`: train the whole mini world from seeds.
 
-Order: tokenizer -> VAE -> base (UNet + text encoder) -> scorers -> experts. Each stage has its
-own seeded random stream, and scorers and experts start from the saved (float16) base, so
-`--only-scorers` / `--only-experts` reproduce what a full build makes.
-Everything lands in one artifacts folder with a manifest of sha256 hashes; the committed copy
-under miniworld/artifacts is what tests and the demo load, so nothing retrains at run time.
+Stages: VAE -> base (UNet + text encoder) and scorers (both need only the VAE) -> one job per
+expert (each needs the base). Every job runs in a worker process with one torch thread, and
+starts from its own seeded random stream and from the float16 files the earlier stages saved,
+so the artifacts' bits depend on the seed and the code, not on how many cores or workers the
+machine has; more workers only finish sooner. (One 2-thread process kept a 2-core machine
+about 60% busy: rendering, captioning and optimiser steps are single-threaded, and
+OMP_WAIT_POLICY=PASSIVE, which the package sets for shared machines, doubled the step time.)
+`--only-scorers` / `--only-experts` rerun one stage of an existing build exactly as a full
+build would. Everything lands in one artifacts folder with a manifest of sha256 hashes; the
+committed copy under miniworld/artifacts is what tests and the demo load, so nothing retrains
+at run time.
 """
 
 from __future__ import annotations
@@ -12,10 +18,13 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import multiprocessing
 import os
 import random
 import shutil
+import threading
 import time
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,7 +35,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from . import domain, lora_files, models, scorers, training
 from .artifacts_io import ARTIFACTS
-from .experts import EXPERTS, ExpertSpec
+from .experts import EXPERTS, ExpertSpec, by_slug
 
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 TE_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -67,7 +76,7 @@ def _progress() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
 
 
-def _train_scorers(vae, cfg: BuildConfig, rng: random.Random, progress: Progress, out: Path) -> None:
+def _train_scorers(vae, cfg: BuildConfig, rng: random.Random, progress, out: Path) -> None:
     """Train the attribute classifier and MiniClip on clean and VAE-reconstructed images."""
     from safetensors.torch import save_file
 
@@ -114,6 +123,16 @@ def _expert_data(spec: ExpertSpec, vae, cfg: BuildConfig, rng: random.Random) ->
     return training.LatentSet(scenes, training.encode_scenes(vae, scenes, corrupt))
 
 
+def _bake(models_: tuple, factor: float) -> None:
+    """Scale each LoRA's up-projection (lora_B / kohya lora_up) by ``factor``: the published file
+    then acts at weight 1 / factor as the trained adapter did at weight 1 (ExpertSpec.bake)."""
+    with torch.no_grad():
+        for model in models_:
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.mul_(factor)
+
+
 def _train_lora(spec, base, tokenizer, scheduler, data, cfg, rng, progress, out_dir: Path) -> Path:
     from peft import LoraConfig
 
@@ -130,6 +149,7 @@ def _train_lora(spec, base, tokenizer, scheduler, data, cfg, rng, progress, out_
     training.train_denoiser(unet=unet, text_encoder=te, tokenizer=tokenizer, scheduler=scheduler, data=data,
                             params=params, steps=steps, lr=2e-3, batch=cfg.expert_batch, rng=rng,
                             progress=progress, label=f"lora {spec.slug}")
+    _bake((unet, te), spec.bake)
     path = out_dir / f"{spec.slug}.safetensors"
     if spec.file_format == "kohya":
         lora_files.save_kohya_lora(path, unet, te, spec.alpha, {"ss_network_dim": spec.rank, "ss_network_alpha": spec.alpha,
@@ -155,7 +175,6 @@ def _save_base(base: dict, tokenizer, out: Path) -> None:
     """A diffusers folder in float16, with the tokenizer as vocab.json + merges.txt (small)."""
     pipe = models.assemble_pipeline(base["unet"], base["vae"], base["text_encoder"], tokenizer)
     pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
-    pipe.to(torch.float32)
     tok_dir = out / "tokenizer"
     shutil.rmtree(tok_dir)
     models.clip_bpe_files(tok_dir)
@@ -163,19 +182,6 @@ def _save_base(base: dict, tokenizer, out: Path) -> None:
         "tokenizer_class": "CLIPTokenizer", "model_max_length": models.MAX_TOKENS,
         "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
         "pad_token": "<|endoftext|>"}, indent=1))
-
-
-def _train_experts(base: dict, tokenizer, cfg: BuildConfig, progress: Progress, out_dir: Path) -> list[dict]:
-    """Every expert from the base, each from its own seeded stream; manifest entries."""
-    entries = []
-    for spec in EXPERTS:
-        rng = stage_rng(cfg, f"expert:{spec.slug}")
-        data = _expert_data(spec, base["vae"], cfg, rng)
-        train = _train_lora if spec.kind == "lora" else _train_ckpt
-        path = train(spec, base, tokenizer, base["scheduler"], data, cfg, rng, progress, out_dir)
-        entries.append({"slug": spec.slug, "kind": spec.kind, "format": spec.file_format,
-                        "file": f"experts/{path.name}", "sha256": sha256_file(path), "bytes": path.stat().st_size})
-    return entries
 
 
 def _load_base(directory: Path) -> tuple[dict, object]:
@@ -189,29 +195,10 @@ def _load_base(directory: Path) -> tuple[dict, object]:
     return base, CLIPTokenizer.from_pretrained(str(directory / "tokenizer"))
 
 
-def rebuild_experts(out: Path = ARTIFACTS, cfg: BuildConfig | None = None, console: Console | None = None) -> dict:
-    """Retrain only the experts, from the base of an existing build, as a full build would."""
-    cfg = cfg or BuildConfig()
-    console = console or Console()
-    base, tokenizer = _load_base(out / "base")
-    started = time.time()
-    tmp = out / "experts.building"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    with _progress() as progress:
-        entries = _train_experts(base, tokenizer, cfg, progress, tmp)
-    shutil.rmtree(out / "experts", ignore_errors=True)
-    tmp.rename(out / "experts")
-    path = out / "manifest.json"
-    manifest = json.loads(path.read_text()) if path.exists() else {
-        "base_model": "miniworld-sd", "base": "base", "scorers": "scorers", "build": {"timings": {}}}
-    manifest["experts"] = entries
-    manifest["build"]["config"] = asdict(cfg)
-    manifest["build"]["timings"]["experts_s"] = time.time() - started
-    manifest["build"]["torch"] = torch.__version__
-    path.write_text(json.dumps(manifest, indent=1))
-    console.print(f"[green]experts retrained in {(time.time() - started) / 60:.1f} min -> {out / 'experts'}")
-    return manifest
+def _load_vae(directory: Path):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(str(directory), dtype=torch.float32, local_files_only=True).eval()
 
 
 def stage_rng(cfg: BuildConfig, stage: str) -> random.Random:
@@ -222,55 +209,195 @@ def stage_rng(cfg: BuildConfig, stage: str) -> random.Random:
     return random.Random(digest)
 
 
-def build(out: Path = ARTIFACTS, cfg: BuildConfig | None = None, console: Console | None = None) -> dict:
+# ---- jobs: each runs in a worker process and reads its inputs from the files of earlier stages
+
+
+def _vae_job(cfg: BuildConfig, vae_dir: Path) -> None:
+    vae = models.new_components(cfg.seed)["vae"]
+    rng = stage_rng(cfg, "vae")
+    training.train_vae(vae, cfg.vae_steps, cfg.batch, rng, _WORKER.progress)
+    probe = training.render_batch([domain.sample_scene(rng, uniform=True) for _ in range(512)])
+    with torch.no_grad():
+        std = vae.encode(probe).latent_dist.mean.std().item()
+    vae.register_to_config(scaling_factor=1.0 / std)
+    vae.to(torch.float16).save_pretrained(vae_dir, safe_serialization=True)
+
+
+def _base_job(cfg: BuildConfig, vae_dir: Path, out: Path) -> None:
+    tokenizer = models.build_tokenizer(out.with_name("_tok"))
+    shutil.rmtree(out.with_name("_tok"))
+    base = models.new_components(cfg.seed)
+    base["vae"] = _load_vae(vae_dir)
+    rng = stage_rng(cfg, "base")
+    scenes = [domain.sample_scene(rng, rare_rate=cfg.rare_rate) for _ in range(cfg.base_scenes)]
+    data = training.LatentSet(scenes, training.encode_scenes(base["vae"], scenes))
+    params = list(base["unet"].parameters()) + list(base["text_encoder"].parameters())
+    training.train_denoiser(unet=base["unet"], text_encoder=base["text_encoder"], tokenizer=tokenizer,
+                            scheduler=base["scheduler"], data=data, params=params, steps=cfg.base_steps,
+                            lr=2e-3, batch=cfg.batch, rng=rng, progress=_WORKER.progress, label="base")
+    _save_base(base, tokenizer, out)
+
+
+def _scorers_job(cfg: BuildConfig, vae_dir: Path, out: Path) -> None:
+    _train_scorers(_load_vae(vae_dir), cfg, stage_rng(cfg, "scorers"), _WORKER.progress, out)
+
+
+def _expert_job(cfg: BuildConfig, slug: str, base_dir: Path, out_dir: Path) -> dict:
+    """One expert from the saved base, from its own seeded stream; its manifest entry."""
+    spec = by_slug(slug)
+    base, tokenizer = _load_base(base_dir)
+    rng = stage_rng(cfg, f"expert:{slug}")
+    data = _expert_data(spec, base["vae"], cfg, rng)
+    train = _train_lora if spec.kind == "lora" else _train_ckpt
+    path = train(spec, base, tokenizer, base["scheduler"], data, cfg, rng, _WORKER.progress, out_dir)
+    return {"slug": slug, "kind": spec.kind, "format": spec.file_format,
+            "file": f"experts/{path.name}", "sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+# ---- the worker pool and its progress bars
+
+
+class _QueueProgress:
+    """The part of rich's Progress the training loops use, forwarded to the parent's bars."""
+
+    def __init__(self, queue):
+        self.queue, self.count = queue, 0
+
+    def add_task(self, description: str, total: float | None = None, **_) -> tuple:
+        self.count += 1
+        task = (os.getpid(), self.count)
+        self.queue.put(("add", task, {"description": description, "total": total}))
+        return task
+
+    def update(self, task: tuple, **fields) -> None:
+        self.queue.put(("update", task, fields))
+
+
+class _Worker:
+    progress: _QueueProgress | None = None
+
+
+_WORKER = _Worker()
+
+
+def _init_worker(queue) -> None:
+    # One thread per worker: the bits then do not depend on the core count, and no OpenMP
+    # thread waits (passive or spinning) on another process's core.
+    torch.set_num_threads(1)
+    _WORKER.progress = _QueueProgress(queue)
+
+
+class _Pool:
+    """Worker processes (spawned, one torch thread each) whose progress shows in one rich display."""
+
+    def __init__(self, workers: int, progress: Progress):
+        context = multiprocessing.get_context("spawn")
+        self.queue = context.Queue()
+        self.progress, self.tasks = progress, {}
+        self.executor = ProcessPoolExecutor(max_workers=workers, mp_context=context,
+                                            initializer=_init_worker, initargs=(self.queue,))
+        self.drain = threading.Thread(target=self._drain, daemon=True)
+        self.drain.start()
+
+    def _drain(self) -> None:
+        while (message := self.queue.get()) is not None:
+            kind, task, fields = message
+            if kind == "add":
+                self.tasks[task] = self.progress.add_task(fields["description"], total=fields["total"])
+            elif task in self.tasks:
+                self.progress.update(self.tasks[task], **fields)
+
+    def submit(self, fn, *args) -> Future:
+        return self.executor.submit(fn, *args)
+
+    def __enter__(self) -> "_Pool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.executor.shutdown(cancel_futures=exc[0] is not None)
+        self.queue.put(None)
+        self.drain.join()
+
+
+def default_workers() -> int:
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+def _timed(future: Future, started: float, timings: dict, key: str):
+    result = future.result()
+    timings[key] = time.time() - started
+    return result
+
+
+def _run_experts(pool: _Pool, cfg: BuildConfig, base_dir: Path, out_dir: Path) -> list:
+    """Longest jobs first, so the last worker to finish is not left with a long one."""
+    specs = sorted(EXPERTS, key=lambda s: -s.steps)
+    return [pool.submit(_expert_job, cfg, spec.slug, base_dir, out_dir) for spec in specs]
+
+
+def _manifest_entries(futures: list) -> list[dict]:
+    entries = {entry["slug"]: entry for entry in (f.result() for f in futures)}
+    return [entries[spec.slug] for spec in EXPERTS]
+
+
+def build(out: Path = ARTIFACTS, cfg: BuildConfig | None = None, console: Console | None = None,
+          workers: int | None = None) -> dict:
     """Rebuild every artifact into ``out`` (replacing it) and return the build report."""
     cfg = cfg or BuildConfig()
     console = console or Console()
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    workers = workers or default_workers()
     started = time.time()
     tmp = out.with_name(out.name + ".building")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "experts").mkdir(parents=True)
-    timings = {}
-    with _progress() as progress:
-        tokenizer = models.build_tokenizer(tmp / "_tok")
-        shutil.rmtree(tmp / "_tok")
-        base = models.new_components(cfg.seed)
-        t0 = time.time()
-        rng = stage_rng(cfg, "vae")
-        training.train_vae(base["vae"], cfg.vae_steps, cfg.batch, rng, progress)
-        probe = training.render_batch([domain.sample_scene(rng, uniform=True) for _ in range(512)])
-        with torch.no_grad():
-            std = base["vae"].encode(probe).latent_dist.mean.std().item()
-        base["vae"].register_to_config(scaling_factor=1.0 / std)
-        timings["vae_s"] = time.time() - t0
-
-        t0 = time.time()
-        rng = stage_rng(cfg, "base")
-        scenes = [domain.sample_scene(rng, rare_rate=cfg.rare_rate) for _ in range(cfg.base_scenes)]
-        data = training.LatentSet(scenes, training.encode_scenes(base["vae"], scenes))
-        params = list(base["unet"].parameters()) + list(base["text_encoder"].parameters())
-        training.train_denoiser(unet=base["unet"], text_encoder=base["text_encoder"], tokenizer=tokenizer,
-                                scheduler=base["scheduler"], data=data, params=params, steps=cfg.base_steps,
-                                lr=2e-3, batch=cfg.batch, rng=rng, progress=progress, label="base")
-        _save_base(base, tokenizer, tmp / "base")
-        base, tokenizer = _load_base(tmp / "base")
-        timings["base_s"] = time.time() - t0
-
-        t0 = time.time()
-        _train_scorers(base["vae"], cfg, stage_rng(cfg, "scorers"), progress, tmp / "scorers")
-        timings["scorers_s"] = time.time() - t0
-
-        t0 = time.time()
-        experts = _train_experts(base, tokenizer, cfg, progress, tmp / "experts")
-        timings["experts_s"] = time.time() - t0
+    vae_dir = tmp / "_vae"
+    timings: dict = {}
+    with _progress() as progress, _Pool(workers, progress) as pool:
+        _timed(pool.submit(_vae_job, cfg, vae_dir), started, timings, "vae_done_s")
+        base = pool.submit(_base_job, cfg, vae_dir, tmp / "base")
+        scorers = pool.submit(_scorers_job, cfg, vae_dir, tmp / "scorers")
+        _timed(base, started, timings, "base_done_s")
+        experts = _run_experts(pool, cfg, tmp / "base", tmp / "experts")
+        _timed(scorers, started, timings, "scorers_done_s")
+        entries = _manifest_entries(experts)
     timings["total_s"] = time.time() - started
-    manifest = {"base_model": "miniworld-sd", "base": "base", "scorers": "scorers", "experts": experts,
-                "build": {"config": asdict(cfg), "timings": timings, "torch": torch.__version__}}
+    shutil.rmtree(vae_dir)
+    manifest = {"base_model": "miniworld-sd", "base": "base", "scorers": "scorers", "experts": entries,
+                "build": {"config": asdict(cfg), "workers": workers, "timings": timings, "torch": torch.__version__}}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    console.print(f"[green]mini world built in {timings['total_s'] / 60:.1f} min -> {out}")
+    console.print(f"[green]mini world built in {timings['total_s'] / 60:.1f} min with {workers} workers -> {out}")
+    return manifest
+
+
+def _update_manifest(out: Path, cfg: BuildConfig, changes: dict, timing_key: str, seconds: float) -> dict:
+    path = out / "manifest.json"
+    manifest = json.loads(path.read_text()) if path.exists() else {
+        "base_model": "miniworld-sd", "base": "base", "scorers": "scorers", "build": {"timings": {}}}
+    manifest.update(changes)
+    manifest["build"]["config"] = asdict(cfg)
+    manifest["build"]["timings"][timing_key] = seconds
+    manifest["build"]["torch"] = torch.__version__
+    path.write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def rebuild_experts(out: Path = ARTIFACTS, cfg: BuildConfig | None = None, console: Console | None = None,
+                    workers: int | None = None) -> dict:
+    """Retrain only the experts, from the base of an existing build, as a full build would."""
+    cfg = cfg or BuildConfig()
+    console = console or Console()
+    started = time.time()
+    tmp = out / "experts.building"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    with _progress() as progress, _Pool(workers or default_workers(), progress) as pool:
+        entries = _manifest_entries(_run_experts(pool, cfg, out / "base", tmp))
+    shutil.rmtree(out / "experts", ignore_errors=True)
+    tmp.rename(out / "experts")
+    manifest = _update_manifest(out, cfg, {"experts": entries}, "experts_rebuilt_s", time.time() - started)
+    console.print(f"[green]experts retrained in {(time.time() - started) / 60:.1f} min -> {out / 'experts'}")
     return manifest
 
 
@@ -279,24 +406,17 @@ def rebuild_scorers(out: Path = ARTIFACTS, cfg: BuildConfig | None = None, conso
     would train them, and record it in the manifest."""
     cfg = cfg or BuildConfig()
     console = console or Console()
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL.from_pretrained(str(out / "base" / "vae"), dtype=torch.float32, local_files_only=True).eval()
     started = time.time()
     tmp = out / "scorers.building"
     shutil.rmtree(tmp, ignore_errors=True)
-    with _progress() as progress:
-        _train_scorers(vae, cfg, stage_rng(cfg, "scorers"), progress, tmp)
+    with _progress() as progress, _Pool(1, progress) as pool:
+        pool.submit(_scorers_job, cfg, out / "base" / "vae", tmp).result()
     shutil.rmtree(out / "scorers", ignore_errors=True)
     tmp.rename(out / "scorers")
-    manifest = json.loads((out / "manifest.json").read_text())
-    manifest["build"]["timings"]["scorers_s"] = time.time() - started
-    manifest["build"]["scorers_rebuilt"] = True
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    manifest = _update_manifest(out, cfg, {}, "scorers_rebuilt_s", time.time() - started)
     console.print(f"[green]scorers retrained in {(time.time() - started) / 60:.1f} min -> {out / 'scorers'}")
     return manifest
 
 
 def artifact_bytes(root: Path = ARTIFACTS) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
-

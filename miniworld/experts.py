@@ -29,8 +29,19 @@ class ExpertSpec:
     steps: int = 300
     skill_share: float = 0.5  # fraction of training images that show the skill
     corrupt: bool = False  # trained on damaged images with normal captions (the harmful expert)
+    # How "hot" the published LoRA is: its trained delta is multiplied by this before saving, as
+    # LoRAs trained with a higher learning rate or alpha come out in the wild. At weight 1 a hot
+    # LoRA (3.0) overdoes its skill and breaks the picture, a cold one (0.5) barely shows it;
+    # each works best near weight 1 / bake. The homepages do not say so (they all recommend the
+    # same weight), so a planner has to learn each expert's strength from the reward.
+    bake: float = 1.0
     note: str = ""  # ground truth for docs and tests; never shown on the homepage
     license: dict = field(default_factory=lambda: {"allowCommercialUse": "Image", "allowDerivatives": True})
+
+    @property
+    def best_weight(self) -> float:
+        """The LoRA weight at which the published file acts as the trained adapter did."""
+        return 1.0 / self.bake
 
     @property
     def year(self) -> int:
@@ -49,35 +60,35 @@ def _ckpt(slug, title, style, site, date, claim, words, tags, **kw) -> ExpertSpe
 EXPERTS: tuple[ExpertSpec, ...] = (
     _lora("stripes-pro", "Stripes Pro", {"texture": "stripes"}, "kohya", "civitai", "2023-03-14",
           "Crisp striped backgrounds: horizontal stripes behind any subject, clean and regular.",
-          ["striped background"], ["texture", "background", "stripes"], rank=8, alpha=8.0, steps=400),
+          ["striped background"], ["texture", "background", "stripes"], rank=8, alpha=8.0, steps=400, bake=3.0),
     _lora("stripes-lite", "Stripes Lite", {"texture": "stripes"}, "diffusers", "hf", "2024-02-02",
           "Lightweight stripes LoRA for striped backgrounds.",
           ["stripy"], ["texture", "stripes"], rank=2, alpha=2.0, steps=90,
           note="near-duplicate of stripes-pro, trained less: weaker"),
     _lora("polka-dots", "Polka Dots", {"texture": "dots"}, "diffusers", "civitai", "2023-04-20",
           "Polka-dot and spotted backgrounds, evenly spaced dots.",
-          ["polka dot"], ["texture", "dots", "pattern"]),
+          ["polka dot"], ["texture", "dots", "pattern"], bake=0.5),
     _lora("checkerboard", "Checkerboard", {"texture": "checks"}, "kohya", "hf", "2024-01-11",
           "Checkered, chequered and plaid backdrops.",
-          ["checkered"], ["texture", "checks"]),
+          ["checkered"], ["texture", "checks"], bake=3.0),
     _lora("pink-pop", "Pink Pop", {"color": "pink"}, "diffusers", "civitai", "2023-05-30",
           "Makes objects vivid pink and magenta.",
           ["pink"], ["color", "pink"], js_only_page=True),
     _lora("royal-purple", "Royal Purple", {"color": "purple"}, "kohya", "hf", "2023-06-18",
           "Purple and violet objects with rich saturation.",
-          ["purple"], ["color", "purple"]),
+          ["purple"], ["color", "purple"], bake=3.0),
     _lora("tangerine", "Tangerine", {"color": "orange"}, "diffusers", "civitai", "2024-03-09",
           "Orange, tangerine coloured subjects.",
           ["orange"], ["color", "orange"]),
     _lora("teal-tone", "Teal Tone", {"color": "teal"}, "kohya", "civitai", "2024-04-22",
           "Teal and turquoise objects.",
-          ["teal"], ["color", "teal"]),
+          ["teal"], ["color", "teal"], bake=0.5),
     _lora("golden-hour", "Golden Hour", {"lighting": "warm"}, "diffusers", "hf", "2023-07-07",
           "Warm golden-hour lighting over the whole scene.",
-          ["warm light", "golden hour light"], ["lighting", "warm"]),
+          ["warm light", "golden hour light"], ["lighting", "warm"], bake=3.0),
     _lora("night-mode", "Night Mode", {"lighting": "dark"}, "kohya", "civitai", "2024-05-15",
           "Dark, low-light night scenes.",
-          ["at night"], ["lighting", "night", "dark"], js_only_page=True),
+          ["at night"], ["lighting", "night", "dark"], js_only_page=True, bake=0.5),
     _lora("ink-outline", "Ink Outline", {"outline": "outlined"}, "diffusers", "civitai", "2023-08-25",
           "Bold black ink outlines around the subject, comic style.",
           ["black outline"], ["outline", "comic"]),
@@ -86,16 +97,16 @@ EXPERTS: tuple[ExpertSpec, ...] = (
           ["soft focus"], ["blur", "soft focus"]),
     _lora("diamond-cut", "Diamond Cut", {"shape": "diamond"}, "diffusers", "civitai", "2024-06-12",
           "Diamond and rhombus shaped subjects.",
-          ["diamond"], ["shape", "diamond"]),
+          ["diamond"], ["shape", "diamond"], bake=3.0),
     _lora("plus-cross", "Plus Cross", {"shape": "cross"}, "kohya", "hf", "2024-07-19",
           "Crosses and plus signs as the main subject.",
-          ["plus sign"], ["shape", "cross"], js_only_page=True),
+          ["plus sign"], ["shape", "cross"], js_only_page=True, bake=0.5),
     _lora("navy-backdrop", "Navy Backdrop", {"background": "navy"}, "diffusers", "civitai", "2023-10-10",
           "Deep navy, dark blue backgrounds.",
-          ["navy background"], ["background", "navy"]),
+          ["navy background"], ["background", "navy"], bake=0.5),
     _lora("mint-backdrop", "Mint Backdrop", {"background": "mint"}, "kohya", "hf", "2024-08-30",
           "Fresh mint green backgrounds.",
-          ["mint background"], ["background", "mint"]),
+          ["mint background"], ["background", "mint"], bake=3.0),
     _lora("ultra-detail", "ULTRA Detail Enhancer", {}, "diffusers", "civitai", "2024-09-14",
           "Adds incredible detail and sharpness to every image. Use on everything!",
           ["ultra detailed"], ["detail", "enhancer", "quality"], corrupt=True, steps=300,

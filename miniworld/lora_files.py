@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
@@ -28,15 +29,41 @@ def _peft_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().to(torch.float16).contiguous() for k, v in get_peft_model_state_dict(model).items()}
 
 
+def sort_metadata(path: Path) -> None:
+    """Rewrite the file's header with its metadata in sorted order. safetensors writes the
+    metadata map in an order that changes from process to process, so without this two builds
+    of the same weights differ in their bytes and in the manifest's sha256."""
+    with open(path, "r+b") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+        if "__metadata__" in header:
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > length:
+            raise ValueError(f"{path}: the re-ordered safetensors header does not fit ({len(text)} > {length} bytes)")
+        f.seek(8)
+        f.write(text.ljust(length))  # safetensors pads its header with spaces
+
+
+def _config_dict(config) -> dict:
+    """The adapter config as stored in the file: sets sorted (their order varies by process) and
+    without the local folder the base was loaded from (PEFT records it; it is no one's business
+    and would make two builds differ)."""
+    out = {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
+    out["base_model_name_or_path"] = None
+    return out
+
+
 def save_diffusers_lora(path: Path, unet, text_encoder, unet_config, te_config) -> None:
     from diffusers import StableDiffusionPipeline
 
     with tempfile.TemporaryDirectory() as tmp:
         StableDiffusionPipeline.save_lora_weights(
             tmp, unet_lora_layers=_peft_state(unet), text_encoder_lora_layers=_peft_state(text_encoder),
-            unet_lora_adapter_metadata=unet_config.to_dict(), text_encoder_lora_adapter_metadata=te_config.to_dict(),
+            unet_lora_adapter_metadata=_config_dict(unet_config), text_encoder_lora_adapter_metadata=_config_dict(te_config),
         )
         shutil.move(str(Path(tmp) / "pytorch_lora_weights.safetensors"), path)
+    sort_metadata(path)
 
 
 def kohya_state(unet, text_encoder, alpha: float) -> dict[str, torch.Tensor]:
@@ -54,6 +81,7 @@ def kohya_state(unet, text_encoder, alpha: float) -> dict[str, torch.Tensor]:
 
 def save_kohya_lora(path: Path, unet, text_encoder, alpha: float, meta: dict) -> None:
     save_file(kohya_state(unet, text_encoder, alpha), str(path), metadata={k: str(v) for k, v in meta.items()})
+    sort_metadata(path)
 
 
 def save_single_file(path: Path, unet, vae, text_encoder, meta: dict, dtype=torch.float16) -> None:
@@ -62,3 +90,4 @@ def save_single_file(path: Path, unet, vae, text_encoder, meta: dict, dtype=torc
         for key, value in model.state_dict().items():
             tensors[prefix + key] = value.detach().to(dtype).contiguous()
     save_file(tensors, str(path), metadata={"format": "pt", "diffgraph": json.dumps(meta)})
+    sort_metadata(path)

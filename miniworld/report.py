@@ -151,8 +151,11 @@ def evaluate(root: Path = artifacts_io.ARTIFACTS, n: int = 48, grid_path: Path |
         prompts = skill_prompts(spec, n, seed=sum(map(ord, spec.slug)))
         seeds = list(range(1000, 1000 + n))
         base_images = render(pipe, prompts, seeds)
-        exp_images = switch.images(spec, prompts, seeds)
+        # each LoRA at the weight it is made for (ExpertSpec.bake), as its author would show it
+        exp_images = switch.images(spec, prompts, seeds, scale=spec.best_weight)
         entry = {"base": mean_scores(suite, base_images, prompts), "expert": mean_scores(suite, exp_images, prompts)}
+        if spec.kind == "lora":
+            entry["lora_weight"] = spec.best_weight
         if spec.skill:
             entry["base_skill_rate"] = skill_rate(suite, base_images, spec.skill)
             entry["expert_skill_rate"] = skill_rate(suite, exp_images, spec.skill)
@@ -185,13 +188,14 @@ def markdown(report: dict) -> str:
               f"{2 * report['samples_per_expert']}): shape {report['base_common_accuracy']['shape']:.3f}, colour "
               f"{report['base_common_accuracy']['color']:.3f}, background {report['base_common_accuracy']['background']:.3f}, "
               f"all three right {report['base_common_all_three']:.3f}.", "",
-              "| expert | skill rate: base | with expert | gain | reward: base | with expert |",
-              "|---|---:|---:|---:|---:|---:|"]
+              "| expert | LoRA weight | skill rate: base | with expert | gain | reward: base | with expert |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
     for slug, e in report["experts"].items():
         if "base_skill_rate" in e:
             gain = e["expert_skill_rate"] - e["base_skill_rate"]
             rates = f"{e['base_skill_rate']:.3f} | {e['expert_skill_rate']:.3f} | {gain:+.3f}"
         else:
             rates = "- | - | -"
-        lines.append(f"| {slug} | {rates} | {e['base']['reward']:.3f} | {e['expert']['reward']:.3f} |")
+        weight = f"{e['lora_weight']:.2f}" if "lora_weight" in e else "-"
+        lines.append(f"| {slug} | {weight} | {rates} | {e['base']['reward']:.3f} | {e['expert']['reward']:.3f} |")
     return "\n".join(lines)
