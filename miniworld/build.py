@@ -215,7 +215,7 @@ def stage_rng(cfg: BuildConfig, stage: str) -> random.Random:
 def _vae_job(cfg: BuildConfig, vae_dir: Path) -> None:
     vae = models.new_components(cfg.seed)["vae"]
     rng = stage_rng(cfg, "vae")
-    training.train_vae(vae, cfg.vae_steps, cfg.batch, rng, _WORKER.progress)
+    training.train_vae(vae, cfg.vae_steps, cfg.batch, rng, _PROGRESS)
     probe = training.render_batch([domain.sample_scene(rng, uniform=True) for _ in range(512)])
     with torch.no_grad():
         std = vae.encode(probe).latent_dist.mean.std().item()
@@ -234,12 +234,12 @@ def _base_job(cfg: BuildConfig, vae_dir: Path, out: Path) -> None:
     params = list(base["unet"].parameters()) + list(base["text_encoder"].parameters())
     training.train_denoiser(unet=base["unet"], text_encoder=base["text_encoder"], tokenizer=tokenizer,
                             scheduler=base["scheduler"], data=data, params=params, steps=cfg.base_steps,
-                            lr=2e-3, batch=cfg.batch, rng=rng, progress=_WORKER.progress, label="base")
+                            lr=2e-3, batch=cfg.batch, rng=rng, progress=_PROGRESS, label="base")
     _save_base(base, tokenizer, out)
 
 
 def _scorers_job(cfg: BuildConfig, vae_dir: Path, out: Path) -> None:
-    _train_scorers(_load_vae(vae_dir), cfg, stage_rng(cfg, "scorers"), _WORKER.progress, out)
+    _train_scorers(_load_vae(vae_dir), cfg, stage_rng(cfg, "scorers"), _PROGRESS, out)
 
 
 def _expert_job(cfg: BuildConfig, slug: str, base_dir: Path, out_dir: Path) -> dict:
@@ -249,7 +249,7 @@ def _expert_job(cfg: BuildConfig, slug: str, base_dir: Path, out_dir: Path) -> d
     rng = stage_rng(cfg, f"expert:{slug}")
     data = _expert_data(spec, base["vae"], cfg, rng)
     train = _train_lora if spec.kind == "lora" else _train_ckpt
-    path = train(spec, base, tokenizer, base["scheduler"], data, cfg, rng, _WORKER.progress, out_dir)
+    path = train(spec, base, tokenizer, base["scheduler"], data, cfg, rng, _PROGRESS, out_dir)
     return {"slug": slug, "kind": spec.kind, "format": spec.file_format,
             "file": f"experts/{path.name}", "sha256": sha256_file(path), "bytes": path.stat().st_size}
 
@@ -273,18 +273,15 @@ class _QueueProgress:
         self.queue.put(("update", task, fields))
 
 
-class _Worker:
-    progress: _QueueProgress | None = None
-
-
-_WORKER = _Worker()
+_PROGRESS: _QueueProgress | None = None  # set in each worker process
 
 
 def _init_worker(queue) -> None:
     # One thread per worker: the bits then do not depend on the core count, and no OpenMP
     # thread waits (passive or spinning) on another process's core.
+    global _PROGRESS
     torch.set_num_threads(1)
-    _WORKER.progress = _QueueProgress(queue)
+    _PROGRESS = _QueueProgress(queue)
 
 
 class _Pool:
@@ -323,10 +320,10 @@ def default_workers() -> int:
     return max(1, min(os.cpu_count() or 1, 8))
 
 
-def _timed(future: Future, started: float, timings: dict, key: str):
-    result = future.result()
-    timings[key] = time.time() - started
-    return result
+def _timed(future: Future, started: float, timings: dict, key: str) -> Future:
+    """Record in ``timings[key]`` when the job finished (not when someone waited for it)."""
+    future.add_done_callback(lambda _: timings.__setitem__(key, time.time() - started))
+    return future
 
 
 def _run_experts(pool: _Pool, cfg: BuildConfig, base_dir: Path, out_dir: Path) -> list:
@@ -353,12 +350,12 @@ def build(out: Path = ARTIFACTS, cfg: BuildConfig | None = None, console: Consol
     vae_dir = tmp / "_vae"
     timings: dict = {}
     with _progress() as progress, _Pool(workers, progress) as pool:
-        _timed(pool.submit(_vae_job, cfg, vae_dir), started, timings, "vae_done_s")
-        base = pool.submit(_base_job, cfg, vae_dir, tmp / "base")
-        scorers = pool.submit(_scorers_job, cfg, vae_dir, tmp / "scorers")
-        _timed(base, started, timings, "base_done_s")
+        _timed(pool.submit(_vae_job, cfg, vae_dir), started, timings, "vae_done_s").result()
+        base = _timed(pool.submit(_base_job, cfg, vae_dir, tmp / "base"), started, timings, "base_done_s")
+        scorers = _timed(pool.submit(_scorers_job, cfg, vae_dir, tmp / "scorers"), started, timings, "scorers_done_s")
+        base.result()
         experts = _run_experts(pool, cfg, tmp / "base", tmp / "experts")
-        _timed(scorers, started, timings, "scorers_done_s")
+        scorers.result()
         entries = _manifest_entries(experts)
     timings["total_s"] = time.time() - started
     shutil.rmtree(vae_dir)
