@@ -12,7 +12,8 @@
    every selected expert, the best of a grid on the validation prompts (the strongest plan
    that is not per expert: a planner that only learns "how strong overall" ties it); the
    VGAE; the VGAE over all experts keeping the top 10 (w/o ESA); 10 randomly activated
-   experts; all experts merged (Diffusion Soup analogue).
+   experts; all experts merged (Diffusion Soup analogue); and, as a ceiling no method can
+   reach by looking, each LoRA at the strength it was made for (the world's ground truth).
 4. Scaling (Table 2): a planner trained with "year 1" experts only, used training-free with
    year 1 + year 2 experts, against the planner trained on both.
 
@@ -112,6 +113,25 @@ def coefficient_spread(bench: Bench, planner, prompts: list[str]) -> dict:
             "plans": plans}
 
 
+def oracle_coefficients(bench: Bench) -> dict[str, float] | None:
+    """The mini world's ground truth, which no method sees: per expert, the coefficient at which
+    the rule gives a LoRA the weight it was trained at (ExpertSpec.best_weight, 1 / bake),
+    clipped to (0, 1]; checkpoints keep 0.5. The ceiling of a plan that only has to get each
+    expert's strength right. None under rules whose LoRA weights are a softmax."""
+    from diffgraph.miniworld import artifacts_io
+    from diffgraph.miniworld.experts import by_slug
+
+    if bench.rule.lora_strength is None:
+        return None
+    manifest = json.loads((artifacts_io.ARTIFACTS / "manifest.json").read_text())
+    slug_by_sha = {e["sha256"]: e["slug"] for e in manifest["experts"]}
+    out = {}
+    for expert_id, row in bench.rows.items():
+        spec = by_slug(slug_by_sha[row.files[0].sha256])
+        out[expert_id] = min(1.0, spec.best_weight / bench.rule.lora_strength) if spec.kind == "lora" else 0.5
+    return out
+
+
 def methods(bench: Bench, planner, rng: random.Random, constant: float) -> dict:
     """name -> function(prompt) -> (picks, coefficients)."""
     all_ids = sorted(bench.rows)
@@ -139,6 +159,12 @@ def methods(bench: Bench, planner, rng: random.Random, constant: float) -> dict:
         sel = bench.select(p)
         return sel, {s["id"]: float(s["similarity"]) for s in sel}
 
+    oracle = oracle_coefficients(bench)
+
+    def oracle_coef(p):
+        sel = bench.select(p)
+        return sel, {s["id"]: oracle[s["id"]] for s in sel}
+
     def vgae(p):
         sel = bench.select(p)
         return sel, (planner.plan(bench.store, [s["id"] for s in sel], p) if sel else {})
@@ -160,7 +186,8 @@ def methods(bench: Bench, planner, rng: random.Random, constant: float) -> dict:
             "Brain-chosen coefficients": brain_coef,
             f"Best constant coefficient ({constant}, tuned on validation)": constant_coef, "DiffGraph VGAE": vgae,
             "VGAE over all, top 10 (w/o ESA)": vgae_no_esa, "Random 10 experts": random_ten,
-            "All experts merged (Soup)": all_experts}
+            "All experts merged (Soup)": all_experts,
+            **({"Oracle per-expert strength (knows ExpertSpec.bake)": oracle_coef} if oracle else {})}
 
 
 def evaluate(bench: Bench, fns: dict, prompts: list[str]) -> dict:
