@@ -113,23 +113,37 @@ def coefficient_spread(bench: Bench, planner, prompts: list[str]) -> dict:
             "plans": plans}
 
 
-def oracle_coefficients(bench: Bench) -> dict[str, float] | None:
-    """The mini world's ground truth, which no method sees: per expert, the coefficient at which
-    the rule gives a LoRA the weight it was trained at (ExpertSpec.best_weight, 1 / bake),
-    clipped to (0, 1]; checkpoints keep 0.5. The ceiling of a plan that only has to get each
-    expert's strength right. None under rules whose LoRA weights are a softmax."""
+def expert_specs(bench: Bench) -> dict:
+    """expert id -> the mini world's ExpertSpec behind its file (ground truth no method sees)."""
     from diffgraph.miniworld import artifacts_io
     from diffgraph.miniworld.experts import by_slug
 
-    if bench.rule.lora_strength is None:
-        return None
     manifest = json.loads((artifacts_io.ARTIFACTS / "manifest.json").read_text())
     slug_by_sha = {e["sha256"]: e["slug"] for e in manifest["experts"]}
-    out = {}
-    for expert_id, row in bench.rows.items():
-        spec = by_slug(slug_by_sha[row.files[0].sha256])
-        out[expert_id] = min(1.0, spec.best_weight / bench.rule.lora_strength) if spec.kind == "lora" else 0.5
-    return out
+    return {expert_id: by_slug(slug_by_sha[row.files[0].sha256]) for expert_id, row in bench.rows.items()}
+
+
+def oracle_coefficients(bench: Bench) -> dict[str, float] | None:
+    """Per expert, the coefficient at which the rule gives a LoRA the weight it was trained at
+    (ExpertSpec.best_weight, 1 / bake), clipped to (0, 1]; checkpoints keep 0.5. The ceiling of
+    a plan that only has to get each expert's strength right, if strengths were what mattered.
+    None under rules whose LoRA weights are a softmax."""
+    if bench.rule.lora_strength is None:
+        return None
+    return {expert_id: min(1.0, spec.best_weight / bench.rule.lora_strength) if spec.kind == "lora" else 0.5
+            for expert_id, spec in expert_specs(bench).items()}
+
+
+def prompt_split(prompts: int, train_prompts: int, validation_prompts: int) -> tuple[list[str], list[str], list[str]]:
+    """Training, validation and test prompts, disjoint, the same for every run of these sizes."""
+    from diffgraph.tools import bases
+
+    profile = bases.profile(BASE)
+    train_set = profile.training_prompts(train_prompts, 1)
+    test_set = [p for p in profile.training_prompts(prompts * 2, 7) if p not in set(train_set)][:prompts]
+    valid_set = [p for p in profile.training_prompts(validation_prompts * 2, 3)
+                 if p not in set(train_set) | set(test_set)][:validation_prompts]
+    return train_set, valid_set, test_set
 
 
 def methods(bench: Bench, planner, rng: random.Random, constant: float) -> dict:
@@ -225,18 +239,12 @@ def main(home: Path = typer.Option(Path("benchmarks/.work/graph"), help="Graph h
                                   "'anchored' or 'paper' (softmax per kind); see merger.recipe.MergeRule."),
          save_planner_to: Path = typer.Option(None, help="Also save the trained planner here."),
          out: Path = typer.Option(Path("benchmarks/results/paper_experiments.json"))) -> None:
-    from diffgraph.tools import bases
-
     started = time.time()
     _graph(home, reference_prompts)
     from diffgraph.merger.recipe import RULES
 
     bench = Bench(home, RULES[rule])
-    profile = bases.profile(BASE)
-    train_set = profile.training_prompts(train_prompts, 1)
-    test_set = [p for p in profile.training_prompts(prompts * 2, 7) if p not in set(train_set)][:prompts]
-    valid_set = [p for p in profile.training_prompts(validation_prompts * 2, 3)
-                 if p not in set(train_set) | set(test_set)][:validation_prompts]
+    train_set, valid_set, test_set = prompt_split(prompts, train_prompts, validation_prompts)
     console.print(f"graph: {len(bench.rows)} active experts; {len(train_set)} training, {len(valid_set)} validation, "
                   f"{len(test_set)} test prompts")
 
