@@ -30,10 +30,10 @@ class ExpertSpec:
     skill_share: float = 0.5  # fraction of training images that show the skill
     corrupt: bool = False  # trained on damaged images with normal captions (the harmful expert)
     # How "hot" the published LoRA is: its trained delta is multiplied by this before saving, as
-    # LoRAs trained with a higher learning rate or alpha come out in the wild. At weight 1 a hot
-    # LoRA (3.0) overdoes its skill and breaks the picture, a cold one (0.5) barely shows it;
-    # each works best near weight 1 / bake. The homepages do not say so (they all recommend the
-    # same weight), so a planner has to learn each expert's strength from the reward.
+    # LoRAs trained with a higher learning rate or alpha come out in the wild. The file acts at
+    # weight 1 / bake as the trained adapter did at weight 1: at weight 1 a hot LoRA (3.0)
+    # overdoes its skill (some pictures break), a cold one (0.5) shows it weakly. The homepages
+    # do not say so (they all recommend the same weight); only the images tell them apart.
     bake: float = 1.0
     note: str = ""  # ground truth for docs and tests; never shown on the homepage
     license: dict = field(default_factory=lambda: {"allowCommercialUse": "Image", "allowDerivatives": True})
