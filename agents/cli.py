@@ -12,6 +12,7 @@ from rich.console import Console
 
 import diffgraph
 from diffgraph.settings import get_settings
+from diffgraph.versions import library_versions
 
 app = typer.Typer(help="DiffGraph: pick, weigh and merge community text-to-image experts for each prompt.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False)
@@ -66,12 +67,15 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
 
 @app.command()
 def info() -> None:
-    """Show the settings in effect (from DIFFGRAPH_* environment variables)."""
+    """Show the settings in effect (from DIFFGRAPH_* environment variables) and the versions of
+    the libraries that results depend on."""
     s = get_settings()
     for key in ("home", "llm_base_url", "llm_model", "chroma_url", "db_url", "ray_address", "ray_workers", "device",
                 "allow_pickle"):
         value = getattr(s, key)
         console.print(f"[bold]{key}[/]: {value if value not in (None, '') else '[dim]unset[/]'}")
+    versions = library_versions()
+    console.print("[bold]versions[/]: " + ", ".join(f"{name} {v or '[red]not installed[/]'}" for name, v in versions.items()))
 
 
 @app.command()

@@ -10,7 +10,6 @@ expert on A100s for both together.
 
 from __future__ import annotations
 
-import json
 import statistics
 import tempfile
 import time
@@ -19,6 +18,8 @@ from urllib.parse import urlparse
 
 import typer
 from rich.console import Console
+
+from diffgraph.benchmarks import write_result
 
 console = Console()
 
@@ -61,8 +62,7 @@ def main(reference_prompts: int = typer.Option(12, help="N_r"),
                              "max": max(register_s)},
               "calibrate_s": {"mean": statistics.mean(calibrate_s), "median": statistics.median(calibrate_s),
                               "max": max(calibrate_s)}}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    write_result(out, result)
     console.print(result)
 
 

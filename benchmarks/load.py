@@ -26,7 +26,6 @@ engine's threading.Lock), for an A/B comparison on the same machine; --max-activ
 from __future__ import annotations
 
 import base64
-import json
 import os
 import socket
 import statistics
@@ -41,6 +40,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
+from diffgraph.benchmarks import write_result
 from diffgraph.miniworld.domain import EXAMPLE_REQUESTS
 
 console = Console()
@@ -250,10 +250,8 @@ def main(clients: List[int] = typer.Option([8, 16], "--clients", help="concurren
     finally:
         server.stop()
         tmp.cleanup()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"duration_s": duration, "fifo_queue": not no_fifo, "max_active": max_active,
-                               "cpus": os.cpu_count(),
-                               "loadavg": os.getloadavg(), "runs": results}, indent=1))
+    write_result(out, {"duration_s": duration, "fifo_queue": not no_fifo, "max_active": max_active,
+                       "cpus": os.cpu_count(), "loadavg": os.getloadavg(), "runs": results})
 
 
 if __name__ == "__main__":

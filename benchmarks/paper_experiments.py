@@ -31,6 +31,8 @@ import numpy as np
 import typer
 from rich.console import Console
 
+from diffgraph.benchmarks import write_result
+
 BASE = "miniworld-sd"
 SEEDS = (0, 1, 2)
 CONSTANTS = (0.1, 0.25, 0.4, 0.55, 0.7, 0.85, 1.0)  # grid for the best-constant baseline
@@ -277,8 +279,7 @@ def main(home: Path = typer.Option(Path("benchmarks/.work/graph"), help="Graph h
               "config": {"prompts": prompts, "train_prompts": train_prompts, "steps": steps, "seeds": SEEDS,
                          "validation_prompts": validation_prompts,
                          "rule": rule}}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
+    write_result(out, report)
     console.print(table(results))
     console.print(table(scaling))
     console.print(f"wrote {out} in {(time.time() - started) / 60:.1f} min")

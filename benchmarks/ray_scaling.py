@@ -19,7 +19,6 @@ while the wall time does not halve, the limit is the CPU the machine had to spar
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
@@ -32,6 +31,8 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+
+from diffgraph.benchmarks import write_result
 
 console = Console()
 BASE = "miniworld-sd"
@@ -136,8 +137,7 @@ def main(experts: int = typer.Option(6, help="E: experts calibrated per run"),
         "t1_s": t1, "t2_s": t2, "renders_per_s_1": renders / t1, "renders_per_s_2": renders / t2,
         "scaling_efficiency": t1 / (2 * t2), "runs": runs, "scores_equal_in_process": True,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    write_result(out, result)
     console.print(f"t1 = {t1:.1f} s, t2 = {t2:.1f} s, efficiency t1/(2 t2) = {result['scaling_efficiency']:.2f} "
                   f"(load average before/after: {load_before[0]:.2f}/{result['machine']['loadavg_after'][0]:.2f})")
 

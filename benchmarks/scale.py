@@ -44,6 +44,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from diffgraph.benchmarks import write_result
+
 console = Console(width=150)
 
 BASES = {"sd15": 0.45, "sdxl": 0.30, "flux1-dev": 0.15, "sd3": 0.10}  # share of experts
@@ -381,7 +383,7 @@ def main(sizes: str = typer.Option("1000,100000", help="registry sizes, comma-se
             "samples": samples,
             "reference_prompts": reference_prompts, "seed": seed, "machine": platform.machine(),
             "cpus": os.cpu_count(), "torch_threads": 1, "minilm_embed_vocabulary_s": vocab.embed_seconds}
-    out.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+    write_result(out, {"meta": meta, "results": results})
     console.print(f"wrote {out}")
 
 

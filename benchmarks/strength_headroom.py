@@ -13,11 +13,12 @@ prompts, a planner that learns per-expert strengths has nothing measurable to wi
 from __future__ import annotations
 
 import itertools
-import json
 from pathlib import Path
 
 import numpy as np
 import typer
+
+from diffgraph.benchmarks import write_result
 
 from . import paper_experiments as pe
 
@@ -51,7 +52,7 @@ def main(home: Path = typer.Option(..., help="The graph home of a paper_experime
     best = max(grid, key=grid.get)
     test = pe.evaluate(bench, {f"per-class coefficients {best}": plan(*best),
                                f"constant {constant}": plan(constant, constant, constant)}, test_set)
-    out.write_text(json.dumps({"validation_grid": {str(k): v for k, v in grid.items()}, "best": best, "test": test}, indent=1))
+    write_result(out, {"validation_grid": {str(k): v for k, v in grid.items()}, "best": best, "test": test})
     pe.console.print(f"wrote {out}")
 
 

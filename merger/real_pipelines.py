@@ -159,12 +159,21 @@ def build_component(component: str, config: Mapping, state: Mapping[str, torch.T
 # single files
 # ---------------------------------------------------------------------------------------------
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, each copied into memory torch allocated.
+
+    safetensors hands out views of one mapping of the whole file, at the file's own byte
+    offsets (8-byte aligned). Two rules make a loaded base copy them, one tensor at a time so
+    the peak stays near the file's size: it must compute exactly what the same weights compute
+    in a model built in memory (torch's CPU kernels take another path, with other last bits, for
+    weights that are not 16-byte aligned: measured by benchmarks/alignment.py), so that a recipe
+    replays bit for bit however its base was loaded; and it must not hold a mapping of the
+    user's file, which a re-download or an edit in place would turn into a crash (SIGBUS)."""
+    from safetensors import SafetensorError, safe_open
 
     try:
-        return load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            return {key: f.get_tensor(key).clone() for key in f.keys()}
     except (SafetensorError, OSError) as exc:
         raise BaseLoadError(f"{path.name}: not a readable safetensors file ({exc})") from None
 
@@ -223,7 +232,7 @@ def load_components(path: str | Path, family: str | None = None, *, configs=None
     cfgs = resolve_configs(family, configs)
     if family == "flux" and "transformer" not in cfgs:
         raise BaseLoadError("no transformer config for FLUX")
-    parts = split_state(_read_tensors(path), family, cfgs)
+    parts = split_state(read_tensors(path), family, cfgs)
     if family == "flux" and "transformer" in parts and configs is None:
         # FLUX.1 [schnell] has no guidance embedder; the tensors say which model this is
         has_guidance = any(k.startswith("time_text_embed.guidance_embedder.") for k in parts["transformer"])
@@ -313,5 +322,5 @@ def load_base(path: str | Path, family: str | None = None, **kwargs):
 
 
 __all__ = ["BaseLoadError", "build_clip_tokenizer", "build_component", "load_base", "load_components",
-           "load_flux_transformer", "load_pretrained", "load_single_file", "resolve_configs",
+           "load_flux_transformer", "load_pretrained", "load_single_file", "read_tensors", "resolve_configs",
            "shipped_configs", "split_state"]

@@ -38,6 +38,8 @@ import sys
 import time
 from pathlib import Path
 
+from diffgraph.benchmarks import write_result
+
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "merge_benchmark.json"
 GiB = 1 << 30
 CKPT_WEIGHTS = [0.35, 0.25, 0.2, 0.12, 0.08]  # K checkpoints take the first K, renormalised
@@ -628,8 +630,7 @@ def main(argv: list[str] | None = None) -> None:
             warm_dir.rmdir()
 
     report["goals"] = goals(report, model_bytes)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1))
+    write_result(args.out, report)
     log(f"saved {args.out}")
     print_table(report)
     for line in report["goals"]["lines"]:
@@ -703,7 +704,7 @@ def report_only(path: str) -> None:
     """Recompute the goals of a saved run and print its table (no measurement)."""
     report = json.loads(Path(path).read_text())
     report["goals"] = goals(report, report["setup"]["checkpoint_bytes"])
-    Path(path).write_text(json.dumps(report, indent=1))
+    Path(path).write_text(json.dumps(report, indent=1))  # the saved run keeps the versions it ran on
     print_table(report)
     for line in report["goals"]["lines"]:
         print(line)
