@@ -34,12 +34,13 @@ from langchain_core.tools import InjectedToolCallId, tool
 from langgraph.graph.message import add_messages
 from langgraph.prebuilt import InjectedState
 
+from diffgraph.errors import DiffGraphError, describe, reason
 from diffgraph.settings import Settings, get_settings
+from diffgraph.tools import bases
 
 from . import refine
 from .background import BACKGROUND, parse_interval
 
-DEFAULT_BASE = "miniworld-sd"
 MAX_MESSAGE_CHARS = 2000  # longer messages are cut (and the reply says so)
 MAX_PROMPT_CHARS = 400  # the text encoder reads 77 tokens; longer prompts are cut at a word
 MAX_TOOL_ROUNDS = 6  # LLM tool-call rounds per user message
@@ -75,7 +76,7 @@ _VERB_LEAD = re.compile(r"^(?:please\s+)?(?:(?:can|could) you\s+)?(?:draw|genera
                         r"(?:\s+me)?\s+(?:(?:an?\s+)?(?:image|picture|photo|render)\s+of\s+)?", re.IGNORECASE)
 
 
-class ChatError(ValueError):
+class ChatError(DiffGraphError, ValueError):
     """Something the user can fix; the message says what."""
 
 
@@ -126,9 +127,9 @@ def latin_share(text: str) -> float:
 class ChatServices:
     """What the chat tools do, independent of who asks (LLM, offline brain, web UI, HTTP API)."""
 
-    def __init__(self, settings: Settings | None = None, base_model: str = DEFAULT_BASE):
+    def __init__(self, settings: Settings | None = None, base_model: str | None = None):
         self.settings = settings or get_settings()
-        self.base_model = base_model
+        self.requested_base = base_model or self.settings.base
         self.gca = BACKGROUND
         self._store = None
         self._lock = threading.Lock()
@@ -177,16 +178,28 @@ class ChatServices:
         rows = {i: self.store.catalog.get(i) for i in ids}
         return {i: (r.name if r else i) for i, r in rows.items()}
 
+    @property
+    def base_model(self) -> str:
+        """The base asked for (``--base-model``, DIFFGRAPH_BASE), else the graph's only one,
+        looked up on each use: a crawl may add another base while the server runs."""
+        return bases.choose_base(self.requested_base, self.store.catalog.base_models())
+
     def generate(self, prompt: str, seed: int = 0, folder: str = "chat/default", n: int | str = 1,
-                 offline: bool = False, parent: int | None = None, change: str | None = None) -> dict:
-        """ESA + planner + merge-and-render; the chat image record (see :meth:`_record`)."""
+                 offline: bool = False, parent: int | None = None, change: str | None = None,
+                 base_model: str | None = None) -> dict:
+        """ESA + planner + merge-and-render; the chat image record (see :meth:`_record`).
+        ``base_model`` (one request's choice, e.g. the API's ``model``) overrides the service's."""
         from .generate import EmptyPrompt, generate
 
         prompt, notes = self.check_prompt(prompt)
         settings = replace(self.settings, llm_base_url=None) if offline else self.settings
         try:
+            base_model = base_model or self.base_model
+        except KeyError as exc:  # no such base, or several and none named
+            raise ChatError(reason(exc)) from None
+        try:
             result = generate(prompt, seed=int(seed), out=self.image_path(folder, n, prompt),
-                              base_model=self.base_model, settings=settings, store=self.store)
+                              base_model=base_model, settings=settings, store=self.store)
         except EmptyPrompt as exc:
             raise ChatError(str(exc)) from None
         names = self._names([e["id"] for e in result["experts"]])
@@ -317,7 +330,7 @@ class ChatServices:
         except GCABusy as exc:
             raise ChatError(f"{exc}; try again when it is done (or stop the background run)") from None
         except (ValueError, OSError, SourceError) as exc:
-            raise ChatError(f"cannot add {location[:200]}: {str(exc).splitlines()[0][:300]}") from None
+            raise ChatError(f"cannot add {location[:200]}: {reason(exc)}") from None
         changed = [r for r in self.store.catalog.list_experts() if before.get(r.id) != (r.version, r.status, r.updated_at)]
         return {"source": spec, "counts": result["counts"], "failures": result["failures"],
                 "experts": [{"id": r.id, "name": r.name, "kind": r.kind, "base_model": r.base_model,
@@ -447,13 +460,13 @@ class ChatAgent:
     """A conversation per thread with the LLM (or the offline brain) over DiffGraph's tools."""
 
     def __init__(self, settings: Settings | None = None, *, llm="auto", checkpointer=None,
-                 services: ChatServices | None = None, use_plugins: bool = True):
+                 services: ChatServices | None = None, use_plugins: bool = True, base_model: str | None = None):
         from diffgraph.tools.plugins import plugins
 
         from .llm import chat_model
 
         self.settings = settings or get_settings()
-        self.services = services or ChatServices(self.settings)
+        self.services = services or ChatServices(self.settings, base_model)
         self.llm = chat_model(self.settings) if llm == "auto" else llm
         self.brain = "llm" if self.llm is not None else "offline"
         self.plugin_set = plugins() if use_plugins else None
@@ -508,8 +521,7 @@ class ChatAgent:
             try:
                 final = self.graph.invoke({"messages": [HumanMessage(text)]}, config, durability="sync")
             except Exception as exc:  # not the user's fault: say what broke; the thread stays usable
-                return Reply(f"{prefix}Something went wrong inside DiffGraph ({type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0][:300] if str(exc) else ''}). Your conversation is kept; "
+                return Reply(f"{prefix}Something went wrong inside DiffGraph ({describe(exc)}). Your conversation is kept; "
                              "try again or rephrase.", thread, self.brain)
         turn = final["messages"][n_messages:]
         answer = next((m for m in reversed(turn) if isinstance(m, AIMessage) and not m.tool_calls), None)
@@ -682,9 +694,7 @@ class ChatAgent:
         try:
             response = self._bound.invoke([SystemMessage(SYSTEM), *llm_view(state["messages"])])
         except Exception as exc:
-            detail = str(exc).splitlines()[0][:160] if str(exc) else ""
-            return self._fallback(state, config, f"the LLM at {self.settings.llm_base_url} failed "
-                                                 f"({type(exc).__name__}{': ' + detail if detail else ''})")
+            return self._fallback(state, config, f"the LLM at {self.settings.llm_base_url} failed ({describe(exc, 160)})")
         problem = None
         if getattr(response, "invalid_tool_calls", None):
             bad = response.invalid_tool_calls[0]
@@ -796,5 +806,5 @@ class ChatAgent:
             else:
                 return f"it takes {', '.join(args)}: give them as JSON"
         except Exception as exc:
-            return f"failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
+            return f"failed ({describe(exc, 200)})"
         return result if isinstance(result, str) else json.dumps(result, default=str)

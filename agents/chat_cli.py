@@ -30,12 +30,13 @@ def print_reply(console: Console, reply) -> None:
         console.print(f"[green]image:[/] {image['path']}")
 
 
-def run_chat(thread: str = "default", console: Console | None = None, settings: Settings | None = None) -> None:
+def run_chat(thread: str = "default", console: Console | None = None, settings: Settings | None = None,
+             base_model: str | None = None) -> None:
     """Chat until /quit or end of input; the thread (and its images) persists in DIFFGRAPH_HOME."""
     from .chat import ChatAgent
 
     console = console or Console()
-    with ChatAgent(settings) as agent:
+    with ChatAgent(settings, base_model=base_model) as agent:
         brain = f"LLM at {agent.settings.llm_base_url}" if agent.brain == "llm" else "offline brain (no LLM configured)"
         console.print(f"[bold]DiffGraph chat[/] · thread [cyan]{thread}[/] · {brain} · home {agent.settings.home}")
         if agent.plugin_set and agent.plugin_set.plugins:

@@ -11,14 +11,13 @@ import typer
 from rich.console import Console
 
 import diffgraph
+from diffgraph.errors import reason
+from diffgraph.registry import Registry
 from diffgraph.settings import get_settings
 from diffgraph.versions import library_versions
 
 app = typer.Typer(help="DiffGraph: pick, weigh and merge community text-to-image experts for each prompt.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False)
-miniworld_app = typer.Typer(help="The bundled mini world: a small real text-to-image ecosystem for offline use.",
-                            no_args_is_help=True)
-app.add_typer(miniworld_app, name="miniworld")
 graph_app = typer.Typer(help="The universal graph: status, reconcile, export and import.", no_args_is_help=True)
 app.add_typer(graph_app, name="graph")
 planner_app = typer.Typer(help="The VGAE merging planner.", no_args_is_help=True)
@@ -26,6 +25,8 @@ app.add_typer(planner_app, name="planner")
 gca_app = typer.Typer(help="The Graph Construction Agent: crawl sources into the universal graph.", no_args_is_help=True)
 app.add_typer(gca_app, name="gca")
 console = Console()
+BASE_HELP = ("Base model to work with (default: DIFFGRAPH_BASE, else the only base the graph holds experts of, "
+             "else the only one installed).")
 
 
 def _quiet_libraries() -> None:
@@ -70,76 +71,12 @@ def info() -> None:
     """Show the settings in effect (from DIFFGRAPH_* environment variables) and the versions of
     the libraries that results depend on."""
     s = get_settings()
-    for key in ("home", "llm_base_url", "llm_model", "chroma_url", "db_url", "ray_address", "ray_workers", "device",
-                "allow_pickle"):
+    for key in ("home", "base", "llm_base_url", "llm_model", "chroma_url", "db_url", "ray_address", "ray_workers",
+                "device", "allow_pickle"):
         value = getattr(s, key)
         console.print(f"[bold]{key}[/]: {value if value not in (None, '') else '[dim]unset[/]'}")
     versions = library_versions()
     console.print("[bold]versions[/]: " + ", ".join(f"{name} {v or '[red]not installed[/]'}" for name, v in versions.items()))
-
-
-@app.command()
-def demo(
-    out: Optional[Path] = typer.Option(None, help="Folder for the images (default: DIFFGRAPH_HOME/outputs/demo)."),
-    seed: int = typer.Option(7, help="Seed of the first image."),
-) -> None:
-    """Offline demo: crawl the mini world into a graph, then answer prompts with merged experts."""
-    from diffgraph.miniworld.demo import run_demo
-
-    settings = get_settings()
-    result = run_demo(settings, out or settings.artifacts_dir / "demo", console=console, seed=seed)
-    console.print(f"3. [green]base vs DiffGraph grid:[/] {result['grid']}")
-    console.print("   talk to it: [bold]diffgraph chat[/]   or open the UI: [bold]diffgraph serve[/] (http://127.0.0.1:7860)")
-
-
-@miniworld_app.command("build")
-def miniworld_build(
-    out: Optional[Path] = typer.Option(None, help="Where to write the artifacts (default: the package's miniworld/artifacts)."),
-    quick: bool = typer.Option(False, help="A minutes-long smoke build of poor quality that exercises every step."),
-    only_scorers: bool = typer.Option(False, "--only-scorers", help="Retrain only the scorers of an existing build."),
-    only_experts: bool = typer.Option(False, "--only-experts", help="Retrain only the experts of an existing build."),
-    workers: Optional[int] = typer.Option(None, min=1, help="Worker processes (default: one per core, up to 8); "
-                                          "changes only the time, never the artifacts."),
-) -> None:
-    """Train the whole mini world from seeds (VAE, base, scorers, experts) in worker processes."""
-    from diffgraph.miniworld.build import ARTIFACTS, BuildConfig, artifact_bytes, build, rebuild_experts, rebuild_scorers
-
-    target = out or ARTIFACTS
-    cfg = BuildConfig.quick() if quick else BuildConfig()
-    if only_experts:
-        rebuild_experts(target, cfg, console=console, workers=workers)
-    if only_scorers:
-        rebuild_scorers(target, cfg, console=console)
-    if not (only_experts or only_scorers):
-        build(target, cfg, console=console, workers=workers)
-    console.print(f"artifacts: {artifact_bytes(target) / 1e6:.1f} MB")
-
-
-@miniworld_app.command("report")
-def miniworld_report(
-    samples: int = typer.Option(48, help="Prompts per expert."),
-    doc: Path = typer.Option(Path("docs/miniworld"), help="Folder for report.json and grid.png."),
-) -> None:
-    """Measure the built mini world (scorer accuracy, base quality, per-expert skill gains)."""
-    from diffgraph.miniworld.report import evaluate, markdown, write_json
-
-    report = evaluate(n=samples, grid_path=doc / "grid.png", console=console)
-    write_json(report, doc / "report.json")
-    (doc / "tables.md").write_text(markdown(report) + "\n")
-    console.print(markdown(report))
-    console.print(f"[green]wrote[/] {doc / 'report.json'}, {doc / 'tables.md'} and {doc / 'grid.png'}")
-
-
-@miniworld_app.command("serve")
-def miniworld_serve(
-    host: str = typer.Option("127.0.0.1", help="Interface to bind (loopback by default)."),
-    port: int = typer.Option(8765, help="Port to listen on."),
-) -> None:
-    """Serve the mini world's hub: Civitai- and Hugging Face-shaped APIs, homepages and files."""
-    from diffgraph.miniworld.hub import serve
-
-    console.print(f"mini-world hub on http://{host}:{port}  (Civitai API at /api/v1, HF API at /api/models)")
-    serve(host=host, port=port)
 
 
 @app.command()
@@ -148,7 +85,7 @@ def generate(
     seed: int = typer.Option(0, help="Seed of the render."),
     out: Optional[Path] = typer.Option(None, help="PNG to write (default: DIFFGRAPH_HOME/outputs/images/...)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
-    base_model: str = typer.Option("miniworld-sd", help="Base-model family to generate with."),
+    base_model: Optional[str] = typer.Option(None, help=BASE_HELP),
 ) -> None:
     """Prompt in, image out: select experts (ESA), plan coefficients (VGAE), merge and render."""
     import json
@@ -158,7 +95,7 @@ def generate(
     try:
         result = run(prompt, seed=seed, out=out, base_model=base_model)
     except (EmptyPrompt, ValueError, KeyError) as exc:
-        _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        _fail(reason(exc))
     if as_json:
         print(json.dumps(result, indent=1, default=str))
         return
@@ -191,7 +128,7 @@ def render(
             data = json.loads(recipe.read_text())
             parsed = MergeRecipe.from_dict(data.get("recipe", data))
     except (OSError, ValueError, TypeError, KeyError) as exc:
-        _fail(f"cannot read a recipe: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+        _fail(f"cannot read a recipe: {reason(exc)}")
     result = render_recipe(parsed, out)
     console.print(f"[green]image:[/] {result['path']}")
 
@@ -248,12 +185,15 @@ def planner_train(
     steps: int = typer.Option(60, help="REINFORCE steps (4 prompts x 4 coefficient draws each)."),
     prompts: int = typer.Option(48, help="Training prompts (disjoint from the reference prompts)."),
     seed: int = typer.Option(0, help="Seed of the training run."),
-    base_model: str = typer.Option("miniworld-sd", help="Base-model family whose experts are planned."),
+    base_model: Optional[str] = typer.Option(None, help=BASE_HELP),
 ) -> None:
     """Train the planner with REINFORCE on rendered-and-scored merges; saves a checkpoint."""
     from diffgraph.agents.planner_training import train_planner
 
-    result = train_planner(base_model, steps=steps, prompts=prompts, seed=seed, console=console)
+    try:
+        result = train_planner(base_model, steps=steps, prompts=prompts, seed=seed, console=console)
+    except KeyError as exc:  # no such base, or several and none named
+        _fail(reason(exc))
     h = result["history"]
     k = max(1, len(h) // 5)
     console.print(f"mean reward: first {k} steps {sum(h[:k]) / k:.4f} -> last {k} steps {sum(h[-k:]) / k:.4f}")
@@ -300,11 +240,12 @@ def gca_watch(
 
 
 @app.command()
-def chat(thread: str = typer.Option("default", "--thread", help="Conversation to start or resume (kept in DIFFGRAPH_HOME).")) -> None:
+def chat(thread: str = typer.Option("default", "--thread", help="Conversation to start or resume (kept in DIFFGRAPH_HOME)."),
+         base_model: Optional[str] = typer.Option(None, help=BASE_HELP)) -> None:
     """Chat with the agent in the terminal: ask for images, refine them, explain, search, add experts."""
     from diffgraph.agents.chat_cli import run_chat
 
-    run_chat(thread, console)
+    run_chat(thread, console, base_model=base_model)
 
 
 @app.command()
@@ -314,11 +255,27 @@ def serve(
     max_active: int = typer.Option(1, min=1, help="API image requests in progress at a time. 1: answered in arrival "
                                    "order; 2: the next selects its experts while one renders (more throughput; "
                                    "requests in progress together may finish out of order)."),
+    base_model: Optional[str] = typer.Option(None, help=BASE_HELP + " A request's model field overrides it."),
 ) -> None:
     """Web chat UI (Gradio) at / and the HTTP API (/v1/images/generations, OpenAI-compatible) on one server."""
     from diffgraph.agents.server import serve as run
 
-    run(host=host, port=port, console=console, max_active=max_active)
+    run(host=host, port=port, console=console, max_active=max_active, base_model=base_model)
+
+
+def _check_command(obj: object):
+    if not (isinstance(obj, typer.Typer) or callable(obj)):
+        raise TypeError(f"a diffgraph.commands entry point must name a typer.Typer or a function, not {type(obj).__name__}")
+    return obj
+
+
+COMMANDS = Registry("diffgraph.commands", "command", _check_command)
+for _name in COMMANDS.names():  # commands other packages add (the mini world's `demo` and `miniworld ...`)
+    _command = COMMANDS.get(_name)
+    if isinstance(_command, typer.Typer):
+        app.add_typer(_command, name=_name)
+    else:
+        app.command(_name)(_command)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -29,6 +29,7 @@ from urllib.parse import urlparse
 from rich.console import Console
 from rich.markup import escape
 
+from diffgraph.errors import describe, one_line, reason
 from diffgraph.graph_store.records import ExpertFile, ExpertRecord
 from diffgraph.graph_store.store import GraphStore
 from diffgraph.settings import Settings, get_settings
@@ -152,12 +153,8 @@ def recover_interrupted_runs(store: GraphStore, lock: RunLock, resuming: int | N
     return interrupted
 
 
-def _one_line(reason: object) -> str:
-    return " ".join(str(reason).split())[:300]
-
-
 def _fail(ctx: Context, state: GCAState, expert_id: str, status: str, reason: str) -> dict:
-    reason = _one_line(reason)
+    reason = one_line(reason)
     ctx.store.set_status(expert_id, status, reason)
     ctx.console.print(f"  [red]{status}[/] {expert_id}: {reason}")
     counts = dict(state.get("counts", {}))
@@ -215,7 +212,7 @@ def build_graph(ctx: Context, checkpointer=None):
         record, source = ctx.listing[expert_id]
         from diffgraph.merger.detect import UNKNOWN, BaseMismatchError, reconcile_base
         from diffgraph.tools import bases
-        from diffgraph.tools.sources import ContentStore, SourceError
+        from diffgraph.tools.sources import ContentStore, IntegrityError, SourceError, UnsafeFileError
 
         undeclared = record.base_model.strip().lower() in UNKNOWN  # the files will tell
         try:
@@ -230,7 +227,7 @@ def build_graph(ctx: Context, checkpointer=None):
                 path = source.download(f, store)
                 files.append(ExpertFile(**{**f.__dict__, "local_path": str(path)}))
         except SourceError as exc:
-            rejected = type(exc).__name__ in ("IntegrityError", "UnsafeFileError", "InvalidSafetensors")
+            rejected = isinstance(exc, (IntegrityError, UnsafeFileError))  # bad bytes, not a bad connection
             return _fail(ctx, state, expert_id, "rejected" if rejected else "failed", str(exc))
         if not any(f.name.endswith(".safetensors") for f in files):
             return _fail(ctx, state, expert_id, "rejected", "no safetensors weights (pickle checkpoints are not loaded)")
@@ -366,7 +363,7 @@ def _list_sources(sources: list[tuple[str, object]], console: Console
             for record in source.iter_models():
                 listing[record.id] = (record, source)
         except (SourceError, OSError) as exc:
-            failure = ListingFailure(spec, source.name, _one_line(exc) or type(exc).__name__)
+            failure = ListingFailure(spec, source.name, reason(exc))
             console.print(f"  [red]source failed[/] {escape(str(failure))}")
             failures.append(failure)
     return listing, failures
@@ -457,7 +454,7 @@ def watch(specs: list[str], interval_s: float, passes: int = 0, console: Console
         except GCABusy as exc:
             console.print(f"[yellow]skipped a pass: {exc}")
         except Exception as exc:  # a dead source must not end a days-long watch
-            console.print(f"[red]pass failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+            console.print(f"[red]pass failed: {escape(describe(exc))}")
         done += 1
         if passes == 0 or done < passes:
             stop.wait(interval_s)

@@ -7,22 +7,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from diffgraph.errors import DiffGraphError
 from diffgraph.graph_store.store import GraphStore
 from diffgraph.settings import Settings, get_settings
+from diffgraph.tools import bases
 
 from .esa import ESAContext, build_graph
 from .llm import chat_model
 
-DEFAULT_BASE = "miniworld-sd"
-
-
-class EmptyPrompt(ValueError):
+class EmptyPrompt(DiffGraphError, ValueError):
     pass
 
 
-def generate(prompt: str, seed: int = 0, out: Path | None = None, base_model: str = DEFAULT_BASE,
+def generate(prompt: str, seed: int = 0, out: Path | None = None, base_model: str | None = None,
              settings: Settings | None = None, store: GraphStore | None = None) -> dict:
-    """Select experts, plan coefficients, merge and render; returns what was done and why."""
+    """Select experts, plan coefficients, merge and render; returns what was done and why.
+    ``base_model`` None: DIFFGRAPH_BASE, else the graph's only base (tools.bases.choose_base)."""
     from diffgraph.tools.plan import Planner
     from diffgraph.tools.render import build_recipe, render_recipe
 
@@ -33,6 +33,7 @@ def generate(prompt: str, seed: int = 0, out: Path | None = None, base_model: st
     own_store = store is None
     store = store or GraphStore.from_settings(settings)
     try:
+        base_model = bases.choose_base(base_model or settings.base, store.catalog.base_models())
         planner = Planner.for_home(settings.home, store, base_model)
 
         def renderer(p, base, s, picks, coefficients):
@@ -56,6 +57,6 @@ def generate(prompt: str, seed: int = 0, out: Path | None = None, base_model: st
     experts = [{"id": p["id"], "kind": p["kind"], "coefficient": state["coefficients"].get(p["id"]),
                 "weight": weights.get(p["id"]), "similarity": p["similarity"], "reason": p["reason"]}
                for p in state["selected"]]
-    return {"prompt": state["prompt"], "seed": seed, "image": state["result"]["path"], "summary": state["summary"],
+    return {"prompt": state["prompt"], "base_model": base_model, "seed": seed, "image": state["result"]["path"], "summary": state["summary"],
             "components": state["components"], "experts": experts, "planner": planner.name,
             "brain": "llm" if llm else "offline", "notes": state.get("notes", []), "recipe": recipe}

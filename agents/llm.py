@@ -7,10 +7,6 @@ from __future__ import annotations
 from diffgraph.settings import Settings, get_settings
 
 
-class LLMUnavailable(RuntimeError):
-    """The configured endpoint could not be used (dead, timing out, answering garbage)."""
-
-
 def chat_model(settings: Settings | None = None, temperature: float = 0.0):
     """ChatOpenAI for DIFFGRAPH_LLM_BASE_URL / _MODEL / _API_KEY, or None (offline brain)."""
     s = settings or get_settings()

@@ -18,7 +18,7 @@ from .esa import select_experts
 from .llm import chat_model
 
 
-def train_planner(base_model: str = "miniworld-sd", steps: int = 60, prompts: int = 48, seed: int = 0,
+def train_planner(base_model: str | None = None, steps: int = 60, prompts: int = 48, seed: int = 0,
                   settings: Settings | None = None, console: Console | None = None) -> dict:
     from diffgraph.merger.recipe import STRENGTHS
     from diffgraph.planner.checkpoint import save_planner
@@ -29,9 +29,10 @@ def train_planner(base_model: str = "miniworld-sd", steps: int = 60, prompts: in
 
     settings = settings or get_settings()
     console = console or Console()
-    engine, suite = bases.engine_for(base_model), bases.suite_for(base_model)
     llm = chat_model(settings)
     with GraphStore.from_settings(settings) as store:
+        base_model = bases.choose_base(base_model or settings.base, store.catalog.base_models())
+        engine, suite = bases.engine_for(base_model), bases.suite_for(base_model)
         references = {p.text for p in store.catalog.reference_prompts()}
         profile = bases.profile(base_model)
         train_set = [p for p in profile.training_prompts(prompts, seed) if p not in references]

@@ -20,6 +20,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from diffgraph.errors import DiffGraphError
 from diffgraph.merger.recipe import BASE, ExpertWeight, MergeRecipe
 
 LN2 = math.log(2.0)
@@ -53,7 +54,7 @@ HELP = """Refinements of the last image (the seed is kept):
   another seed | seed 42                                     same recipe, another seed"""
 
 
-class RefinementError(ValueError):
+class RefinementError(DiffGraphError, ValueError):
     """A refinement that cannot be applied; the message says why and what works."""
 
 

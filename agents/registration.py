@@ -74,7 +74,6 @@ INSTRUCTION = re.compile(
 )
 # Links and code: fine on a page, never in a description.
 CODE = re.compile(r"https?://|www\.|```|[{}<>\[\]]|javascript:|data:\w+/", re.IGNORECASE)
-INJECTION = re.compile(f"{INSTRUCTION.pattern}|{CODE.pattern}", re.IGNORECASE)  # either (kept for callers)
 _BASE64 = re.compile(r"[A-Za-z0-9+/_-]{20,}={0,2}")
 
 STOPWORDS = frozenset(
@@ -231,12 +230,6 @@ def evidence(record: ExpertRecord, page) -> Evidence:
         (tainted if instruction_like(line) else trusted).update(_words(line))
     listed = {skeleton(t).lower() for t in triggers if t and not suspicious(t)}
     return Evidence(frozenset(trusted), frozenset(tainted - trusted), frozenset(listed))
-
-
-def trusted_words(record: ExpertRecord, page) -> set[str]:
-    """Stems an honest description may use: what the source's API and the page say outside of
-    anything that reads like an instruction."""
-    return set(evidence(record, page).trusted)
 
 
 def _unsupported(text: str, ev: Evidence) -> str | None:

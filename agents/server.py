@@ -5,7 +5,7 @@
     GET  /v1/images/{id}              an image (PNG with its recipe in the metadata)
     GET  /v1/images/{id}/recipe       its MergeRecipe and why each expert was picked (JSON)
     GET  /v1/graph/status             what the universal graph holds (JSON)
-    GET  /v1/models                   the base models this server renders with
+    GET  /v1/models                   the base models this server renders with (a request's ``model``)
 
 Image requests are served one at a time in arrival order (GenerationQueue: they wait on the
 event loop, holding no thread, and a full queue is refused with 503 and Retry-After), so
@@ -38,14 +38,18 @@ from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import FileResponse, JSONResponse  # noqa: E402
 
+from diffgraph.errors import describe, reason  # noqa: E402
 from diffgraph.files import atomic_write_bytes  # noqa: E402
 from diffgraph.settings import Settings, get_settings  # noqa: E402
+from diffgraph.tools import bases  # noqa: E402
 
 from .chat import ChatAgent, ChatError, ChatServices  # noqa: E402
 
 MAX_N = 10
 MAX_API_PROMPT = 4000  # as OpenAI's; the renderer reads the first 400 characters (see chat.MAX_PROMPT_CHARS)
 MAX_SIDE = 1024
+# OpenAI's own image models, which OpenAI clients send by default: they mean "the server's base"
+OPENAI_IMAGE_MODELS = frozenset({"dall-e-2", "dall-e-3", "gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5"})
 MAX_WAITING = 32  # image requests queued behind the one being served; more are refused with 503
 INDEX_SIZE = 4096  # image ids -> paths remembered; older ones are found on disk again
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,80}$")
@@ -170,7 +174,11 @@ def _validate(body) -> dict:
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32):
         raise APIError(400, "seed must be an integer from 0 to 2**32-1", "seed")
-    return {"prompt": prompt, "n": n, "response_format": fmt, "seed": seed, "size": _parse_size(body.get("size"))}
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise APIError(400, "model must be a string: a base model /v1/models lists", "model")
+    return {"prompt": prompt, "n": n, "response_format": fmt, "seed": seed, "size": _parse_size(body.get("size")),
+            "model": None if model in OPENAI_IMAGE_MODELS else model}
 
 
 def _png_bytes(path: Path, size: tuple[int, int] | None) -> bytes:
@@ -219,11 +227,29 @@ class ImageAPI:
     def root(self) -> Path:
         return self.services.settings.artifacts_dir
 
-    def generate(self, prompt: str, n: int, seed: int | None, size) -> list[dict]:
+    def base_for(self, model: str | None) -> str:
+        """The base a request renders with: its ``model`` when that names one, else the
+        server's (``--base-model``, DIFFGRAPH_BASE, or the graph's only base); 400 otherwise."""
+        try:
+            return bases.choose_base(model or self.services.requested_base, self.services.store.catalog.base_models())
+        except KeyError as exc:
+            raise APIError(400, reason(exc), "model") from None
+
+    def models(self) -> list[str]:
+        """The bases the graph holds experts of (the one it would use when it holds none)."""
+        held = self.services.store.catalog.base_models()
+        if held:
+            return held
+        try:
+            return [bases.choose_base(self.services.requested_base, [])]
+        except KeyError:
+            return []
+
+    def generate(self, prompt: str, n: int, seed: int | None, size, base_model: str | None = None) -> list[dict]:
         base_seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little") % 1_000_000
         out = []
         for i in range(n):
-            image = self.services.generate(prompt, seed=base_seed + i, folder="api", n="img")
+            image = self.services.generate(prompt, seed=base_seed + i, folder="api", n="img", base_model=base_model)
             path = Path(image["path"])
             if size is not None:
                 resize_in_place(path, size)
@@ -246,10 +272,10 @@ class ImageAPI:
 
 
 def create_app(settings: Settings | None = None, *, agent: ChatAgent | None = None, ui: bool = True,
-               max_waiting: int = MAX_WAITING, max_active: int = 1) -> FastAPI:
+               max_waiting: int = MAX_WAITING, max_active: int = 1, base_model: str | None = None) -> FastAPI:
     """The server's ASGI app (API routes first, then the Gradio UI mounted at /)."""
     settings = settings or get_settings()
-    agent = agent or ChatAgent(settings)
+    agent = agent or ChatAgent(settings, base_model=base_model)
     api = ImageAPI(agent.services)
     queue = GenerationQueue(max_waiting, max_active)
     app = FastAPI(title="DiffGraph", version="1", docs_url="/v1/docs", openapi_url="/v1/openapi.json",
@@ -275,13 +301,15 @@ def create_app(settings: Settings | None = None, *, agent: ChatAgent | None = No
         except ValueError:
             raise APIError(400, "the request body is not valid JSON") from None
         req = _validate(body)
+        base_model = api.base_for(req["model"])
         async with queue.turn():  # first come, first served; then the work runs in a worker thread
             try:
-                images = await run_in_threadpool(api.generate, req["prompt"], req["n"], req["seed"], req["size"])
+                images = await run_in_threadpool(api.generate, req["prompt"], req["n"], req["seed"], req["size"],
+                                                 base_model)
             except ChatError as exc:
                 raise APIError(400, str(exc), "prompt") from None
             except Exception as exc:  # a server fault, reported the way OpenAI reports them
-                raise APIError(500, f"the image could not be made: {type(exc).__name__}: {str(exc)[:300]}",
+                raise APIError(500, f"the image could not be made: {describe(exc)}",
                                kind="server_error") from None
         base = str(request.base_url).rstrip("/")
         data = []
@@ -334,9 +362,7 @@ def create_app(settings: Settings | None = None, *, agent: ChatAgent | None = No
 
     @app.get("/v1/models")
     def models():
-        from diffgraph.tools.bases import PROFILES
-
-        return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "diffgraph"} for name in PROFILES]}
+        return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "diffgraph"} for name in api.models()]}
 
     @app.get("/healthz")
     def healthz():
@@ -428,10 +454,10 @@ def build_ui(agent: ChatAgent):
 
 
 def serve(host: str = "127.0.0.1", port: int = 7860, settings: Settings | None = None, console=None,
-          max_active: int = 1) -> None:
+          max_active: int = 1, base_model: str | None = None) -> None:
     import uvicorn
 
-    app = create_app(settings, max_active=max_active)
+    app = create_app(settings, max_active=max_active, base_model=base_model)
     if console is not None:
         agent = app.state.agent if hasattr(app, "state") and hasattr(app.state, "agent") else None
         console.print(f"DiffGraph on http://{host}:{port}/  (web UI)  ·  API: POST http://{host}:{port}/v1/images/generations"

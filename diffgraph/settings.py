@@ -35,6 +35,7 @@ class Settings:
     allow_pickle: bool = False
     reference_prompts: int = 12  # N_r, reference prompts chosen when a graph is first built
     miniworld_port: int = 8765  # fixed, so URLs the catalog stores for mini-world experts are stable
+    base: str | None = None  # the base model to generate with when a command or request names none
 
     @property
     def artifacts_dir(self) -> Path:
@@ -68,4 +69,5 @@ def get_settings() -> Settings:
         allow_pickle=_env("ALLOW_PICKLE", "0") in ("1", "true", "yes"),
         miniworld_port=int(_env("MINIWORLD_PORT", "8765")),
         reference_prompts=int(_env("REFERENCE_PROMPTS", "12")),
+        base=_env("BASE"),
     )

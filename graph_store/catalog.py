@@ -39,6 +39,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
+from ..errors import one_line
 from ..text_embedding import DIM
 from .records import ExpertFile, ExpertRecord, check_description
 
@@ -129,11 +130,6 @@ def _copy_json(value):
     if isinstance(value, list):
         return [_copy_json(v) for v in value]
     return value
-
-
-def one_line(reason: str | None, limit: int = 500) -> str | None:
-    """Status reasons are shown in tables and logs: whitespace collapsed, length bounded."""
-    return None if reason is None else " ".join(str(reason).split())[:limit]
 
 
 @dataclass(frozen=True)
@@ -455,7 +451,7 @@ class Catalog:
             if old is None:
                 raise KeyError(f"no expert {expert_id!r} in the catalog")
             attempts = old.attempts + 1 if status == "failed" else old.attempts
-            self._update(expert_id, status=status, status_reason=one_line(reason), attempts=attempts)
+            self._update(expert_id, status=status, status_reason=None if reason is None else one_line(reason, 500), attempts=attempts)
 
     def set_description(self, expert_id: str, description: dict, text: str, page_sha256: str | None) -> None:
         """Store the structured skill description, the text that gets embedded, and the hash of the
@@ -498,6 +494,11 @@ class Catalog:
                 params.append(value)
         clause = f" WHERE {' AND '.join(where)}" if where else ""
         return self._rows(self._query(f"SELECT * FROM experts{clause} ORDER BY id", params))
+
+    def base_models(self, status: str = "active") -> list[str]:
+        """The base models that experts of ``status`` are declared for, sorted."""
+        rows = self._query("SELECT DISTINCT base_model FROM experts WHERE status = ? ORDER BY base_model", (status,))
+        return [r["base_model"] for r in rows]
 
     def expert_counts(self) -> list[tuple[str, str, str, int]]:
         """(base_model, kind, status, count) for every combination present."""
@@ -642,7 +643,7 @@ class Catalog:
     def finish_run(self, run_id: int, status: str, counts: dict, error: str | None = None) -> None:
         with self.transaction():
             cur = self._exec("UPDATE runs SET finished_at = ?, status = ?, counts = ?, error = ? WHERE id = ?",
-                                     (utcnow(), status, _dumps(counts), one_line(error, 2000), run_id))
+                                     (utcnow(), status, _dumps(counts), None if error is None else one_line(error, 2000), run_id))
             if cur.rowcount != 1:
                 raise KeyError(f"no run {run_id}")
 

@@ -29,17 +29,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from diffgraph.errors import DiffGraphError
+
 FAMILIES = ("sd15", "sdxl", "flux", "miniworld-sd")
 SD_FAMILIES = frozenset({"sd15", "sdxl", "miniworld-sd"})
 LABELS = {"sd15": "SD 1.5", "sdxl": "SDXL", "flux": "FLUX.1", "miniworld-sd": "mini-world SD"}
 
 
-class BaseDetectionError(ValueError):
+class BaseDetectionError(DiffGraphError, ValueError):
     """The base model cannot be told (unreadable file, unknown or contradictory layout, a
-    family DiffGraph does not handle). The message is one line."""
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
+    family DiffGraph does not handle)."""
 
 
 class BaseMismatchError(BaseDetectionError):

@@ -41,6 +41,8 @@ from types import SimpleNamespace
 
 import torch
 
+from diffgraph.errors import DiffGraphError
+
 FAMILIES = ("sd15", "sdxl", "flux")
 COMPONENTS = {
     "sd15": ("unet", "vae", "text_encoder"),
@@ -65,11 +67,8 @@ _BFL_ROOTS = ("double_blocks.", "single_blocks.", "img_in.", "txt_in.", "time_in
              "guidance_in.", "final_layer.")
 
 
-class LDMConversionError(ValueError):
+class LDMConversionError(DiffGraphError, ValueError):
     """A state that cannot be converted (unknown component, tensors that no rule accounts for)."""
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
 
 
 def _check_family(family: str) -> None:

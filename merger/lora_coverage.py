@@ -47,11 +47,6 @@ def _is_low_rank(key: str, value: torch.Tensor) -> bool:
     return any(m in key for m in LOW_RANK_MARKERS) and value.ndim >= 2
 
 
-def file_matrices(state_dict: dict[str, torch.Tensor]) -> Counter:
-    """Digests of the low-rank matrices in a LoRA state dict (alphas and others ignored)."""
-    return Counter(_digest(v) for k, v in state_dict.items() if _is_low_rank(k, v))
-
-
 def injected_parameters(pipe, adapter_name: str) -> list[tuple[str, torch.Tensor]]:
     """(name, tensor) of the adapter's A and B weights in every model of the pipeline."""
     found = []
@@ -63,11 +58,6 @@ def injected_parameters(pipe, adapter_name: str) -> list[tuple[str, torch.Tensor
             if name.endswith(f".{adapter_name}.weight") and (".lora_A." in name or ".lora_B." in name):
                 found.append((f"{component}.{name}", param))
     return found
-
-
-def injected_matrices(pipe, adapter_name: str) -> Counter:
-    """Digests of the adapter's A and B weights in every model of the pipeline."""
-    return Counter(_digest(p) for _, p in injected_parameters(pipe, adapter_name))
 
 
 @dataclass

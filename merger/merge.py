@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 
+from diffgraph.errors import DiffGraphError, one_line, reason
 
-class MergeError(ValueError):
+
+class MergeError(DiffGraphError, ValueError):
     """An expert that cannot be merged into this base (wrong shapes, missing tensors...)."""
 
 
@@ -32,16 +34,18 @@ def _read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     try:
         state = load_file(str(path))
     except Exception as exc:
-        raise MergeError(f"{path.name} is not a readable safetensors file: {str(exc).splitlines()[0][:200]}") from exc
+        raise MergeError(f"{path.name} is not a readable safetensors file: {reason(exc, 200)}") from exc
     config_path = path.parent / "adapter_config.json"
     config = json.loads(config_path.read_text()) if config_path.is_file() and any(
         k.startswith("base_model.model.") for k in state) else None
     return state, config
 
 
-def _one_line(exc: Exception) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
-    return next((ln for ln in lines if "size mismatch" in ln), " ".join(lines))[:240]
+def _mismatch(exc: Exception) -> str:
+    """torch's load_state_dict error in one line: its first line only names the model, so the
+    first "size mismatch" line (the tensor that does not fit) leads."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return one_line(next((ln for ln in lines if "size mismatch" in ln), " ".join(lines)), 240) or type(exc).__name__
 
 
 def lora_deltas(pipe, path: Path, adapter: str = "delta", min_coverage: float = 1.0,
@@ -84,7 +88,7 @@ def lora_deltas(pipe, path: Path, adapter: str = "delta", min_coverage: float = 
         pipe.load_lora_weights(source, adapter_name=adapter)
     except Exception as exc:  # diffusers raises size-mismatch RuntimeErrors, ValueErrors for bad keys
         unload()
-        raise MergeError(f"LoRA does not fit this base model: {_one_line(exc)}") from exc
+        raise MergeError(f"LoRA does not fit this base model: {_mismatch(exc)}") from exc
     try:
         after = shapes()
         grown = sorted(n for n in before if after.get(n, before[n]) != before[n])

@@ -15,7 +15,7 @@ How the bytes move (measured with benchmarks/merge/, figures in benchmarks/RESUL
   flight, and results reach the dict or the writer in file order. Reads and torch ops release
   the GIL, so the workers overlap on separate cores.
 - **Reads.** Every input file's header is checked by
-  :func:`diffgraph.tools.sources.validate.validate_safetensors` (offsets tile the data
+  :func:`diffgraph.safetensors_header.read_header` (offsets tile the data
   section), then tensors are read straight from their byte ranges. Large tensors are mapped
   (``mmap``, one mapping per tensor, dropped after use, so the resident set stays bounded) and
   pre-faulted with ``madvise`` WILLNEED + POPULATE_READ (through ctypes, which releases the
@@ -72,6 +72,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffgraph.safetensors_header import InvalidHeader, read_header
+
+from . import ldm_keys
 from .merge import MergeError
 
 ST_DTYPES = {
@@ -148,21 +151,18 @@ class FileSource:
     """One safetensors file: its checked header, and tensors read from their byte ranges."""
 
     def __init__(self, path: str | os.PathLike, read_mode: str = "auto"):
-        from diffgraph.tools.sources.errors import InvalidSafetensors
-        from diffgraph.tools.sources.validate import validate_safetensors
-
         self.path = Path(path)
         self.name = self.path.name
         if read_mode not in READ_MODES:
             raise ValueError(f"read_mode must be one of {', '.join(READ_MODES)}, not {read_mode!r}")
         self.read_mode = read_mode
         try:
-            header = validate_safetensors(self.path)
-        except (InvalidSafetensors, OSError) as exc:
-            raise MergeError(" ".join(str(exc).split())) from None
+            header = read_header(self.path)
+        except (InvalidHeader, OSError) as exc:
+            raise MergeError(str(exc)) from None
         self.metadata = header.metadata
         self._fd = os.open(self.path, os.O_RDONLY)
-        start = 8 + int.from_bytes(os.pread(self._fd, 8, 0), "little")
+        start = header.data_start
         self.infos: dict[str, TensorInfo] = {}
         for key, info in header.tensors.items():
             if info["dtype"] not in ST_DTYPES:
@@ -332,10 +332,6 @@ def lora_key_map(checkpoint_infos: Mapping[str, TensorInfo] | Iterable[str], fam
 
 def _ldm_correspondence(infos: Mapping[str, TensorInfo | None], family: str | None,
                         configs: Mapping[str, Mapping] | None) -> dict[str, str]:
-    try:
-        from . import ldm_keys
-    except ImportError as exc:  # pragma: no cover - the module ships with the project
-        raise MergeError("LDM-named checkpoint but merger.ldm_keys is unavailable; pass key_map=") from exc
     if family is None:
         family = "sdxl" if any(k.startswith("conditioner.embedders.") for k in infos) else "sd15"
     meta = {}
@@ -824,9 +820,7 @@ def merge_recipe_to_file(recipe, out: str | os.PathLike, base: object | None = N
 
 def read_recipe_metadata(path: str | os.PathLike):
     """The MergeRecipe stored in a merged file's metadata (None when there is none)."""
-    from diffgraph.tools.sources.validate import validate_safetensors
-
     from .recipe import MergeRecipe
 
-    text = validate_safetensors(path).metadata.get(RECIPE_METADATA_KEY)
+    text = read_header(path).metadata.get(RECIPE_METADATA_KEY)
     return None if text is None else MergeRecipe.from_dict(json.loads(text))

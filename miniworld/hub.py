@@ -24,7 +24,6 @@ import hashlib
 import json
 import re
 import socket
-import struct
 import threading
 import time
 import zlib
@@ -39,6 +38,8 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+
+from diffgraph.safetensors_header import read_header
 
 from . import ARTIFACTS, homepages
 from .experts import EXPERTS, ExpertSpec
@@ -117,10 +118,7 @@ class HubExpert:
     @cached_property
     def fp(self) -> str:
         """Float precision as Civitai reports it: the widest float dtype in the safetensors header."""
-        with open(self.path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        dtypes = {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+        dtypes = {v["dtype"] for v in read_header(self.path).tensors.values()}
         return next((fp for dtype, fp in _DTYPE_FP if dtype in dtypes), "fp32")
 
     @cached_property
@@ -135,8 +133,7 @@ class HubExpert:
         if self.spec.kind == "ckpt":
             hashes["AutoV1"] = hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8].upper()
         else:
-            (n,) = struct.unpack("<Q", data[:8])
-            hashes["AutoV3"] = hashlib.sha256(data[8 + n:]).hexdigest()[:12].upper()
+            hashes["AutoV3"] = hashlib.sha256(data[read_header(self.path).data_start:]).hexdigest()[:12].upper()
         return hashes
 
     @cached_property

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import struct
 import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from diffgraph.safetensors_header import read_header
 
 CKPT_PREFIXES = ("unet.", "vae.", "text_encoder.")
 
@@ -33,12 +34,11 @@ def sort_metadata(path: Path) -> None:
     """Rewrite the file's header with its metadata in sorted order. safetensors writes the
     metadata map in an order that changes from process to process, so without this two builds
     of the same weights differ in their bytes and in the manifest's sha256."""
+    header = read_header(path)
+    length = header.data_start - 8
+    metadata = {"__metadata__": dict(sorted(header.metadata.items()))} if header.metadata else {}
+    text = json.dumps({**metadata, **header.tensors}, separators=(",", ":"), ensure_ascii=False).encode()
     with open(path, "r+b") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-        if "__metadata__" in header:
-            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
         if len(text) > length:
             raise ValueError(f"{path}: the re-ordered safetensors header does not fit ({len(text)} > {length} bytes)")
         f.seek(8)

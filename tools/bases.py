@@ -1,8 +1,10 @@
 """Base-model profiles: for each base-model family the graph can hold, how to build its merge
 engine, which metric suite scores it, and where reference-prompt candidates come from.
 
-Experts of a base with no profile here cannot be calibrated and are rejected with that
-reason, instead of being rendered on the wrong architecture.
+Profiles come from the ``diffgraph.bases`` entry points (the mini world registers
+``miniworld-sd`` that way) and, for the real families, from the user's own weights
+(DIFFGRAPH_BASE_SD15 / _SDXL). Experts of a base with no profile cannot be calibrated and are
+rejected with that reason, instead of being rendered on the wrong architecture.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+
+from diffgraph.errors import DiffGraphError
+from diffgraph.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -25,47 +30,13 @@ class BaseProfile:
     default_planner: Callable[[], Path | None] = lambda: None  # a shipped planner checkpoint, if any
 
 
-def _miniworld_engine():
-    from diffgraph.merger.engine import MergeEngine
-    from diffgraph.miniworld import artifacts_io
-    from diffgraph.settings import get_settings
-
-    return MergeEngine(artifacts_io.load_pipeline(device=get_settings().torch_device))  # CUDA when present
+def _check_profile(obj: object) -> BaseProfile:
+    if not isinstance(obj, BaseProfile):
+        raise TypeError(f"a diffgraph.bases entry point must name a BaseProfile, not {type(obj).__name__}")
+    return obj
 
 
-def _miniworld_suite():
-    from .scoring import get_suite
-
-    return get_suite("miniworld")
-
-
-def _miniworld_prompts(n: int, seed: int, rare_rate: float = 0.1) -> list[str]:
-    from diffgraph.miniworld import domain
-
-    rng = random.Random(seed)
-    return [domain.caption(domain.sample_attrs(rng, rare_rate=rare_rate), rng) for _ in range(n)]
-
-
-REFERENCE_SEED = 20231
-
-
-def _miniworld_training(n: int, seed: int) -> list[str]:
-    """Training prompts from another seed range, minus any that are reference candidates."""
-    refs = set(_miniworld_prompts(400, REFERENCE_SEED))
-    return [p for p in _miniworld_prompts(n * 2, 100_000 + seed) if p not in refs][:n]
-
-
-def _miniworld_planner() -> Path | None:
-    from diffgraph.miniworld import ARTIFACTS
-
-    return ARTIFACTS / "planner" if (ARTIFACTS / "planner" / "planner.json").exists() else None
-
-
-PROFILES: dict[str, BaseProfile] = {
-    "miniworld-sd": BaseProfile(
-        "miniworld-sd", _miniworld_engine, _miniworld_suite,
-        lambda n: _miniworld_prompts(n, REFERENCE_SEED), _miniworld_training, _miniworld_planner),
-}
+BASES: Registry[BaseProfile] = Registry("diffgraph.bases", "base-model profile", _check_profile)
 
 
 # Real base models: the user's own weights, named by DIFFGRAPH_BASE_<FAMILY> (a single-file
@@ -126,18 +97,44 @@ def _real_profile(family: str) -> BaseProfile:
 
 
 def profile(base_model: str) -> BaseProfile:
-    """The profile of a base-model name as the catalog stores it ("miniworld-sd", "sd15",
-    "sdxl"; published names such as "SD 1.5" or "SDXL 1.0" map to their family)."""
-    if base_model in PROFILES:
-        return PROFILES[base_model]
+    """The profile of a base-model name as the catalog stores it (a registered base such as
+    "miniworld-sd", or "sd15", "sdxl"; published names such as "SD 1.5" or "SDXL 1.0" map to
+    their family)."""
+    if base_model in BASES:
+        return BASES.get(base_model)
     from diffgraph.merger.detect import family_of
 
     family = family_of(base_model)
-    if family in PROFILES:
-        return PROFILES[family]
+    if family in BASES:
+        return BASES.get(family)
     if family in REAL_FAMILIES:
         return _real_profile(family)
-    raise KeyError(f"no base-model profile for {base_model!r} (known: {', '.join([*PROFILES, *REAL_FAMILIES])})")
+    raise KeyError(f"no base-model profile for {base_model!r} (known: {', '.join([*BASES.names(), *REAL_FAMILIES])})")
+
+
+class AmbiguousBase(DiffGraphError, KeyError):
+    """No base was named and there is more than one to choose from."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return self.args[0]
+
+
+def choose_base(requested: str | None, held: list[str]) -> str:
+    """The base model a command or request works with.
+
+    ``requested`` (``--base-model``, the API's ``model``, else DIFFGRAPH_BASE) wins and must
+    have a profile. Without one: the only base the graph holds experts of (``held``); with an
+    empty graph, the only registered base (the mini world's when nothing else is installed).
+    More than one candidate is an AmbiguousBase error naming them, never a silent pick."""
+    if requested:
+        profile(requested)  # a base nothing can render is refused here, in one line
+        return requested
+    candidates = sorted(set(held)) or BASES.names()
+    if len(candidates) == 1:
+        return candidates[0]
+    where = "the graph holds experts of" if held else "no experts yet, and the registered bases are"
+    raise AmbiguousBase(f"{where} {len(candidates)} base models ({', '.join(candidates) or 'none'}): "
+                        "choose one with --base-model, the API's model field or DIFFGRAPH_BASE")
 
 
 def has_profile(base_model: str) -> bool:

@@ -104,7 +104,7 @@ def require_finite_weights(engine, job: CalibrationJob) -> None:
         done = _FINITE_CHECKED.setdefault(engine, set())
     except TypeError:  # an engine that cannot be weakly referenced: check every time
         done = set()
-    if key in done or not hasattr(engine, "lora_delta"):
+    if key in done:
         return
     if job.kind == "lora":
         weights = engine.lora_delta(Path(job.path), job.sha256)

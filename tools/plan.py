@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from langchain_core.tools import tool
-
 from diffgraph.graph_store.store import GraphStore
 
 
@@ -30,7 +28,7 @@ class Planner:
 
         directory = planner_dir(home, base_model)
         if not (directory / "planner.json").exists():
-            shipped = bases.PROFILES[base_model].default_planner() if base_model in bases.PROFILES else None
+            shipped = bases.BASES.get(base_model).default_planner() if base_model in bases.BASES else None
             if shipped is None:
                 return cls(store)
             directory = shipped
@@ -45,15 +43,3 @@ class Planner:
         if self.model is None:
             return {i: 0.5 for i in ids}
         return self.model.plan(self.store, ids, prompt)
-
-
-@tool
-def plan_merge(prompt: str, expert_ids: list[str], base_model: str = "miniworld-sd") -> dict:
-    """Merging coefficients in (0, 1) for the given experts and prompt, from the VGAE planner
-    over the activated subgraph (equal coefficients if no planner is trained)."""
-    from diffgraph.settings import get_settings
-
-    settings = get_settings()
-    with GraphStore.from_settings(settings) as store:
-        planner = Planner.for_home(settings.home, store, base_model)
-        return {"planner": planner.name, "coefficients": planner.plan(prompt, [{"id": i} for i in expert_ids])}

@@ -29,6 +29,8 @@ from importlib.metadata import entry_points
 
 from langchain_core.tools import BaseTool, StructuredTool
 
+from diffgraph.errors import describe
+
 GROUP = "diffgraph.tools"
 ESA_STAGES = ("prompt",)
 log = logging.getLogger(__name__)
@@ -110,7 +112,7 @@ def discover(group: str = GROUP) -> PluginSet:
                 names.add(plugin.name)
                 found.plugins.append(plugin)
         except Exception as exc:  # a broken plugin must not take the agent down
-            message = f"{ep.name} ({ep.value}): {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            message = f"{ep.name} ({ep.value}): {describe(exc, 200)}"
             log.warning("skipping plugin %s", message)
             found.errors.append(message)
     return found

@@ -10,8 +10,6 @@ import hashlib
 import time
 from pathlib import Path
 
-from langchain_core.tools import tool
-
 from diffgraph.graph_store.store import GraphStore
 from diffgraph.merger.png import save_png
 from diffgraph.merger.recipe import BASE, STRENGTHS, ExpertWeight, MergeRecipe, MergeRule
@@ -50,20 +48,3 @@ def render_recipe(recipe: MergeRecipe, out: Path | None = None, explanation: dic
         out = get_settings().artifacts_dir / "images" / f"{time.strftime('%Y%m%d-%H%M%S')}-{digest}.png"
     path = save_png(image, Path(out), recipe, {"explanation": explanation} if explanation else None)
     return {"path": str(path), "recipe": recipe.to_dict()}
-
-
-@tool
-def merge_and_render(prompt: str, expert_ids: list[str], coefficients: list[float], seed: int = 0,
-                     base_model: str = "miniworld-sd") -> dict:
-    """Merge the given experts with the given coefficients in (0, 1) (checkpoints: a softmax-
-    weighted sum with the base; LoRAs: each delta added at coefficient x 1.5) and render the
-    prompt. Returns the PNG path and recipe."""
-    if len(expert_ids) != len(coefficients):
-        raise ValueError("expert_ids and coefficients must have the same length")
-    store = GraphStore.from_settings()
-    try:
-        picks = [{"id": i} for i in expert_ids]
-        recipe = build_recipe(store, prompt, base_model, seed, picks, dict(zip(expert_ids, coefficients)))
-    finally:
-        store.close()
-    return render_recipe(recipe)

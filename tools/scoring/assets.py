@@ -24,6 +24,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from diffgraph.errors import DiffGraphError, describe
+
 SAFE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
@@ -36,7 +38,7 @@ class MissingMetricWeights(FileNotFoundError):
         self.missing = missing
 
 
-class UnsafeWeightsError(RuntimeError):
+class UnsafeWeightsError(DiffGraphError, RuntimeError):
     """A pickle checkpoint that ``torch.load(weights_only=True)`` refused to read."""
 
 
@@ -191,7 +193,7 @@ def load_state_dict(path: Path) -> dict:
     except Exception as exc:  # UnpicklingError, or a RuntimeError wrapping it
         raise UnsafeWeightsError(
             f"refused to read {path}: it is not a plain tensor checkpoint that "
-            f"torch.load(weights_only=True) accepts ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}). "
+            f"torch.load(weights_only=True) accepts ({describe(exc)}). "
             "DiffGraph never unpickles arbitrary objects; convert the file to .safetensors "
             "from a trusted copy.") from exc
 

@@ -1,11 +1,14 @@
-"""The metric-suite interface and the registry of suites."""
+"""The metric-suite interface and the registry of suites (entry-point group
+``diffgraph.suites``: a name -> a callable that builds the suite; "real" is built in)."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
 from typing import Protocol
 
 from PIL import Image
+
+from diffgraph.registry import Registry
 
 
 class MetricSuite(Protocol):
@@ -18,30 +21,19 @@ class MetricSuite(Protocol):
         """The scalar the planner maximises."""
 
 
-class MiniWorldSuite:
-    """The mini world's three scorers behind the suite interface."""
-
-    def __init__(self, root: Path | None = None):
-        from diffgraph.miniworld import artifacts_io
-        from diffgraph.miniworld.scorers import METRICS
-
-        self._suite = artifacts_io.load_scorers(root or artifacts_io.ARTIFACTS)
-        self.names = METRICS
-
-    def score(self, images, prompts):
-        return [[s[n] for n in self.names] for s in self._suite.score(images, prompts)]
-
-    def reward(self, vector):
-        from diffgraph.miniworld.scorers import combined_reward
-
-        return combined_reward(dict(zip(self.names, vector)))
+SUITES: Registry[Callable[..., MetricSuite]] = Registry("diffgraph.suites", "metric suite")
 
 
-def get_suite(name: str = "miniworld", **kw) -> MetricSuite:
-    if name == "miniworld":
-        return MiniWorldSuite(**kw)
-    if name == "real":
-        from .real import RealSuite
+def _real_suite(**kw) -> MetricSuite:
+    from .real import RealSuite  # torch, transformers, open_clip: only when the real metrics are asked for
 
-        return RealSuite(**kw)
-    raise ValueError(f"unknown metric suite {name!r}: use 'miniworld' or 'real'")
+    return RealSuite(**kw)
+
+
+SUITES.register("real", _real_suite)
+
+
+def get_suite(name: str, **kw) -> MetricSuite:
+    """The suite registered as ``name`` ("real", or one a package registers, such as the mini
+    world's "miniworld"), built with ``kw``."""
+    return SUITES.get(name)(**kw)

@@ -7,12 +7,11 @@ error of this package derives from :class:`SourceError` so the agent needs one `
 
 from __future__ import annotations
 
+from diffgraph.errors import DiffGraphError
 
-class SourceError(Exception):
+
+class SourceError(DiffGraphError):
     """Base class: something a source or the download store refused or could not do."""
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))  # one line, whatever the server sent
 
 
 class ApiError(SourceError):

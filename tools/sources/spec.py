@@ -1,21 +1,23 @@
 """Source specs as the CLI takes them, and opening the clients they name.
 
 ``civitai[:URL]`` and ``hf[:URL]`` (the real sites unless a URL is given), ``local:DIR``,
-``url:MODEL_PAGE_URL`` and ``file:PATH`` (one expert, see single.py), and
-``miniworld[:ARTIFACTS_DIR]``: the bundled hub started on a free loopback port and crawled
-through both the Civitai and the Hugging Face client, so the mini world exercises exactly the
-code that runs against the real sites. Because that hub must stop afterwards,
+``url:MODEL_PAGE_URL`` and ``file:PATH`` (one expert, see single.py) are built in. Other kinds
+come from the ``diffgraph.sources`` entry points: a name -> ``open(location, *, retry,
+hub_port)``, a context manager yielding the kind's source clients (the mini world registers
+``miniworld[:ARTIFACTS_DIR]``, its hub on a loopback port crawled through both the Civitai and
+the Hugging Face client). Because such a kind may start and stop a server,
 :func:`open_sources` is a context manager for every spec.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
+
+from diffgraph.registry import Registry
 
 from .base import Source
 from .civitai import CivitaiSource
@@ -23,13 +25,18 @@ from .hf import HFSource
 from .http import RetryPolicy
 from .local import LocalFolderSource
 
-KINDS = ("civitai", "hf", "local", "miniworld", "url", "file")
+BUILT_IN = ("civitai", "hf", "local", "url", "file")
+SOURCE_KINDS: Registry[Callable[..., AbstractContextManager[list[Source]]]] = Registry("diffgraph.sources", "source kind")
+
+
+def kinds() -> list[str]:
+    return [*BUILT_IN, *SOURCE_KINDS.names()]
 
 
 @dataclass(frozen=True)
 class SourceSpec:
-    kind: str  # one of KINDS
-    location: str | None = None  # base URL, folder, or mini-world artifacts folder
+    kind: str  # one of kinds()
+    location: str | None = None  # base URL, folder, or whatever a registered kind takes
 
     def __str__(self) -> str:
         return f"{self.kind}:{self.location}" if self.location else self.kind
@@ -39,8 +46,9 @@ def parse_source_spec(text: str) -> SourceSpec:
     """Parse a spec; raise ValueError with a one-line message saying what is accepted."""
     kind, sep, location = text.strip().partition(":")
     kind, location = kind.lower(), location.strip() or None
-    usage = "expected civitai[:URL], hf[:URL], local:DIR, url:MODEL_PAGE, file:PATH or miniworld[:DIR]"
-    if kind not in KINDS:
+    usage = "expected civitai[:URL], hf[:URL], local:DIR, url:MODEL_PAGE, file:PATH" + "".join(
+        f", {name}[:LOCATION]" for name in SOURCE_KINDS.names())
+    if kind not in kinds():
         raise ValueError(f"unknown source {text!r}; {usage}")
     if sep and location is None:
         raise ValueError(f"source {text!r} has an empty location; {usage}")
@@ -60,10 +68,11 @@ def parse_source_spec(text: str) -> SourceSpec:
 
 @contextmanager
 def open_sources(spec: str | SourceSpec, *, retry: RetryPolicy | None = None, hub_port: int = 0) -> Iterator[list[Source]]:
-    """The source clients a spec names, closed (and the mini-world hub stopped) on exit.
+    """The source clients a spec names, closed (and a registered kind's server stopped) on exit.
 
-    ``hub_port`` pins the mini-world hub's port, so the URLs it publishes (and the catalog
-    stores) are the same from one crawl to the next; 0 takes any free port."""
+    ``hub_port`` pins the port of a kind that serves its own hub (the mini world's), so the
+    URLs it publishes (and the catalog stores) are the same from one crawl to the next; 0 takes
+    any free port."""
     spec = parse_source_spec(spec) if isinstance(spec, str) else spec
     with ExitStack() as stack:
         if spec.kind == "civitai":
@@ -77,11 +86,8 @@ def open_sources(spec: str | SourceSpec, *, retry: RetryPolicy | None = None, hu
 
             sources = [url_source(spec.location, retry) if spec.kind == "url" else path_source(spec.location)]
         else:
-            from diffgraph.miniworld.hub import running_hub
-
-            hub = stack.enter_context(running_hub(Path(spec.location) if spec.location else None, port=hub_port))
-            sources = [CivitaiSource(hub.civitai_url, token="", retry=retry),
-                       HFSource(hub.hf_url, token="", retry=retry)]
+            opener = SOURCE_KINDS.get(spec.kind)
+            sources = list(stack.enter_context(opener(spec.location, retry=retry, hub_port=hub_port)))
         for source in sources:
             stack.callback(source.close)
         yield sources
