@@ -21,17 +21,24 @@ def one_line(text: object, limit: int = REASON_LIMIT) -> str:
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
+def _message(exc: BaseException) -> str:
+    """str(exc), but a KeyError's own message rather than its repr (str(KeyError("x")) is "'x'")."""
+    if isinstance(exc, KeyError) and len(exc.args) == 1 and type(exc).__str__ is KeyError.__str__:
+        return str(exc.args[0])
+    return str(exc)
+
+
 def describe(exc: BaseException, limit: int = REASON_LIMIT) -> str:
     """``Type: message`` on one line, or the type alone when the message is empty: for errors
     DiffGraph did not expect, where the type is part of what went wrong."""
-    message = one_line(exc, limit)
+    message = one_line(_message(exc), limit)
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
 def reason(exc: BaseException, limit: int = REASON_LIMIT) -> str:
     """The message alone (written for people by whoever raised it), or the type name when it
     is empty."""
-    return one_line(exc, limit) or type(exc).__name__
+    return one_line(_message(exc), limit) or type(exc).__name__
 
 
 class DiffGraphError(Exception):

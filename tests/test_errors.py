@@ -45,6 +45,11 @@ def test_an_empty_message_is_named_by_its_type(exc):
     assert reason(exc) == describe(exc) == type(exc).__name__
 
 
+def test_a_key_error_reads_as_its_message_not_its_repr():
+    assert reason(KeyError("no base named 'x'")) == "no base named 'x'"
+    assert describe(KeyError("gone")) == "KeyError: gone"
+
+
 @given(texts)
 def test_diffgraph_errors_are_one_line_and_never_empty_at_construction(text):
     for kind in (DiffGraphError, MergeError, IntegrityError):
