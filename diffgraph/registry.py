@@ -1,6 +1,6 @@
 """Registries of the things a package adds to DiffGraph by name: base-model profiles
-(entry-point group ``diffgraph.bases``), metric suites (``diffgraph.suites``) and source kinds
-(``diffgraph.sources``). Agent tools have their own group and loader (tools/plugins.py), since
+(entry-point group ``diffgraph.bases``), metric suites (``diffgraph.suites``), source kinds
+(``diffgraph.sources``) and CLI commands (``diffgraph.commands``). Agent tools have their own group and loader (tools/plugins.py), since
 they are wrapped for the LLM.
 
 A package registers in its own pyproject.toml, exactly as the bundled mini world does::

@@ -13,7 +13,6 @@ from pathlib import Path
 from diffgraph.merger.engine import MergeEngine
 from diffgraph.settings import get_settings
 from diffgraph.tools.bases import BaseProfile
-from diffgraph.tools.scoring import get_suite
 from diffgraph.tools.sources import CivitaiSource, HFSource
 from diffgraph.tools.sources.http import RetryPolicy
 
@@ -58,11 +57,7 @@ class MiniWorldSuite:
         return combined_reward(dict(zip(self.names, vector)))
 
 
-def _suite():
-    return get_suite("miniworld")
-
-
-BASE = BaseProfile(NAME, _engine, _suite, lambda n: _prompts(n, REFERENCE_SEED), _training, _planner)
+BASE = BaseProfile(NAME, _engine, MiniWorldSuite, lambda n: _prompts(n, REFERENCE_SEED), _training, _planner)
 
 
 @contextmanager
