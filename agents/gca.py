@@ -35,7 +35,7 @@ from diffgraph.graph_store.store import GraphStore
 from diffgraph.settings import Settings, get_settings
 
 from .llm import chat_model
-from .registration import register
+from .describe import describe as describe_expert
 
 MAX_ATTEMPTS = 3  # a failed expert is retried on later passes, up to this many times
 N_CANDIDATES = 300
@@ -263,7 +263,7 @@ def build_graph(ctx: Context, checkpointer=None):
 
         record = _record(ctx, state["current"])
         page = PageReading.from_dict(state["page"]) if state.get("page") else None
-        reg = register(record, page, ctx.llm)
+        reg = describe_expert(record, page, ctx.llm)
         return {"registration": {"description": reg.description, "text": reg.text, "brain": reg.brain,
                                  "dropped": reg.dropped, "page_sha256": page.text_sha256 if page else None}}
 
@@ -404,7 +404,7 @@ def run_pass(specs: list[str], settings: Settings | None = None, console: Consol
         lock = stack.enter_context(store_lock(settings.home))
         store = stack.enter_context(GraphStore.open(settings.home, db_url=settings.db_url, chroma_url=settings.chroma_url))
         opened = [(spec, source) for spec in specs
-                  for source in stack.enter_context(open_sources(spec, hub_port=settings.miniworld_port))]
+                  for source in stack.enter_context(open_sources(spec, hub_port=settings.hub_port))]
         sources = [s for _, s in opened]
         ctx = Context(store=store, settings=settings, sources=sources, console=console, llm=chat_model(settings),
                       reference_count=settings.reference_prompts)

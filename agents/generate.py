@@ -11,8 +11,9 @@ from diffgraph.errors import DiffGraphError
 from diffgraph.graph_store.store import GraphStore
 from diffgraph.settings import Settings, get_settings
 from diffgraph.tools import bases
+from diffgraph.tools.plugins import plugins
 
-from .esa import ESAContext, build_graph
+from . import esa
 from .llm import chat_model
 
 class EmptyPrompt(DiffGraphError, ValueError):
@@ -43,12 +44,9 @@ def generate(prompt: str, seed: int = 0, out: Path | None = None, base_model: st
             return render_recipe(recipe, out, explanation)
 
         llm = chat_model(settings)
-        from diffgraph.tools.plugins import plugins
-
-        ctx = ESAContext(store=store, llm=llm, planner=planner.plan, renderer=renderer,
-                         prompt_plugins=plugins().esa("prompt"))
-        state = build_graph(ctx).invoke({"prompt": prompt, "base_model": base_model, "seed": seed},
-                                        {"recursion_limit": 50})
+        ctx = esa.ESAContext(store=store, llm=llm, planner=planner.plan, renderer=renderer,
+                             prompt_plugins=plugins().esa("prompt"))
+        state = esa.run(ctx, prompt, base_model, seed)
     finally:
         if own_store:
             store.close()

@@ -26,7 +26,7 @@ console = Console()
 
 def main(reference_prompts: int = typer.Option(12, help="N_r"),
          out: Path = typer.Option(Path("benchmarks/results/gca_timing.json"))) -> None:
-    from diffgraph.agents.registration import register
+    from diffgraph.agents.describe import describe
     from diffgraph.graph_store.store import GraphStore
     from diffgraph.text_embedding import embed
     from diffgraph.tools import bases
@@ -49,7 +49,7 @@ def main(reference_prompts: int = typer.Option(12, help="N_r"),
                     path = source.download(record.files[0], cas)
                     page = reader.read(record.homepage_url)
                     store.upsert_expert(record)
-                    reg = register(record, page)
+                    reg = describe(record, page)
                     store.register(record.id, reg.description, reg.text, page.text_sha256)
                     t1 = time.perf_counter()
                     calibrate(engine, suite, base, record.kind, record.id, path, record.files[0].sha256, refs)

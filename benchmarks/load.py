@@ -69,7 +69,7 @@ def build_home(home: Path) -> None:
     from diffgraph.agents.gca import run_pass
     from diffgraph.settings import Settings
 
-    result = run_pass(["miniworld"], settings=Settings(home=home, reference_prompts=4, miniworld_port=free_port()),
+    result = run_pass(["miniworld"], settings=Settings(home=home, reference_prompts=4, hub_port=free_port()),
                       console=Console(quiet=True), read_pages=False)
     if result["counts"].get("active") != 22:
         raise SystemExit(f"the GCA pass did not activate the 22 mini-world experts: {result}")

@@ -41,13 +41,13 @@ console = Console()
 
 def _graph(home: Path, reference_prompts: int) -> None:
     """The graph, built with the offline brain whatever the environment configures (so runs
-    compare), on DIFFGRAPH_MINIWORLD_PORT's port (so two runs can crawl at once)."""
+    compare), on DIFFGRAPH_HUB_PORT's port (so two runs can crawl at once)."""
     from diffgraph.agents.gca import run_pass
     from diffgraph.settings import Settings, get_settings
 
     if (home / "catalog.sqlite").exists():
         return
-    settings = Settings(home=home, reference_prompts=reference_prompts, miniworld_port=get_settings().miniworld_port)
+    settings = Settings(home=home, reference_prompts=reference_prompts, hub_port=get_settings().hub_port)
     run_pass(["miniworld"], settings=settings, console=console)
 
 

@@ -185,8 +185,8 @@ def build_registry(store, size: int, vocab: Vocabulary, reference_prompts: int, 
 
 
 def _retrieve(store, base: str, summary_vec, attr_vecs) -> list[str]:
-    """The ESA's retrieve node (agents/esa.py), minus the text embedding."""
-    from diffgraph.agents.esa import K1_CKPT, K2_LORA
+    """The select step's retrieval (tools/select.py), minus the text embedding."""
+    from diffgraph.tools.select import K1_CKPT, K2_LORA
 
     ids = [h[0] for h in store.vectors.query(summary_vec, kind="ckpt", base_model=base, k=K1_CKPT)]
     for vec in attr_vecs:

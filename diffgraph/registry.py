@@ -47,7 +47,7 @@ class Registry(Generic[T]):
         with self._lock:
             if self._loaded:
                 return
-            for ep in entry_points(group=self.group):
+            for ep in sorted(entry_points(group=self.group), key=lambda e: e.name):
                 try:
                     self.register(ep.name, self._check(ep.load()))
                 except Exception as exc:  # a broken plugin is reported, not fatal
@@ -59,6 +59,10 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         self._load()
         return list(self._items)
+
+    def values(self) -> list[T]:
+        self._load()
+        return list(self._items.values())
 
     def __contains__(self, name: object) -> bool:
         self._load()

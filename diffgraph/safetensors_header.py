@@ -40,7 +40,12 @@ class Header:
 
 
 class InvalidHeader(DiffGraphError, ValueError):
-    """A file that is not a well-formed safetensors file (one line, naming the problem)."""
+    """A file that is not a well-formed safetensors file (one line, naming the problem, which
+    ``problem`` holds alone)."""
+
+    def __init__(self, message: str, problem: str = ""):
+        super().__init__(message)
+        self.problem = problem or message
 
 
 class _Invalid(Exception):
@@ -53,7 +58,7 @@ def read_header(path: str | Path, *, max_header_bytes: int = MAX_HEADER_BYTES) -
     try:
         return _check(path, max_header_bytes)
     except _Invalid as exc:
-        raise InvalidHeader(f"{path.name}: not a valid safetensors file: {exc}") from None
+        raise InvalidHeader(f"{path.name}: not a valid safetensors file: {exc}", str(exc)) from None
 
 
 def _raw_header(f: BinaryIO, size: int, max_header_bytes: int) -> bytes:

@@ -34,7 +34,7 @@ class Settings:
     device: str = "auto"
     allow_pickle: bool = False
     reference_prompts: int = 12  # N_r, reference prompts chosen when a graph is first built
-    miniworld_port: int = 8765  # fixed, so URLs the catalog stores for mini-world experts are stable
+    hub_port: int = 8765  # of a source kind serving its own hub; fixed, so the URLs the catalog stores stay valid
     base: str | None = None  # the base model to generate with when a command or request names none
 
     @property
@@ -67,7 +67,7 @@ def get_settings() -> Settings:
         ray_gpus_per_worker=float(_env("RAY_GPUS_PER_WORKER", "0")),
         device=_env("DEVICE", "auto"),
         allow_pickle=_env("ALLOW_PICKLE", "0") in ("1", "true", "yes"),
-        miniworld_port=int(_env("MINIWORLD_PORT", "8765")),
+        hub_port=int(_env("HUB_PORT", "8765")),
         reference_prompts=int(_env("REFERENCE_PROMPTS", "12")),
         base=_env("BASE"),
     )

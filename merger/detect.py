@@ -9,14 +9,14 @@ rests on structure rather than sizes, so it holds for the tests' shrunken models
   diffusers' unet.down_blocks.0... then read alike; LDM's input_blocks.N.M are mapped to
   diffusers block numbers, SD1.5 and SDXL both having two layers per block);
 - each observation allows a set of families: FLUX's double/single-stream blocks allow only
-  "flux"; attention in the UNet's first down block allows SD1.5 and the mini world (SDXL's
-  first block has none); attention in the first up block allows SDXL and the mini world
-  (SD1.5's has none); attention in up blocks 2-3 only SD1.5; transformer depth > 1, the
-  added (text-time) embedding or a second text encoder only SDXL; and so on;
+  "flux"; attention in the UNet's first down block allows the SD families that have it (SD1.5,
+  not SDXL), attention in the first up block those that have it (SDXL, not SD1.5), as each
+  family declares (merger/families.py); attention in up blocks 2-3 only SD1.5; transformer
+  depth > 1, the added (text-time) embedding or a second text encoder only SDXL; and so on;
 - the family is the one every observation allows. Observations that allow none contradict
   each other (an error); several left (a LoRA touching few modules) are settled by the
-  header's metadata (kohya's ss_base_model_version, modelspec.architecture, the mini world's
-  own "diffgraph" entry) or by the cross-attention width of a real model (768 / 2048), or the
+  header's metadata (kohya's ss_base_model_version, modelspec.architecture, DiffGraph's own
+  "diffgraph" entry) or by the cross-attention width of a real model (768 / 2048), or the
   file is reported as undecidable. Families DiffGraph does not handle (SD2, SD3, the SDXL
   refiner) are named in the error.
 """
@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from diffgraph.errors import DiffGraphError
+from diffgraph.safetensors_header import InvalidHeader
+from diffgraph.safetensors_header import read_header as read_safetensors_header
 
-FAMILIES = ("sd15", "sdxl", "flux", "miniworld-sd")
-SD_FAMILIES = frozenset({"sd15", "sdxl", "miniworld-sd"})
-LABELS = {"sd15": "SD 1.5", "sdxl": "SDXL", "flux": "FLUX.1", "miniworld-sd": "mini-world SD"}
+from .families import FAMILIES, MODEL_COMPONENTS, label, sd_families
 
 
 class BaseDetectionError(DiffGraphError, ValueError):
@@ -50,21 +50,18 @@ class BaseMismatchError(BaseDetectionError):
 # ---------------------------------------------------------------------------------------------
 
 def read_header(path: str | Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
-    """(tensor name -> shape, metadata) of a safetensors file, without reading any tensor.
-    The safetensors library checks the header against the file (truncation, overlaps)."""
-    from safetensors import SafetensorError, safe_open
-
+    """(tensor name -> shape, metadata) of a safetensors file, without reading any tensor."""
     path = Path(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-            metadata = dict(f.metadata() or {})
-    except (SafetensorError, OSError) as exc:
-        raise BaseDetectionError(f"{path.name}: not a readable safetensors file ({exc})") from None
-    return shapes, metadata
+        header = read_safetensors_header(path)
+    except OSError as exc:
+        raise BaseDetectionError(f"{path.name}: not a readable safetensors file ({exc.strerror or exc})") from None
+    except InvalidHeader as exc:
+        raise BaseDetectionError(f"{path.name}: not a readable safetensors file ({exc.problem})") from None
+    return {k: tuple(v["shape"]) for k, v in header.tensors.items()}, header.metadata
 
 
-_FOLDER_COMPONENTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+_FOLDER_COMPONENTS = (*MODEL_COMPONENTS, "text_encoder_3")
 
 
 def _folder_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
@@ -272,7 +269,7 @@ def _constraints(ob: Observations, name: str) -> list[tuple[frozenset, str]]:
     if "t5" in ob.components:
         add({"flux"}, "a T5 text encoder")
     if ob.sd_unet:
-        add(SD_FAMILIES, "a Stable Diffusion UNet")
+        add(sd_families(), "a Stable Diffusion UNet")
     if ob.ldm_unet:
         add({"sd15", "sdxl"}, "LDM-numbered UNet blocks")
     if "te2" in ob.components:
@@ -284,15 +281,16 @@ def _constraints(ob: Observations, name: str) -> list[tuple[frozenset, str]]:
     if "te1" in ob.components:
         add({"sdxl", "flux"}, "kohya lora_te1_ (first of two text encoders)")
     if "te_kohya" in ob.components:
-        add(SD_FAMILIES - {"sdxl"}, "kohya lora_te_ (a single text encoder)")
+        add({f.name for f in FAMILIES.values() if f.is_sd and len(f.text_encoders) == 1},
+            "kohya lora_te_ (a single text encoder)")
     if ob.added_embedding:
         add({"sdxl"}, "the added text-time embedding")
     if ob.depth >= 1:
         add({"sdxl"}, f"{ob.depth + 1} transformer layers in a UNet attention")
     if ("down", 0) in ob.attentions:
-        add({"sd15", "miniworld-sd"}, "attention in the first down block")
+        add(sd_families(attention_in_first_down_block=True), "attention in the first down block")
     if ("up", 0) in ob.attentions:
-        add({"sdxl", "miniworld-sd"}, "attention in the first up block")
+        add(sd_families(attention_in_first_up_block=True), "attention in the first up block")
     if ob.attentions & {("up", 2), ("up", 3)}:
         add({"sd15"}, "attention in up blocks 2-3")
     blocks = [b for _, b in ob.blocks]
@@ -303,7 +301,7 @@ def _constraints(ob: Observations, name: str) -> list[tuple[frozenset, str]]:
     if ob.up_attention_slots >= 2:
         add({"sd15", "sdxl"}, "three attentions per up block")
     if ob.vae_latent in (4, 16):
-        add(SD_FAMILIES if ob.vae_latent == 4 else {"flux"}, f"a {ob.vae_latent}-channel VAE latent")
+        add(sd_families() if ob.vae_latent == 4 else {"flux"}, f"a {ob.vae_latent}-channel VAE latent")
     return c
 
 
@@ -340,13 +338,13 @@ def explain_base(header_or_path) -> Detection:
     if not constraints:
         raise BaseDetectionError(f"{name}: no tensor names of a known text-to-image model "
                                  f"(e.g. {', '.join(sorted(shapes)[:2])})")
-    allowed = set(FAMILIES)
+    allowed = set(FAMILIES.names())
     for fams, why in constraints:
         if not allowed & fams:
             seen = "; ".join(f"{w} ({'/'.join(sorted(f))})" for f, w in constraints)
             raise BaseDetectionError(f"{name}: contradictory layout: {seen}")
         allowed &= fams
-    reasons = tuple(w for f, w in constraints if len(f) < len(FAMILIES))
+    reasons = tuple(w for f, w in constraints if len(f) < len(FAMILIES.names()))
     if len(allowed) == 1:
         return Detection(allowed.pop(), reasons)
     hint = _metadata_hint(metadata)
@@ -355,13 +353,13 @@ def explain_base(header_or_path) -> Detection:
     width = REAL_CONTEXT_WIDTH.get(ob.context_width)
     if width in allowed:
         return Detection(width, (*reasons, f"cross-attention width {ob.context_width}"))
-    raise BaseDetectionError(f"{name}: cannot tell {' from '.join(LABELS[f] for f in sorted(allowed))} "
+    raise BaseDetectionError(f"{name}: cannot tell {' from '.join(label(f) for f in sorted(allowed))} "
                              f"by its tensor names (it only shows {'; '.join(w for _, w in constraints)})")
 
 
 def detect_base(header_or_path) -> str:
-    """"sd15", "sdxl", "flux" or "miniworld-sd" for a weights file (full checkpoint, LoRA, a
-    single component) given as a path, a diffusers folder, a validated safetensors Header, a
+    """The family ("sd15", "sdxl", "flux" or a registered one) of a weights file (full
+    checkpoint, LoRA, a single component) given as a path, a diffusers folder, a validated safetensors Header, a
     raw header dict or a state dict; BaseDetectionError (one line) when it cannot be told."""
     return explain_base(header_or_path).family
 
@@ -384,8 +382,9 @@ def family_of(declared: str | None) -> str | None:
         return None
     if s in ("sd15", "sdxl", "flux"):
         return s
-    if "miniworld" in s:
-        return "miniworld-sd"
+    for family in FAMILIES.values():  # a registered family's own spellings come before the rules below
+        if s == re.sub(r"[^a-z0-9]+", "", family.name) or any(w in s for w in family.spellings):
+            return family.name
     if "flux" in s:
         return "flux2" if "flux2" in s else "flux"
     if "xl" in s or any(w in s for w in ("pony", "illustrious", "noobai")):
@@ -418,7 +417,7 @@ def reconcile_base(declared: str, files) -> str:
         wrong = {n: fam for n, fam in found.items() if fam != want}
         if wrong:
             n, fam = next(iter(wrong.items()))
-            raise BaseMismatchError(f"declared base model {declared!r} but {n} holds {LABELS.get(fam, fam)} weights")
+            raise BaseMismatchError(f"declared base model {declared!r} but {n} holds {label(fam)} weights")
         return declared
     families = set(found.values())
     if str(declared or "").strip().lower() in UNKNOWN and len(families) == 1:

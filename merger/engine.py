@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .families import MODEL_COMPONENTS
 from .merge import MergeError, add_deltas, lora_deltas
 from .recipe import BASE, MergeRecipe
 from .render import render
 from .stream import MemorySource, StreamMerge
 
-MODEL_COMPONENTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2")  # SD, SDXL and FLUX parts
 SCHEDULERS = ("DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
               "DDIMScheduler", "PNDMScheduler", "UniPCMultistepScheduler")
 

@@ -43,12 +43,10 @@ import torch
 
 from diffgraph.errors import DiffGraphError
 
-FAMILIES = ("sd15", "sdxl", "flux")
-COMPONENTS = {
-    "sd15": ("unet", "vae", "text_encoder"),
-    "sdxl": ("unet", "vae", "text_encoder", "text_encoder_2"),
-    "flux": ("transformer", "vae"),
-}
+from .families import FLUX, SD15, SDXL
+
+FAMILIES = ("sd15", "sdxl", "flux")  # the families with an original single-file layout
+COMPONENTS = {f.name: f.components for f in (SD15, SDXL, FLUX)}
 # Where each component lives in a single file (the first is what diffusers_to_ldm writes;
 # ldm_to_diffusers also reads the others).
 LDM_PREFIXES = {

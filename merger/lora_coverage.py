@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .families import ADAPTED_COMPONENTS
+
 LOW_RANK_MARKERS = ("lora_A", "lora_B", "lora_down", "lora_up", "lora.down", "lora.up", "lora_mid", "hada_w", "lokr_w")
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "transformer")
 
 
 def _matrix(t: torch.Tensor) -> torch.Tensor:
@@ -50,7 +51,7 @@ def _is_low_rank(key: str, value: torch.Tensor) -> bool:
 def injected_parameters(pipe, adapter_name: str) -> list[tuple[str, torch.Tensor]]:
     """(name, tensor) of the adapter's A and B weights in every model of the pipeline."""
     found = []
-    for component in COMPONENTS:
+    for component in ADAPTED_COMPONENTS:
         model = getattr(pipe, component, None)
         if model is None:
             continue

@@ -76,11 +76,11 @@ from dataclasses import dataclass
 
 import torch
 
+from .families import ADAPTED_COMPONENTS, label
 from .merge import MergeError
 
-FAMILIES = ("sd15", "sdxl", "flux")
-FAMILY_NAMES = {"sd15": "SD 1.5", "sdxl": "SDXL", "flux": "FLUX.1", "sd": "Stable Diffusion (SD 1.5/SDXL)"}
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "transformer")
+FAMILIES = ("sd15", "sdxl", "flux")  # the LoRA layouts in the wild: SD 1.5-like, SDXL-like, FLUX
+FAMILY_NAMES = {**{f: label(f) for f in FAMILIES}, "sd": "Stable Diffusion (SD 1.5/SDXL)"}
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 LORA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".lora_mid.weight", ".alpha", ".dora_scale")
 LOHA_SUFFIXES = (".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".hada_t1", ".hada_t2", ".alpha", ".dora_scale")
@@ -167,7 +167,7 @@ def pipeline_family(pipe) -> str:
 
 
 def pipeline_components(pipe) -> dict[str, torch.nn.Module]:
-    return {c: getattr(pipe, c) for c in COMPONENTS if getattr(pipe, c, None) is not None}
+    return {c: getattr(pipe, c) for c in ADAPTED_COMPONENTS if getattr(pipe, c, None) is not None}
 
 
 def _example(keys: Iterable[str]) -> str:
@@ -451,7 +451,7 @@ def _peft_native_to_diffusers(sd: dict[str, torch.Tensor], peft_config, componen
 
 
 def _prefix_diffusers(sd: dict[str, torch.Tensor], components, family) -> dict[str, torch.Tensor]:
-    prefixes = tuple(c + "." for c in COMPONENTS)
+    prefixes = tuple(c + "." for c in ADAPTED_COMPONENTS)
     if all(k.startswith(prefixes) for k in sd):
         return sd
     bare = {k for k in sd if not k.startswith(prefixes)}

@@ -22,15 +22,14 @@ from pathlib import Path
 
 import torch
 
-from .detect import LABELS, BaseDetectionError, BaseMismatchError, detect_base
+from .detect import BaseDetectionError, BaseMismatchError, detect_base
+from .families import FAMILIES, MODEL_COMPONENTS, label
 from .ldm_keys import COMPONENTS, ldm_to_diffusers
 
 CONFIG_ROOT = Path(__file__).parent / "configs"
-CONFIG_DIRS = {"sd15": "sd15", "sdxl": "sdxl", "flux": "flux-dev"}
-_MODEL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "transformer")
 _CONFIG_FILES = {"scheduler": "scheduler_config.json", "tokenizer": "tokenizer_config.json",
                  "tokenizer_2": "tokenizer_config.json"}
-_DIFFUSERS_PREFIXES = tuple(c + "." for c in _MODEL_COMPONENTS)
+_DIFFUSERS_PREFIXES = tuple(c + "." for c in MODEL_COMPONENTS)
 
 
 class BaseLoadError(BaseDetectionError):
@@ -39,9 +38,11 @@ class BaseLoadError(BaseDetectionError):
 
 def shipped_configs(family: str) -> dict[str, dict]:
     """{component: config dict} of the real model of ``family``, as shipped in the package."""
-    if family not in CONFIG_DIRS:
-        raise BaseLoadError(f"no shipped configs for {family!r} (shipped: {', '.join(CONFIG_DIRS)})")
-    return _read_config_folder(CONFIG_ROOT / CONFIG_DIRS[family])
+    config_dir = FAMILIES.get(family).config_dir if family in FAMILIES else None
+    if config_dir is None:
+        shipped = [f.name for f in FAMILIES.values() if f.config_dir]
+        raise BaseLoadError(f"no shipped configs for {family!r} (shipped: {', '.join(shipped)})")
+    return _read_config_folder(CONFIG_ROOT / config_dir)
 
 
 def _read_config_folder(root: Path) -> dict[str, dict]:
@@ -58,7 +59,7 @@ def _read_config_folder(root: Path) -> dict[str, dict]:
 def resolve_configs(family: str, configs: Mapping | str | Path | None = None) -> dict[str, dict]:
     """The shipped configs of ``family`` with the components ``configs`` gives replaced
     (a dict {component: config}, or a diffusers folder whose configs are read)."""
-    base = shipped_configs(family) if family in CONFIG_DIRS else {}
+    base = shipped_configs(family) if family in FAMILIES and FAMILIES.get(family).config_dir else {}
     if configs is None:
         if not base:
             raise BaseLoadError(f"no shipped configs for {family!r}: pass configs= (a dict or a diffusers folder)")
@@ -199,25 +200,25 @@ def split_state(tensors: Mapping[str, torch.Tensor], family: str,
     layout = _layout(tensors)
     if layout == "original":
         if family not in COMPONENTS:
-            raise BaseLoadError(f"{LABELS.get(family, family)} files are not in an original (LDM/BFL) layout")
+            raise BaseLoadError(f"{label(family)} files are not in an original (LDM/BFL) layout")
         return ldm_to_diffusers(tensors, family, configs)
     if layout == "diffusers":
         parts: dict[str, dict[str, torch.Tensor]] = {}
         for key, value in tensors.items():
-            comp = next((c for c in sorted(_MODEL_COMPONENTS, key=len, reverse=True) if key.startswith(c + ".")), None)
+            comp = next((c for c in sorted(MODEL_COMPONENTS, key=len, reverse=True) if key.startswith(c + ".")), None)
             if comp is None:
                 raise BaseLoadError(f"unexpected tensor {key!r} beside component-prefixed ones")
             parts.setdefault(comp, {})[key[len(comp) + 1:]] = value
         return parts
-    core = "transformer" if family == "flux" else "unet"
+    core = FAMILIES.get(family).core if family in FAMILIES else "unet"
     return {core: dict(tensors)}
 
 
 def _check_family(path: Path, family: str | None) -> str:
     detected = detect_base(path)
     if family is not None and family != detected:
-        raise BaseMismatchError(f"{path.name} holds {LABELS.get(detected, detected)} weights, "
-                                f"not {LABELS.get(family, family)}; refusing to load it as {family}")
+        raise BaseMismatchError(f"{path.name} holds {label(detected)} weights, "
+                                f"not {label(family)}; refusing to load it as {family}")
     return detected
 
 
@@ -258,7 +259,7 @@ def load_single_file(path: str | Path, family: str | None = None, *, dtype: torc
                      configs=None, device: str | torch.device = "cpu"):
     """A base model from one .safetensors file, offline.
 
-    SD1.5 (and the mini world's own single files) -> StableDiffusionPipeline; SDXL ->
+    SD1.5 (and other one-text-encoder SD families) -> StableDiffusionPipeline; SDXL ->
     StableDiffusionXLPipeline; FLUX.1 -> the FluxTransformer2DModel alone (its T5 text encoder
     never comes in such a file). ``family`` (if given) must match the file; ``configs``
     replaces shipped component configs ({component: config} or a diffusers folder)."""
@@ -267,16 +268,13 @@ def load_single_file(path: str | Path, family: str | None = None, *, dtype: torc
     if family == "flux":
         return load_components(path, "flux", configs=configs, dtype=dtype, components=("transformer",))[
             "transformer"].to(device)
-    if family == "miniworld-sd" and configs is None:
-        raise BaseLoadError(f"{path.name}: a mini-world checkpoint; pass configs= (the mini world's base folder)")
     parts = load_components(path, family, configs=configs, dtype=dtype)
     cfgs = resolve_configs(family, configs)
-    need = ("unet", "vae", "text_encoder", "text_encoder_2") if family == "sdxl" else ("unet", "vae", "text_encoder")
-    absent = [c for c in need if c not in parts]
+    absent = [c for c in FAMILIES.get(family).components if c not in parts]
     if absent:
-        raise BaseLoadError(f"{path.name}: holds no {', '.join(absent)}; a full {LABELS[family]} checkpoint is needed")
+        raise BaseLoadError(f"{path.name}: holds no {', '.join(absent)}; a full {label(family)} checkpoint is needed")
     scheduler = _scheduler(cfgs.get("scheduler") or shipped_configs("sd15")["scheduler"])
-    if family == "sdxl":
+    if "text_encoder_2" in FAMILIES.get(family).components:
         from diffusers import StableDiffusionXLPipeline
 
         pipe = StableDiffusionXLPipeline(

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from diffgraph.merger.engine import MergeEngine
+from diffgraph.merger.families import Family
 from diffgraph.settings import get_settings
 from diffgraph.tools.bases import BaseProfile
 from diffgraph.tools.sources import CivitaiSource, HFSource
@@ -57,6 +58,10 @@ class MiniWorldSuite:
         return combined_reward(dict(zip(self.names, vector)))
 
 
+# The mini world's tiny SD: one text encoder like SD 1.5, attention in its first down and up
+# blocks (neither SD 1.5 nor SDXL has both), no shipped configs (its base folder has them).
+FAMILY = Family(NAME, "mini-world SD", ("unet", "vae", "text_encoder"), spellings=("miniworld",),
+                attention_in_first_down_block=True, attention_in_first_up_block=True)
 BASE = BaseProfile(NAME, _engine, MiniWorldSuite, lambda n: _prompts(n, REFERENCE_SEED), _training, _planner)
 
 

@@ -39,7 +39,7 @@ def graph_home(artifacts_dir, tmp_path_factory) -> Path:
     from diffgraph.settings import Settings
 
     home = tmp_path_factory.mktemp("graph_home")
-    settings = Settings(home=home, reference_prompts=4, miniworld_port=free_port())
+    settings = Settings(home=home, reference_prompts=4, hub_port=free_port())
     result = run_pass(["miniworld"], settings=settings, console=Console(quiet=True))
     assert result["counts"].get("active") == 22, result
     return home

@@ -50,7 +50,7 @@ from safetensors import safe_open
 from safetensors.numpy import save
 
 from diffgraph.agents.gca import build_graph, run_pass
-from diffgraph.agents.registration import register
+from diffgraph.agents.describe import describe
 from diffgraph.graph_store.export import export_graph
 from diffgraph.graph_store.reconcile import reconcile
 from diffgraph.graph_store.store import GraphStore
@@ -537,7 +537,7 @@ def test_a_homepage_full_of_injected_instructions_does_not_change_the_descriptio
         reading = reader.read(row["homepage_url"])
     record = GraphStore.open(bad.home)
     try:
-        expected = register(record.catalog.get(expert_id).record(), reading, None)
+        expected = describe(record.catalog.get(expert_id).record(), reading, None)
     finally:
         record.close()
     assert row["description"] == expected.description and row["description_text"] == expected.text

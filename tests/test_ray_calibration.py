@@ -153,3 +153,14 @@ def test_gca_pass_over_ray_matches_a_local_pass(ray_address, tmp_path):
 
     local, remote = _edges(local_home), _edges(ray_home)
     assert len(local) == 9 and remote == local
+
+
+def test_workers_get_the_drivers_settings_but_no_credentials():
+    from diffgraph.tools.ray_calibrate import forwarded_env
+
+    environ = {"DIFFGRAPH_BASE_SD15": "/models/v1-5.safetensors", "DIFFGRAPH_MINIWORLD_DIR": "/tmp/mw",
+               "DIFFGRAPH_DEVICE": "cuda", "OMP_WAIT_POLICY": "PASSIVE", "DIFFGRAPH_LLM_API_KEY": "sk-1",
+               "DIFFGRAPH_CIVITAI_TOKEN": "t", "DIFFGRAPH_DB_URL": "postgresql://u:p@h/db", "HOME": "/root",
+               "DIFFGRAPH_EMPTY": ""}
+    assert forwarded_env(environ) == {"DIFFGRAPH_BASE_SD15": "/models/v1-5.safetensors", "DIFFGRAPH_MINIWORLD_DIR": "/tmp/mw",
+                                      "DIFFGRAPH_DEVICE": "cuda", "OMP_WAIT_POLICY": "PASSIVE"}

@@ -1,8 +1,7 @@
 """Base-model profiles: for each base-model family the graph can hold, how to build its merge
 engine, which metric suite scores it, and where reference-prompt candidates come from.
 
-Profiles come from the ``diffgraph.bases`` entry points (the mini world registers
-``miniworld-sd`` that way) and, for the real families, from the user's own weights
+Profiles come from the ``diffgraph.bases`` entry points (how plugins add theirs) and, for the real families, from the user's own weights
 (DIFFGRAPH_BASE_SD15 / _SDXL). Experts of a base with no profile cannot be calibrated and are
 rejected with that reason, instead of being rendered on the wrong architecture.
 """
@@ -82,12 +81,12 @@ def _real_suite():
 
 
 def _real_profile(family: str) -> BaseProfile:
-    from diffgraph.merger.detect import LABELS
+    from diffgraph.merger.families import label
 
     variable = f"DIFFGRAPH_BASE_{family.upper()}"
     value = os.environ.get(variable)
     if not value:
-        raise KeyError(f"{LABELS[family]} experts need your {LABELS[family]} base model: set {variable} to its "
+        raise KeyError(f"{label(family)} experts need your {label(family)} base model: set {variable} to its "
                        f"single-file .safetensors or diffusers folder (docs/real-models.md)")
     path = Path(value).expanduser()
     if not path.exists():
@@ -97,8 +96,8 @@ def _real_profile(family: str) -> BaseProfile:
 
 
 def profile(base_model: str) -> BaseProfile:
-    """The profile of a base-model name as the catalog stores it (a registered base such as
-    "miniworld-sd", or "sd15", "sdxl"; published names such as "SD 1.5" or "SDXL 1.0" map to
+    """The profile of a base-model name as the catalog stores it (a registered base, or
+    "sd15", "sdxl"; published names such as "SD 1.5" or "SDXL 1.0" map to
     their family)."""
     if base_model in BASES:
         return BASES.get(base_model)
@@ -124,7 +123,7 @@ def choose_base(requested: str | None, held: list[str]) -> str:
 
     ``requested`` (``--base-model``, the API's ``model``, else DIFFGRAPH_BASE) wins and must
     have a profile. Without one: the only base the graph holds experts of (``held``); with an
-    empty graph, the only registered base (the mini world's when nothing else is installed).
+    empty graph, the only registered base (a plugin's, when no real base is configured).
     More than one candidate is an AmbiguousBase error naming them, never a silent pick."""
     if requested:
         profile(requested)  # a base nothing can render is refused here, in one line

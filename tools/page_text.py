@@ -22,6 +22,7 @@ they work on the mini world's hub and on pages shaped like the real Civitai and 
 from __future__ import annotations
 
 import hashlib
+import html as html_lib
 import re
 import unicodedata
 from collections import Counter
@@ -481,3 +482,11 @@ def _tidy(values: Iterable[str], kind: str) -> list[str]:
         if len(out) >= count:
             break
     return out
+
+
+def html_to_lines(markup: str) -> list[str]:
+    """Text of an API's HTML description, one line per block; scripts and styles dropped."""
+    text = re.sub(r"(?is)<(script|style|template|noscript)\b.*?</\1\s*>", " ", str(markup))
+    text = re.sub(r"(?i)<\s*(br|/p|/div|/li|/h[1-6]|/tr|/blockquote|/pre)\b[^>]*>", "\n", text)
+    text = html_lib.unescape(re.sub(r"<[^>]*>", " ", text))
+    return [" ".join(line.split()) for line in strip_invisible(text).split("\n") if line.strip()]

@@ -30,8 +30,15 @@ from dataclasses import dataclass, field
 
 from .calibrate import CalibrationJob, score_prompt
 
-# what changes how a worker renders; API keys and the like stay in the driver
-FORWARDED_ENV = ("DIFFGRAPH_MINIWORLD_DIR", "DIFFGRAPH_DEVICE", "DIFFGRAPH_ALLOW_PICKLE", "OMP_WAIT_POLICY")
+# Workers see the driver's DIFFGRAPH_* settings (where bases and plugin data live, the device)
+# but no credential: API keys, tokens and database URLs stay in the driver.
+SECRET_MARKERS = ("KEY", "TOKEN", "PASSWORD", "SECRET", "DB_URL")
+
+
+def forwarded_env(environ=os.environ) -> dict[str, str]:
+    """The variables a calibration worker gets from the driver."""
+    return {k: v for k, v in environ.items()
+            if v and (k == "OMP_WAIT_POLICY" or (k.startswith("DIFFGRAPH_") and not any(m in k for m in SECRET_MARKERS)))}
 READY_TIMEOUT_S = 600.0
 
 
@@ -95,7 +102,7 @@ class RayCalibrationPool:
             raise ValueError(f"{workers} calibration workers of {self.threads} CPUs each do not fit the cluster's "
                              f"{cpus:g} CPUs (at most {capacity})")
         self.size = workers or capacity
-        env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+        env = forwarded_env()
         env["OMP_NUM_THREADS"] = str(self.threads)
         actor = ray.remote(CalibrationWorker).options(num_cpus=self.threads, num_gpus=gpus_per_worker,
                                                       runtime_env={"env_vars": env})

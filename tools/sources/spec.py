@@ -3,9 +3,9 @@
 ``civitai[:URL]`` and ``hf[:URL]`` (the real sites unless a URL is given), ``local:DIR``,
 ``url:MODEL_PAGE_URL`` and ``file:PATH`` (one expert, see single.py) are built in. Other kinds
 come from the ``diffgraph.sources`` entry points: a name -> ``open(location, *, retry,
-hub_port)``, a context manager yielding the kind's source clients (the mini world registers
-``miniworld[:ARTIFACTS_DIR]``, its hub on a loopback port crawled through both the Civitai and
-the Hugging Face client). Because such a kind may start and stop a server,
+hub_port)``, a context manager yielding the kind's source clients (a plugin's hub served on a
+loopback port and crawled through the Civitai and Hugging Face clients, say). Because such a
+kind may start and stop a server,
 :func:`open_sources` is a context manager for every spec.
 """
 
@@ -70,7 +70,7 @@ def parse_source_spec(text: str) -> SourceSpec:
 def open_sources(spec: str | SourceSpec, *, retry: RetryPolicy | None = None, hub_port: int = 0) -> Iterator[list[Source]]:
     """The source clients a spec names, closed (and a registered kind's server stopped) on exit.
 
-    ``hub_port`` pins the port of a kind that serves its own hub (the mini world's), so the
+    ``hub_port`` pins the port of a kind that serves its own hub (DIFFGRAPH_HUB_PORT), so the
     URLs it publishes (and the catalog stores) are the same from one crawl to the next; 0 takes
     any free port."""
     spec = parse_source_spec(spec) if isinstance(spec, str) else spec
