@@ -37,6 +37,7 @@ from langgraph.prebuilt import InjectedState
 from diffgraph.errors import DiffGraphError, describe, reason
 from diffgraph.settings import Settings, get_settings
 from diffgraph.tools import bases
+from diffgraph.tools.sources.spec import kinds
 
 from . import prompts, refine
 from .background import BACKGROUND, parse_interval
@@ -57,7 +58,7 @@ Commands:
   search <words>                         experts whose skills match the words
   status                                 what the universal graph holds; background GCA run
   add expert <URL or path>               crawl one expert (Civitai/HF model page, or a file/folder) into the graph
-  start gca [<source> ...] [every 1h]    keep the graph current in the background (default source: miniworld)
+  start gca [<source> ...] [every 1h]    keep the graph current in the background (default: the base's own sources)
   stop gca                               stop the background run after its current pass
   tools | tool <name> <text>             list plugin tools | call one with a text argument
 """ + refine.HELP
@@ -159,9 +160,8 @@ class ChatServices:
                          "encoder reads about 77 tokens)")
             prompt = cut(prompt, MAX_PROMPT_CHARS)
         if latin_share(prompt) < 0.5:
-            notes.append("the prompt is mostly in a non-Latin script; the experts are described in English and the "
-                         "mini world's text encoder knows English words only, so no expert may match: an English "
-                         "prompt works better")
+            notes.append("the prompt is mostly in a non-Latin script; the experts are described in English, so "
+                         "no expert may match: an English prompt works better")
         return prompt, notes
 
     def _names(self, ids: list[str]) -> dict[str, str]:
@@ -328,9 +328,19 @@ class ChatServices:
 
     def start_gca(self, sources: list[str] | None = None, interval: str = "1h") -> dict:
         try:
-            return self.gca.start(list(sources or ["miniworld"]), parse_interval(interval), settings=self.settings)
+            return self.gca.start(list(sources or self._default_sources()), parse_interval(interval),
+                                  settings=self.settings)
         except ValueError as exc:
             raise ChatError(str(exc)) from None
+
+    def _default_sources(self) -> list[str]:
+        """The sources the base in use declares (a plugin's own hub, say); a real base has none,
+        so the user names them."""
+        sources = list(bases.profile(self.base_model).sources)
+        if not sources:
+            raise ChatError(f"name the sources to crawl for {self.base_model} ({', '.join(kinds())}), "
+                            "e.g. 'start gca local:~/models/Lora'")
+        return sources
 
     def stop_gca(self) -> dict:
         return self.gca.stop(wait_s=1.0)
@@ -643,7 +653,8 @@ class ChatAgent:
         @tool
         def start_graph_updates(sources: Optional[list[str]] = None, interval: str = "1h") -> str:
             """Start a background Graph Construction Agent run: a pass over the sources now, then one
-            every interval ('30m', '1h', '1d'). Sources: 'miniworld', 'civitai[:URL]', 'hf[:URL]', 'local:DIR'."""
+            every interval ('30m', '1h', '1d'). Sources: 'civitai[:URL]', 'hf[:URL]', 'local:DIR' or a kind a
+            plugin adds; none given: the sources of the base in use."""
             try:
                 return json.dumps(services.start_gca(sources, interval), default=str)
             except ChatError as exc:

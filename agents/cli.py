@@ -202,7 +202,7 @@ def planner_train(
 
 @gca_app.command("run")
 def gca_run(
-    source: list[str] = typer.Option(..., "--source", help="civitai[:URL], hf[:URL], local:DIR or miniworld (repeatable)."),
+    source: list[str] = typer.Option(..., "--source", help="civitai[:URL], hf[:URL], local:DIR, url:PAGE, file:PATH or a kind a plugin adds (repeatable)."),
     no_browser: bool = typer.Option(False, "--no-browser", help="Describe from API fields only (no Chromium)."),
 ) -> None:
     """One pass: discover, read homepages, describe, register, calibrate; resumes a killed pass.

@@ -26,7 +26,7 @@ from diffgraph.merger.recipe import BASE, ExpertWeight, MergeRecipe
 LN2 = math.log(2.0)
 NUMBERS = {"zero": 0, "no": 0, "one": 1, "a single": 1, "single": 1, "two": 2, "three": 3, "four": 4, "five": 5,
            "six": 6}
-# Prompt phrases by effect (the mini world's words first; the rest are common community words).
+# Prompt phrases by effect, the phrase added first, then common community variants.
 WARM = ("warm light", "golden hour light", "warm glow", "golden hour", "warm lighting", "warm")
 DARK = ("at night", "dim light", "low light", "night", "dark")
 BLUR = ("blurry", "out of focus", "soft focus")

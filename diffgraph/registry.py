@@ -1,7 +1,8 @@
 """Registries of the things a package adds to DiffGraph by name: base-model profiles
 (entry-point group ``diffgraph.bases``), metric suites (``diffgraph.suites``), source kinds
-(``diffgraph.sources``) and CLI commands (``diffgraph.commands``). Agent tools have their own group and loader (tools/plugins.py), since
-they are wrapped for the LLM.
+(``diffgraph.sources``), base-model families (``diffgraph.families``), CLI commands
+(``diffgraph.commands``) and agent tools (``diffgraph.tools``, where one entry point may name
+several tools: tools/plugins.py unpacks them).
 
 A package registers in its own pyproject.toml, exactly as the bundled mini world does::
 
@@ -17,8 +18,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
-from importlib.metadata import entry_points
+from collections.abc import Callable, Iterable
+from importlib.metadata import EntryPoint, entry_points
 from typing import Generic, TypeVar
 
 from diffgraph.errors import describe
@@ -30,9 +31,13 @@ log = logging.getLogger(__name__)
 class Registry(Generic[T]):
     """Named objects of one kind: built-ins registered in code, then the group's entry points."""
 
-    def __init__(self, group: str, what: str, check: Callable[[object], T] | None = None):
+    def __init__(self, group: str, what: str, check: Callable[[object], T] | None = None, *,
+                 unpack: Callable[[EntryPoint, object], Iterable[tuple[str, T]]] | None = None):
+        """``check`` turns what an entry point names into a T or raises; ``unpack`` instead turns
+        it into several (name, T), for groups whose entries may hold more than one object."""
         self.group, self.what = group, what
-        self._check = check or (lambda obj: obj)
+        check = check or (lambda obj: obj)
+        self._unpack = unpack or (lambda ep, obj: [(ep.name, check(obj))])
         self._items: dict[str, T] = {}
         self._loaded = False
         self._lock = threading.Lock()
@@ -49,7 +54,12 @@ class Registry(Generic[T]):
                 return
             for ep in sorted(entry_points(group=self.group), key=lambda e: e.name):
                 try:
-                    self.register(ep.name, self._check(ep.load()))
+                    items = list(self._unpack(ep, ep.load()))
+                    names = [name for name, _ in items]
+                    taken = [n for i, n in enumerate(names) if n in self._items or n in names[:i]]
+                    if taken:
+                        raise ValueError(f"a {self.what} named {taken[0]!r} is already registered")
+                    self._items.update(items)
                 except Exception as exc:  # a broken plugin is reported, not fatal
                     message = f"{ep.name} ({ep.value}): {describe(exc, 200)}"
                     log.warning("skipping %s %s", self.what, message)

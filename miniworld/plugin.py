@@ -62,7 +62,8 @@ class MiniWorldSuite:
 # blocks (neither SD 1.5 nor SDXL has both), no shipped configs (its base folder has them).
 FAMILY = Family(NAME, "mini-world SD", ("unet", "vae", "text_encoder"), spellings=("miniworld",),
                 attention_in_first_down_block=True, attention_in_first_up_block=True)
-BASE = BaseProfile(NAME, _engine, MiniWorldSuite, lambda n: _prompts(n, REFERENCE_SEED), _training, _planner)
+BASE = BaseProfile(NAME, _engine, MiniWorldSuite, lambda n: _prompts(n, REFERENCE_SEED), _training, _planner,
+                   sources=("miniworld",))
 
 
 @contextmanager

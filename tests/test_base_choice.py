@@ -93,3 +93,24 @@ def test_generate_on_an_ambiguous_graph_is_a_one_line_error(tmp_path):
     lines = [line for line in run.stdout.splitlines() if line.strip()]
     assert lines == ["error: the graph holds experts of 2 base models (miniworld-sd, sd15): choose one with "
                      "--base-model, the API's model field or DIFFGRAPH_BASE"], run.stdout + run.stderr
+
+
+def test_background_crawls_default_to_the_sources_of_the_base_in_use(tmp_path, monkeypatch):
+    """The mini world's base names its hub; a real base names none, so the user is asked for one."""
+    monkeypatch.setenv("DIFFGRAPH_HOME", str(_home_with(tmp_path, ["sd15"])))
+    weights = tmp_path / "v1-5.safetensors"
+    weights.write_bytes(b"")  # a profile only needs the path to exist; nothing is loaded here
+    monkeypatch.setenv("DIFFGRAPH_BASE_SD15", str(weights))
+    services = ChatServices(get_settings())
+    try:
+        assert services.base_model == "sd15"
+        with pytest.raises(ChatError) as exc:
+            services.start_gca()
+        assert str(exc.value).startswith("name the sources to crawl for sd15 (civitai, hf, local, url, file")
+        assert "\n" not in str(exc.value) and not services.gca.running
+    finally:
+        services.close()
+    from diffgraph.tools.bases import profile
+
+    assert profile("miniworld-sd").sources == ("miniworld",)
+    assert sys.modules.get("diffgraph.miniworld.plugin") is not None  # it came through the registry

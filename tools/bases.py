@@ -27,6 +27,7 @@ class BaseProfile:
     reference_candidates: Callable[[int], list[str]]
     training_prompts: Callable[[int, int], list[str]]  # (n, seed) -> prompts disjoint from the references
     default_planner: Callable[[], Path | None] = lambda: None  # a shipped planner checkpoint, if any
+    sources: tuple[str, ...] = ()  # source specs that crawl this base's experts when none are named
 
 
 def _check_profile(obj: object) -> BaseProfile:

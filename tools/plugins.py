@@ -22,18 +22,16 @@ See docs/plugins.md.
 
 from __future__ import annotations
 
-import logging
 import threading
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint
 
 from langchain_core.tools import BaseTool, StructuredTool
 
-from diffgraph.errors import describe
+from diffgraph.registry import Registry
 
 GROUP = "diffgraph.tools"
 ESA_STAGES = ("prompt",)
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -97,25 +95,18 @@ def _as_plugin(obj, ep, dist: str | None) -> Plugin:
                   chat=bool(declared.get("chat", True)), esa=esa)
 
 
+def _plugins_of(ep: EntryPoint, loaded) -> list[tuple[str, Plugin]]:
+    """The tools one entry point names (one object or a list), each wrapped as a Plugin."""
+    dist = getattr(getattr(ep, "dist", None), "name", None)
+    plugins = [_as_plugin(obj, ep, dist) for obj in (loaded if isinstance(loaded, (list, tuple)) else [loaded])]
+    return [(p.name, p) for p in plugins]
+
+
 def discover(group: str = GROUP) -> PluginSet:
-    """Load every entry point of ``group`` now (installed packages can change between calls)."""
-    found = PluginSet()
-    names: set[str] = set()
-    for ep in sorted(entry_points(group=group), key=lambda e: e.name):
-        dist = getattr(getattr(ep, "dist", None), "name", None)
-        try:
-            loaded = ep.load()
-            for obj in loaded if isinstance(loaded, (list, tuple)) else [loaded]:
-                plugin = _as_plugin(obj, ep, dist)
-                if plugin.name in names:
-                    raise ValueError(f"a tool named {plugin.name!r} is already registered")
-                names.add(plugin.name)
-                found.plugins.append(plugin)
-        except Exception as exc:  # a broken plugin must not take the agent down
-            message = f"{ep.name} ({ep.value}): {describe(exc, 200)}"
-            log.warning("skipping plugin %s", message)
-            found.errors.append(message)
-    return found
+    """Load every entry point of ``group`` now (installed packages can change between calls);
+    a broken one is skipped and reported, never fatal (diffgraph/registry.py)."""
+    found: Registry[Plugin] = Registry(group, "tool", unpack=_plugins_of)
+    return PluginSet(found.values(), found.errors)
 
 
 _cache: PluginSet | None = None
