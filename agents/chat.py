@@ -26,20 +26,20 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Optional, TypedDict
+from typing import Annotated, TypedDict
 
 from langchain_core.messages import AIMessage, AnyMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.runnables import RunnableConfig
-from langchain_core.tools import InjectedToolCallId, tool
 from langgraph.graph.message import add_messages
-from langgraph.prebuilt import InjectedState
 
 from diffgraph.errors import DiffGraphError, describe, reason
 from diffgraph.settings import Settings, get_settings
 from diffgraph.tools import bases
+from diffgraph.tools.chat_tools import CHAT_TOOLS
 from diffgraph.tools.sources.spec import kinds
 
 from . import prompts, refine
+from .generate import EmptyPrompt, expert_rows, generate
 from .background import BACKGROUND, parse_interval
 
 MAX_MESSAGE_CHARS = 2000  # longer messages are cut (and the reply says so)
@@ -179,8 +179,6 @@ class ChatServices:
                  base_model: str | None = None) -> dict:
         """ESA + planner + merge-and-render; the chat image record (see :meth:`_record`).
         ``base_model`` (one request's choice, e.g. the API's ``model``) overrides the service's."""
-        from .generate import EmptyPrompt, generate
-
         prompt, notes = self.check_prompt(prompt)
         settings = replace(self.settings, llm_base_url=None) if offline else self.settings
         try:
@@ -192,11 +190,11 @@ class ChatServices:
                               base_model=base_model, settings=settings, store=self.store)
         except EmptyPrompt as exc:
             raise ChatError(str(exc)) from None
-        names = self._names([e["id"] for e in result["experts"]])
-        experts = [{**e, "name": names.get(e["id"])} for e in result["experts"]]
-        return self._record(n, result["image"], result["prompt"], int(seed), result["recipe"], experts,
-                            summary=result["summary"], components=result["components"], planner=result["planner"],
-                            brain=result["brain"], notes=notes + list(result["notes"]), parent=parent, change=change)
+        names = self._names([e.id for e in result.experts])
+        experts = [{**e, "name": names.get(e["id"])} for e in result.to_dict()["experts"]]
+        return self._record(n, result.image, result.prompt, int(seed), result.recipe, experts,
+                            summary=result.summary, components=result.components, planner=result.planner,
+                            brain=result.brain, notes=notes + result.notes, parent=parent, change=change)
 
     @staticmethod
     def _record(n, path, prompt, seed, recipe, experts, *, summary="", components=(), planner="", brain="offline",
@@ -355,9 +353,8 @@ def describe_image(image: dict) -> str:
     if image.get("change"):
         lines.append(f"  changed from image {image['parent']}: {image['change']}")
     if image["experts"]:
-        lines.append("  experts: " + "; ".join(
-            f"{e.get('name') or e['id']} ({e['kind']}, weight {e['weight']:.2f}, coefficient {e['coefficient']:.2f})"
-            for e in image["experts"]))
+        lines.append("  experts: " + "; ".join(f"{name} ({kind}, weight {weight}, coefficient {coefficient})"
+                                               for name, kind, coefficient, weight, _ in expert_rows(image["experts"], 2)))
     else:
         lines.append("  experts: none (the base model alone fits this prompt best)")
     base = image["recipe"].get("effective", {})
@@ -401,15 +398,6 @@ def describe_status(status: dict) -> str:
         lines.append("Plugin tools: " + ", ".join(status["plugins"]))
     lines += [f"Plugin skipped: {e}" for e in status["plugin_errors"]]
     return "\n".join(lines)
-
-
-def _compact(image: dict) -> str:
-    """What the LLM sees of an image: small JSON."""
-    return json.dumps({"image": image["n"], "path": image["path"], "prompt": image["prompt"], "seed": image["seed"],
-                       "experts": [{"name": e.get("name") or e["id"], "id": e["id"], "kind": e["kind"],
-                                    "weight": round(e["weight"], 3), "coefficient": round(e["coefficient"], 3)}
-                                   for e in image["experts"]],
-                       "change": image.get("change"), "notes": image.get("notes", [])})
 
 
 def _text(message) -> str:
@@ -479,7 +467,7 @@ class ChatAgent:
             self._conn = sqlite3.connect(self.settings.home / CHECKPOINTS, check_same_thread=False)
             checkpointer = SqliteSaver(self._conn)
         self.checkpointer = checkpointer
-        own = self._make_tools()
+        own = list(CHAT_TOOLS)
         taken = {t.name for t in own}
         for clash in [t for t in self.plugin_tools if t.name in taken]:  # a plugin may not replace a built-in
             message = f"{clash.name}: a built-in tool has this name; the plugin's is not used"
@@ -519,7 +507,7 @@ class ChatAgent:
             before = max((im["n"] for im in self.images(thread)), default=0)
             n_messages = len(self.graph.get_state(config).values.get("messages", []))
             try:
-                final = self.graph.invoke({"messages": [HumanMessage(text)]}, config, durability="sync")
+                final = self.graph.invoke({"messages": [HumanMessage(text)]}, config, durability="sync", context=self)
             except Exception as exc:  # not the user's fault: say what broke; the thread stays usable
                 return Reply(f"{prefix}Something went wrong inside DiffGraph ({describe(exc)}). Your conversation is kept; "
                              "try again or rephrase.", thread, self.brain)
@@ -572,101 +560,44 @@ class ChatAgent:
             raise ChatError(f"this conversation has no image {n} (it has {', '.join(str(im['n']) for im in images)})")
         return found
 
-    def _make_tools(self) -> list:
-        from langgraph.types import Command
+    # ------------------------------------------------------------------ ChatActions (tools/chat_tools.py)
 
-        services, agent = self.services, self
+    def generate_image(self, state: dict, config: RunnableConfig, prompt: str, seed: int | None) -> dict:
+        n = self._next_n(state)
+        return self.services.generate(prompt, seed=n - 1 if seed is None else seed, folder=self._folder(config), n=n)
 
-        def image_update(image: dict, tool_call_id: str, name: str) -> Command:
-            return Command(update={"images": [image],
-                                   "messages": [ToolMessage(_compact(image), tool_call_id=tool_call_id, name=name)]})
+    def refine_image(self, state: dict, config: RunnableConfig, instruction: str, new_prompt: str | None,
+                     seed: int | None, image: int | None) -> dict:
+        target = self._pick(state, image)
+        if new_prompt:
+            edit = refine.Edit(prompt=new_prompt, seed=seed, description="new prompt")
+        elif instruction.strip():
+            edit = refine.parse(instruction, target)
+            if seed is not None:
+                edit.seed = seed
+        elif seed is not None:
+            edit = refine.Edit(seed=seed, description=f"seed {seed}")
+        else:
+            raise ChatError("say how to change the image (instruction or new_prompt)")
+        return self.services.refine(target, edit, self._folder(config), self._next_n(state))
 
-        @tool
-        def generate_image(prompt: str, state: Annotated[dict, InjectedState], config: RunnableConfig,
-                           tool_call_id: Annotated[str, InjectedToolCallId], seed: Optional[int] = None):
-            """Make a new image for an English prompt: the Expert Selection Agent picks experts, the
-            planner weighs them, the merged model renders. Returns the image number, PNG path and experts."""
-            try:
-                n = agent._next_n(state)
-                image = services.generate(prompt, seed=n - 1 if seed is None else seed, folder=agent._folder(config), n=n)
-            except ChatError as exc:
-                return f"error: {exc}"
-            return image_update(image, tool_call_id, "generate_image")
+    def explain_image(self, state: dict, image: int | None) -> dict:
+        return self.services.explain(self._pick(state, image))
 
-        @tool
-        def refine_image(state: Annotated[dict, InjectedState], config: RunnableConfig,
-                         tool_call_id: Annotated[str, InjectedToolCallId], instruction: str = "",
-                         new_prompt: Optional[str] = None, seed: Optional[int] = None, image: Optional[int] = None):
-            """Change an image of this conversation (default: the last) and render it again with the
-            same seed. `instruction` in the refinement language: 'a cat instead of a dog', 'warmer',
-            'cooler', 'darker', 'add PHRASE', 'without PHRASE', 'less of EXPERT', 'more of EXPERT',
-            'without EXPERT', 'use only N experts', 'another seed', 'seed N'. Or give `new_prompt`."""
-            try:
-                target = agent._pick(state, image)
-                if new_prompt:
-                    edit = refine.Edit(prompt=new_prompt, seed=seed, description="new prompt")
-                elif instruction.strip():
-                    edit = refine.parse(instruction, target)
-                    if seed is not None:
-                        edit.seed = seed
-                elif seed is not None:
-                    edit = refine.Edit(seed=seed, description=f"seed {seed}")
-                else:
-                    raise ChatError("say how to change the image (instruction or new_prompt)")
-                result = services.refine(target, edit, agent._folder(config), agent._next_n(state))
-            except (ChatError, refine.RefinementError) as exc:
-                return f"error: {exc}"
-            return image_update(result, tool_call_id, "refine_image")
+    def search(self, query: str, k: int) -> list[dict]:
+        return self.services.search(query, k)
 
-        @tool
-        def explain_image(state: Annotated[dict, InjectedState], image: Optional[int] = None) -> str:
-            """Explain an image of this conversation (default: the last): the experts picked, their
-            coefficients and effective weights, their calibration scores, and why each was picked."""
-            try:
-                return json.dumps(services.explain(agent._pick(state, image)))
-            except ChatError as exc:
-                return f"error: {exc}"
+    def status(self) -> dict:
+        return self.services.status()
 
-        @tool
-        def search_experts(query: str, k: int = 5) -> str:
-            """Search the universal graph for experts whose skills match the query (Chroma similarity)."""
-            try:
-                return json.dumps(services.search(query, k))
-            except ChatError as exc:
-                return f"error: {exc}"
+    def add_expert(self, location: str) -> dict:
+        return self.services.add_expert(location)
 
-        @tool
-        def graph_status() -> str:
-            """What the universal graph holds: experts by status, reference prompts, calibration edges,
-            the last GCA run, failures, the background GCA run and the installed plugin tools."""
-            return json.dumps(services.status(), default=str)
+    def start_gca(self, sources: list[str] | None, interval: str) -> dict:
+        return self.services.start_gca(sources, interval)
 
-        @tool
-        def add_expert(location: str) -> str:
-            """Add one expert to the graph from a Civitai model page URL, a Hugging Face repo URL, or a
-            local weights file or folder: downloads, checks, describes, registers and calibrates it."""
-            try:
-                return json.dumps(services.add_expert(location), default=str)
-            except ChatError as exc:
-                return f"error: {exc}"
-
-        @tool
-        def start_graph_updates(sources: Optional[list[str]] = None, interval: str = "1h") -> str:
-            """Start a background Graph Construction Agent run: a pass over the sources now, then one
-            every interval ('30m', '1h', '1d'). Sources: 'civitai[:URL]', 'hf[:URL]', 'local:DIR' or a kind a
-            plugin adds; none given: the sources of the base in use."""
-            try:
-                return json.dumps(services.start_gca(sources, interval), default=str)
-            except ChatError as exc:
-                return f"error: {exc}"
-
-        @tool
-        def stop_graph_updates() -> str:
-            """Stop the background Graph Construction Agent run (after the pass in progress)."""
-            return json.dumps(services.stop_gca(), default=str)
-
-        return [generate_image, refine_image, explain_image, search_experts, graph_status, add_expert,
-                start_graph_updates, stop_graph_updates]
+    def stop_gca(self) -> dict:
+        return self.services.stop_gca()
 
     def _build(self):
         from langgraph.graph import END, START, StateGraph

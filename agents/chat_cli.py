@@ -8,17 +8,19 @@ from rich.table import Table
 
 from diffgraph.settings import Settings
 
+from .generate import ROW_HEADERS, expert_rows
+
 QUIT = ("/quit", "/exit", "quit", "exit", ":q")
 
 
-def image_table(image: dict) -> Table:
-    table = Table(title=f"image {image['n']} · seed {image['seed']}", title_justify="left", show_edge=False)
-    for column in ("expert", "kind", "coefficient", "weight", "why"):
+def experts_table(title: str, experts: list[dict]) -> Table:
+    """An image's experts as a rich table (``diffgraph generate`` and the terminal chat)."""
+    table = Table(title=title, title_justify="left", show_edge=False)
+    for column in ROW_HEADERS:
         table.add_column(column, overflow="fold")
-    for e in image["experts"]:
-        table.add_row(e.get("name") or e["id"], e["kind"], f"{e['coefficient']:.3f}", f"{e['weight']:.3f}",
-                      e.get("reason") or "")
-    if not image["experts"]:
+    for row in expert_rows(experts):
+        table.add_row(*row)
+    if not experts:
         table.add_row("(base model only)", "", "", "", "")
     return table
 
@@ -26,7 +28,7 @@ def image_table(image: dict) -> Table:
 def print_reply(console: Console, reply) -> None:
     console.print(reply.text, markup=False, highlight=False)
     for image in reply.images:
-        console.print(image_table(image))
+        console.print(experts_table(f"image {image['n']} · seed {image['seed']}", image["experts"]))
         console.print(f"[green]image:[/] {image['path']}")
 
 

@@ -24,6 +24,8 @@ planner_app = typer.Typer(help="The VGAE merging planner.", no_args_is_help=True
 app.add_typer(planner_app, name="planner")
 gca_app = typer.Typer(help="The Graph Construction Agent: crawl sources into the universal graph.", no_args_is_help=True)
 app.add_typer(gca_app, name="gca")
+export_app = typer.Typer(help="What DiffGraph made, for AUTOMATIC1111 / Forge / ComfyUI.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
 console = Console()
 BASE_HELP = ("Base model to work with (default: DIFFGRAPH_BASE, else the only base the graph holds experts of, "
              "else the only one installed).")
@@ -67,6 +69,26 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
 
 
 @app.command()
+def demo(
+    out: Optional[Path] = typer.Option(None, help="Folder for the images (default: DIFFGRAPH_HOME/outputs/demo)."),
+    seed: int = typer.Option(7, help="Seed of the first image."),
+    base_model: Optional[str] = typer.Option(None, help=BASE_HELP),
+) -> None:
+    """The demo: crawl the base's own sources into a graph if it is empty (the mini world's hub when
+    nothing else is configured), then answer its demo prompts with merged experts, beside the base."""
+    from diffgraph.agents.demo import run_demo
+
+    settings = get_settings()
+    try:
+        result = run_demo(settings, out or settings.artifacts_dir / "demo", console=console, seed=seed,
+                          base_model=base_model)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        _fail(reason(exc))
+    console.print(f"3. [green]base vs DiffGraph grid:[/] {result['grid']}")
+    console.print("   talk to it: [bold]diffgraph chat[/]   or open the UI: [bold]diffgraph serve[/] (http://127.0.0.1:7860)")
+
+
+@app.command()
 def info() -> None:
     """Show the settings in effect (from DIFFGRAPH_* environment variables) and the versions of
     the libraries that results depend on."""
@@ -90,6 +112,7 @@ def generate(
     """Prompt in, image out: select experts (ESA), plan coefficients (VGAE), merge and render."""
     import json
 
+    from diffgraph.agents.chat_cli import experts_table
     from diffgraph.agents.generate import EmptyPrompt, generate as run
 
     try:
@@ -97,40 +120,63 @@ def generate(
     except (EmptyPrompt, ValueError, KeyError) as exc:
         _fail(reason(exc))
     if as_json:
-        print(json.dumps(result, indent=1, default=str))
+        print(json.dumps(result.to_dict(), indent=1, default=str))
         return
-    console.print(f"[bold]{result['prompt']}[/]  (brain: {result['brain']}, planner: {result['planner']})")
-    if not result["experts"]:
-        console.print("  no expert fits better than the base model")
-    for e in result["experts"]:
-        console.print(f"  {e['kind']:4} {e['id']:32} coefficient {e['coefficient']:.3f} -> weight {e['weight']:.3f}  {e['reason']}")
-    for note in result["notes"]:
+    console.print(f"[bold]{result.prompt}[/]  (base: {result.base_model}, brain: {result.brain}, planner: {result.planner})")
+    console.print(experts_table(f"seed {result.seed}", result.to_dict()["experts"]))
+    for note in result.notes:
         console.print(f"  [yellow]{note}")
-    console.print(f"[green]image:[/] {result['image']}")
+    console.print(f"[green]image:[/] {result.image}")
 
 
 @app.command()
 def render(
-    recipe: Path = typer.Option(..., "--recipe", help="A recipe JSON file or a PNG written by DiffGraph."),
+    recipe: Path = typer.Option(..., "--recipe", help="A PNG, a recipe JSON or a merged .safetensors written by DiffGraph."),
     out: Path = typer.Option(..., "--out", help="PNG to write."),
 ) -> None:
-    """Replay a recipe (from JSON or from a PNG's metadata) bit for bit on this machine."""
-    import json
-
-    from diffgraph.merger.png import read_recipe
-    from diffgraph.merger.recipe import MergeRecipe
+    """Replay a recipe (from a PNG's metadata, JSON or a merged file) bit for bit on this machine."""
+    from diffgraph.tools.export import ExportError, load_recipe
     from diffgraph.tools.render import render_recipe
 
     try:
-        if recipe.suffix.lower() == ".png":
-            parsed = read_recipe(recipe)
-        else:
-            data = json.loads(recipe.read_text())
-            parsed = MergeRecipe.from_dict(data.get("recipe", data))
-    except (OSError, ValueError, TypeError, KeyError) as exc:
-        _fail(f"cannot read a recipe: {reason(exc)}")
+        parsed = load_recipe(recipe)
+    except ExportError as exc:
+        _fail(str(exc))
     result = render_recipe(parsed, out)
     console.print(f"[green]image:[/] {result['path']}")
+
+
+@export_app.command("a1111")
+def export_a1111(
+    image: Path = typer.Argument(..., help="A PNG (or recipe JSON, or merged .safetensors) written by DiffGraph."),
+) -> None:
+    """Print the A1111 prompt: <lora:FILE:weight> tags named by your files, the parameters line,
+    and '#' comments on rebuilding the checkpoint merge (paste into A1111, press the arrow)."""
+    from diffgraph.graph_store.store import GraphStore
+    from diffgraph.tools.export import ExportError, a1111_prompt
+
+    try:
+        with GraphStore.from_settings(get_settings()) as store:
+            print(a1111_prompt(image, store).text)
+    except ExportError as exc:
+        _fail(str(exc))
+
+
+@export_app.command("checkpoint")
+def export_checkpoint_cmd(
+    source: Path = typer.Argument(..., help="A PNG, recipe JSON or merged .safetensors written by DiffGraph."),
+    out: Path = typer.Option(..., "--out", help="The .safetensors to write."),
+    half: bool = typer.Option(False, "--half", help="Store fp16 weights (half the size; what most shared checkpoints use)."),
+) -> None:
+    """Write the merged model (checkpoints and LoRAs) as one single file A1111 and ComfyUI load."""
+    from diffgraph.merger.merge import MergeError
+    from diffgraph.tools.export import ExportError, export_checkpoint
+
+    try:
+        path = export_checkpoint(source, out, half=half)
+    except (ExportError, MergeError, KeyError, OSError) as exc:
+        _fail(reason(exc))
+    console.print(f"[green]checkpoint:[/] {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
 @graph_app.command("status")
@@ -270,7 +316,7 @@ def _check_command(obj: object):
 
 
 COMMANDS = Registry("diffgraph.commands", "command", _check_command)
-for _name in COMMANDS.names():  # commands other packages add (the mini world's `demo` and `miniworld ...`)
+for _name in COMMANDS.names():  # commands other packages add (the mini world's `miniworld ...`)
     _command = COMMANDS.get(_name)
     if isinstance(_command, typer.Typer):
         app.add_typer(_command, name=_name)

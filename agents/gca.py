@@ -20,22 +20,35 @@ from __future__ import annotations
 import fcntl
 import os
 import sqlite3
+import threading
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypedDict
+from typing import Literal, TypedDict
 from urllib.parse import urlparse
 
+from langgraph.checkpoint.sqlite import SqliteSaver
+from langgraph.graph import END, START, StateGraph
+from langgraph.runtime import Runtime
 from rich.console import Console
 from rich.markup import escape
 
-from diffgraph.errors import describe, one_line, reason
+from diffgraph.errors import describe as describe_error
+from diffgraph.errors import one_line, reason
+from diffgraph.graph_store.reconcile import reconcile
 from diffgraph.graph_store.records import ExpertFile, ExpertRecord
 from diffgraph.graph_store.store import GraphStore
+from diffgraph.merger.detect import UNKNOWN, BaseMismatchError, reconcile_base
+from diffgraph.merger.merge import MergeError
 from diffgraph.settings import Settings, get_settings
+from diffgraph.text_embedding import embed
+from diffgraph.tools import bases
+from diffgraph.tools.browser import HomepageReader, PageError, PageReading
+from diffgraph.tools.calibrate import CalibrationJob, calibrate_experts, select_reference_prompts
+from diffgraph.tools.sources import ContentStore, IntegrityError, SourceError, UnsafeFileError, open_sources
 
-from .llm import chat_model
 from .describe import describe as describe_expert
+from .llm import chat_model
 
 MAX_ATTEMPTS = 3  # a failed expert is retried on later passes, up to this many times
 N_CANDIDATES = 300
@@ -142,8 +155,6 @@ def recover_interrupted_runs(store: GraphStore, lock: RunLock, resuming: int | N
                                      f"the process running it ended before it finished (pid {lock.previous_pid or '?'})")
             interrupted.append(run_id)
     if interrupted or resuming is not None:
-        from diffgraph.graph_store.reconcile import reconcile
-
         report = reconcile(store, repair=True)
         drift = {k: v for k, v in report.items() if isinstance(v, list) and v}
         if interrupted:
@@ -186,149 +197,165 @@ def _needs_work(ctx: Context, record: ExpertRecord) -> bool:
     return row.status in ("pending", "removed")
 
 
-def build_graph(ctx: Context, checkpointer=None):
-    from langgraph.graph import END, START, StateGraph
+def discover(state: GCAState, runtime: Runtime[Context]) -> dict:
+    ctx = runtime.context
+    ids = list(ctx.listing)
+    queue = [i for i in ids if _needs_work(ctx, ctx.listing[i][0])]
+    for i in queue:
+        ctx.store.upsert_expert(ctx.listing[i][0])
+    _ensure_reference_prompts(ctx)
+    ctx.console.print(f"GCA: {len(ids)} experts listed, {len(queue)} to process")
+    return {"queue": queue, "listed": ids, "counts": {"listed": len(ids)}, "failures": [],
+            "unswept": sorted({f.source for f in ctx.listing_failures}),
+            "source_errors": [str(f) for f in ctx.listing_failures]}
 
-    def discover(state: GCAState) -> dict:
-        ids = list(ctx.listing)
-        queue = [i for i in ids if _needs_work(ctx, ctx.listing[i][0])]
-        for i in queue:
-            ctx.store.upsert_expert(ctx.listing[i][0])
-        _ensure_reference_prompts(ctx)
-        ctx.console.print(f"GCA: {len(ids)} experts listed, {len(queue)} to process")
-        return {"queue": queue, "listed": ids, "counts": {"listed": len(ids)}, "failures": [],
-                "unswept": sorted({f.source for f in ctx.listing_failures}),
-                "source_errors": [str(f) for f in ctx.listing_failures]}
 
-    def next_expert(state: GCAState) -> dict:
-        queue = list(state.get("queue", []))
-        current = queue.pop(0) if queue else None
-        return {"queue": queue, "current": current, "page": None, "registration": None, "calibration": None}
+def next_expert(state: GCAState) -> dict:
+    queue = list(state.get("queue", []))
+    current = queue.pop(0) if queue else None
+    return {"queue": queue, "current": current, "page": None, "registration": None, "calibration": None}
 
-    def fetch(state: GCAState) -> dict:
-        expert_id = state["current"]
-        if expert_id not in ctx.listing:
-            return _skip_unlisted(ctx, expert_id)
-        record, source = ctx.listing[expert_id]
-        from diffgraph.merger.detect import UNKNOWN, BaseMismatchError, reconcile_base
-        from diffgraph.tools import bases
-        from diffgraph.tools.sources import ContentStore, IntegrityError, SourceError, UnsafeFileError
 
-        undeclared = record.base_model.strip().lower() in UNKNOWN  # the files will tell
-        try:
-            if not undeclared:
-                bases.profile(record.base_model)
-        except KeyError as exc:
-            return _fail(ctx, state, expert_id, "rejected", f"base model {record.base_model!r} is not supported: {exc}")
-        store = ContentStore(ctx.settings.home, allow_pickle=ctx.settings.allow_pickle)
-        files: list[ExpertFile] = []
-        try:
-            for f in record.files:
-                path = source.download(f, store)
-                files.append(ExpertFile(**{**f.__dict__, "local_path": str(path)}))
-        except SourceError as exc:
-            rejected = isinstance(exc, (IntegrityError, UnsafeFileError))  # bad bytes, not a bad connection
-            return _fail(ctx, state, expert_id, "rejected" if rejected else "failed", str(exc))
-        if not any(f.name.endswith(".safetensors") for f in files):
-            return _fail(ctx, state, expert_id, "rejected", "no safetensors weights (pickle checkpoints are not loaded)")
-        try:  # the tensor names must not contradict the declared base; an unknown one is filled in
-            base = reconcile_base(record.base_model,
-                                  {f.name: Path(f.local_path) for f in files if f.name.endswith(".safetensors")})
-        except BaseMismatchError as exc:
-            return _fail(ctx, state, expert_id, "rejected", str(exc))
-        if base != record.base_model:
-            record = ExpertRecord.from_dict({**record.to_dict(), "base_model": base})
-            ctx.listing[expert_id] = (record, source)
-            ctx.store.upsert_expert(record)
-        if undeclared and not bases.has_profile(record.base_model):
-            return _fail(ctx, state, expert_id, "rejected",
-                         f"base model {record.base_model!r} (from the files) is not supported")
-        ctx.store.catalog.set_files(expert_id, files)
-        return {}
+def fetch(state: GCAState, runtime: Runtime[Context]) -> dict:
+    """Download and check the files; the base the tensors show must not contradict the declared
+    one, and an undeclared one is filled in from them."""
+    ctx, expert_id = runtime.context, state["current"]
+    if expert_id not in ctx.listing:
+        return _skip_unlisted(ctx, expert_id)
+    record, source = ctx.listing[expert_id]
+    undeclared = record.base_model.strip().lower() in UNKNOWN  # the files will tell
+    try:
+        if not undeclared:
+            bases.profile(record.base_model)
+    except KeyError as exc:
+        return _fail(ctx, state, expert_id, "rejected", f"base model {record.base_model!r} is not supported: {exc}")
+    store = ContentStore(ctx.settings.home, allow_pickle=ctx.settings.allow_pickle)
+    files: list[ExpertFile] = []
+    try:
+        for f in record.files:
+            path = source.download(f, store)
+            files.append(ExpertFile(**{**f.__dict__, "local_path": str(path)}))
+    except SourceError as exc:
+        rejected = isinstance(exc, (IntegrityError, UnsafeFileError))  # bad bytes, not a bad connection
+        return _fail(ctx, state, expert_id, "rejected" if rejected else "failed", str(exc))
+    if not any(f.name.endswith(".safetensors") for f in files):
+        return _fail(ctx, state, expert_id, "rejected", "no safetensors weights (pickle checkpoints are not loaded)")
+    try:
+        base = reconcile_base(record.base_model,
+                              {f.name: Path(f.local_path) for f in files if f.name.endswith(".safetensors")})
+    except BaseMismatchError as exc:
+        return _fail(ctx, state, expert_id, "rejected", str(exc))
+    if base != record.base_model:
+        record = ExpertRecord.from_dict({**record.to_dict(), "base_model": base})
+        ctx.listing[expert_id] = (record, source)
+        ctx.store.upsert_expert(record)
+    if undeclared and not bases.has_profile(record.base_model):
+        return _fail(ctx, state, expert_id, "rejected", f"base model {record.base_model!r} (from the files) is not supported")
+    ctx.store.catalog.set_files(expert_id, files)
+    return {}
 
-    def read(state: GCAState) -> dict:
-        record = _record(ctx, state["current"])
-        if not record.homepage_url or ctx.reader is None:
-            return {"page": None}
-        from diffgraph.tools.browser import PageError
 
-        try:
-            page = ctx.reader.read(record.homepage_url)
-        except PageError as exc:
-            return _fail(ctx, state, state["current"], "failed", f"homepage unreadable: {exc}")
-        return {"page": page.to_dict()}
+def read(state: GCAState, runtime: Runtime[Context]) -> dict:
+    ctx = runtime.context
+    record = _record(ctx, state["current"])
+    if not record.homepage_url or ctx.reader is None:
+        return {"page": None}
+    try:
+        page = ctx.reader.read(record.homepage_url)
+    except PageError as exc:
+        return _fail(ctx, state, state["current"], "failed", f"homepage unreadable: {exc}")
+    return {"page": page.to_dict()}
 
-    def describe(state: GCAState) -> dict:
-        from diffgraph.tools.browser import PageReading
 
-        record = _record(ctx, state["current"])
-        page = PageReading.from_dict(state["page"]) if state.get("page") else None
-        reg = describe_expert(record, page, ctx.llm)
-        return {"registration": {"description": reg.description, "text": reg.text, "brain": reg.brain,
-                                 "dropped": reg.dropped, "page_sha256": page.text_sha256 if page else None}}
+def describe(state: GCAState, runtime: Runtime[Context]) -> dict:
+    ctx = runtime.context
+    record = _record(ctx, state["current"])
+    page = PageReading.from_dict(state["page"]) if state.get("page") else None
+    reg = describe_expert(record, page, ctx.llm)
+    return {"registration": {"description": reg.description, "text": reg.text, "brain": reg.brain,
+                             "dropped": reg.dropped, "page_sha256": page.text_sha256 if page else None}}
 
-    def register_node(state: GCAState) -> dict:
-        reg = state["registration"]
-        ctx.store.register(state["current"], reg["description"], reg["text"], reg["page_sha256"])
-        return {}
 
-    def calibrate_node(state: GCAState) -> dict:
-        from diffgraph.merger.merge import MergeError
-        from diffgraph.tools.calibrate import CalibrationJob, calibrate_experts
+def register(state: GCAState, runtime: Runtime[Context]) -> dict:
+    reg = state["registration"]
+    runtime.context.store.register(state["current"], reg["description"], reg["text"], reg["page_sha256"])
+    return {}
 
-        expert_id = state["current"]
-        row = ctx.store.catalog.get(expert_id)
-        weights = next(f for f in row.files if f.local_path and f.name.endswith(".safetensors"))
-        prompts = ctx.store.catalog.reference_prompts()
-        job = CalibrationJob(row.base_model, row.kind, expert_id, str(Path(weights.local_path)), weights.sha256)
-        try:  # in this process, or fanned out over Ray when DIFFGRAPH_RAY_ADDRESS is set
-            vectors = calibrate_experts([job], [p.text for p in prompts], CALIBRATION_SEEDS,
-                                        ray_address=ctx.settings.ray_address, workers=ctx.settings.ray_workers,
-                                        gpus_per_worker=ctx.settings.ray_gpus_per_worker)[0]
-        except MergeError as exc:
-            return _fail(ctx, state, expert_id, "rejected", str(exc))
-        return {"calibration": [[p.id, v] for p, v in zip(prompts, vectors)]}
 
-    def commit(state: GCAState) -> dict:
-        from diffgraph.tools import bases
+def calibrate(state: GCAState, runtime: Runtime[Context]) -> dict:
+    """Render the reference prompts with the expert and score them, in this process or fanned
+    out over Ray when DIFFGRAPH_RAY_ADDRESS is set."""
+    ctx, expert_id = runtime.context, state["current"]
+    row = ctx.store.catalog.get(expert_id)
+    weights = next(f for f in row.files if f.local_path and f.name.endswith(".safetensors"))
+    prompts = ctx.store.catalog.reference_prompts()
+    job = CalibrationJob(row.base_model, row.kind, expert_id, str(Path(weights.local_path)), weights.sha256)
+    try:
+        vectors = calibrate_experts([job], [p.text for p in prompts], CALIBRATION_SEEDS,
+                                    ray_address=ctx.settings.ray_address, workers=ctx.settings.ray_workers,
+                                    gpus_per_worker=ctx.settings.ray_gpus_per_worker)[0]
+    except MergeError as exc:
+        return _fail(ctx, state, expert_id, "rejected", str(exc))
+    return {"calibration": [[p.id, v] for p, v in zip(prompts, vectors)]}
 
-        expert_id = state["current"]
-        row = ctx.store.catalog.get(expert_id)
-        names = list(bases.suite_for(row.base_model).names)
-        with ctx.store.catalog.transaction():
-            for prompt_id, vector in state["calibration"]:
-                ctx.store.catalog.put_calibration(expert_id, prompt_id, vector, names, CALIBRATION_SEEDS[0])
-        ctx.store.set_status(expert_id, "active", f"registered by the {state['registration']['brain']} brain")
-        counts = dict(state.get("counts", {}))
-        counts["active"] = counts.get("active", 0) + 1
-        ctx.console.print(f"  [green]active[/] {expert_id} ({row.name})")
-        return {"current": None, "counts": counts}
 
-    def sweep(state: GCAState) -> dict:
-        listed = set(state.get("listed", []))
-        # A source that lists only some of its site's experts (one URL or path) sweeps nothing, nor
-        # does one whose listing failed; rows carry only the name, so all sources of that name are spared.
-        source_names = {s.name for s in ctx.sources if getattr(s, "sweeps", True)} - set(state.get("unswept", []))
-        removed = 0
-        for row in ctx.store.catalog.list_experts():
-            if row.source in source_names and row.id not in listed and row.status != "removed":
-                ctx.store.set_status(row.id, "removed", "no longer published by its source")
-                removed += 1
-        return {"counts": {**state.get("counts", {}), "removed": removed}}
+def commit(state: GCAState, runtime: Runtime[Context]) -> dict:
+    ctx, expert_id = runtime.context, state["current"]
+    row = ctx.store.catalog.get(expert_id)
+    names = list(bases.suite_for(row.base_model).names)
+    with ctx.store.catalog.transaction():
+        for prompt_id, vector in state["calibration"]:
+            ctx.store.catalog.put_calibration(expert_id, prompt_id, vector, names, CALIBRATION_SEEDS[0])
+    ctx.store.set_status(expert_id, "active", f"registered by the {state['registration']['brain']} brain")
+    counts = dict(state.get("counts", {}))
+    counts["active"] = counts.get("active", 0) + 1
+    ctx.console.print(f"  [green]active[/] {expert_id} ({row.name})")
+    return {"current": None, "counts": counts}
 
-    def after_step(state: GCAState) -> str:
-        return "next" if state.get("current") is None else "continue"
 
-    g = StateGraph(GCAState)
-    for name, fn in (("discover", discover), ("next", next_expert), ("fetch", fetch), ("read", read),
-                     ("describe", describe), ("register", register_node), ("calibrate", calibrate_node),
-                     ("commit", commit), ("sweep", sweep)):
-        g.add_node(name, fn)
+def sweep(state: GCAState, runtime: Runtime[Context]) -> dict:
+    """Experts gone from their source are marked removed. A source that lists only some of its
+    site's experts (one URL or path) sweeps nothing, nor does one whose listing failed; rows carry
+    only the source's name, so all sources of that name are spared."""
+    ctx = runtime.context
+    listed = set(state.get("listed", []))
+    source_names = {s.name for s in ctx.sources if getattr(s, "sweeps", True)} - set(state.get("unswept", []))
+    removed = 0
+    for row in ctx.store.catalog.list_experts():
+        if row.source in source_names and row.id not in listed and row.status != "removed":
+            ctx.store.set_status(row.id, "removed", "no longer published by its source")
+            removed += 1
+    return {"counts": {**state.get("counts", {}), "removed": removed}}
+
+
+def after_next(state: GCAState) -> Literal["fetch", "sweep"]:
+    return "fetch" if state.get("current") else "sweep"
+
+
+def after_fetch(state: GCAState) -> Literal["next", "read"]:
+    return "next" if state.get("current") is None else "read"  # None: the expert failed or was skipped
+
+
+def after_read(state: GCAState) -> Literal["next", "describe"]:
+    return "next" if state.get("current") is None else "describe"
+
+
+def after_calibrate(state: GCAState) -> Literal["next", "commit"]:
+    return "next" if state.get("current") is None else "commit"
+
+
+def build_graph(checkpointer=None):
+    """The GCA, compiled; run it with ``invoke(..., context=Context(...))``."""
+    g = StateGraph(GCAState, context_schema=Context)
+    for name, node in (("discover", discover), ("next", next_expert), ("fetch", fetch), ("read", read),
+                       ("describe", describe), ("register", register), ("calibrate", calibrate),
+                       ("commit", commit), ("sweep", sweep)):
+        g.add_node(name, node)
     g.add_edge(START, "discover")
     g.add_edge("discover", "next")
-    g.add_conditional_edges("next", lambda s: "fetch" if s.get("current") else "sweep", ["fetch", "sweep"])
-    for a, b in (("fetch", "read"), ("read", "describe"), ("calibrate", "commit")):
-        g.add_conditional_edges(a, after_step, {"next": "next", "continue": b})
+    for source, router in (("next", after_next), ("fetch", after_fetch), ("read", after_read),
+                           ("calibrate", after_calibrate)):
+        g.add_conditional_edges(source, router)
     g.add_edge("describe", "register")
     g.add_edge("register", "calibrate")
     g.add_edge("commit", "next")
@@ -340,10 +367,6 @@ def _ensure_reference_prompts(ctx: Context) -> None:
     """Choose the reference prompts once per store (paper's diversity recipe)."""
     if ctx.store.catalog.reference_prompts():
         return
-    from diffgraph.text_embedding import embed
-    from diffgraph.tools import bases
-    from diffgraph.tools.calibrate import select_reference_prompts
-
     base_models = {rec.base_model for rec, _ in ctx.listing.values() if bases.has_profile(rec.base_model)}
     candidates = [p for b in sorted(base_models) for p in bases.profile(b).reference_candidates(N_CANDIDATES)]
     if candidates:
@@ -355,8 +378,6 @@ def _list_sources(sources: list[tuple[str, object]], console: Console
     """Every record the (spec, source) pairs list, and the sources whose listing failed. A failure
     (SourceError: a dead or refusing API; OSError: an unreadable folder) is that source's alone:
     the others are still listed, and its records listed before the failure are kept, each whole."""
-    from diffgraph.tools.sources import SourceError
-
     listing, failures = {}, []
     for spec, source in sources:
         try:
@@ -393,10 +414,6 @@ def run_pass(specs: list[str], settings: Settings | None = None, console: Consol
     A spec that is malformed or cannot be opened (a missing folder) raises before any work; a
     source whose listing fails is reported in ``source_errors``, one line each, and the pass
     goes on with the others."""
-    from langgraph.checkpoint.sqlite import SqliteSaver
-
-    from diffgraph.tools.sources import open_sources
-
     settings = settings or get_settings()
     console = console or Console()
     thread = thread or "gca:" + "+".join(specs)
@@ -410,12 +427,10 @@ def run_pass(specs: list[str], settings: Settings | None = None, console: Consol
                       reference_count=settings.reference_prompts)
         ctx.listing, ctx.listing_failures = _list_sources(opened, console)
         if read_pages:
-            from diffgraph.tools.browser import HomepageReader
-
             ctx.reader = stack.enter_context(HomepageReader(_allowed_hosts(sources)))
         conn = sqlite3.connect(settings.home / "gca_checkpoints.sqlite", check_same_thread=False)
         stack.callback(conn.close)
-        graph = build_graph(ctx, SqliteSaver(conn))
+        graph = build_graph(SqliteSaver(conn))
         config = {"configurable": {"thread_id": thread}, "recursion_limit": 100_000}
         snapshot = graph.get_state(config)
         # Not `snapshot.next`: it leaves out a task whose writes were saved before the kill but whose
@@ -427,7 +442,7 @@ def run_pass(specs: list[str], settings: Settings | None = None, console: Consol
         run_id = snapshot.values.get("run_id") if resuming else store.catalog.start_run("+".join(specs))
         lock.record(run_id)
         console.print(f"GCA run {run_id} ({'resuming' if resuming else 'new'}; brain: {'llm' if ctx.llm else 'offline'})")
-        final = graph.invoke(None if resuming else {"run_id": run_id}, config, durability="sync")
+        final = graph.invoke(None if resuming else {"run_id": run_id}, config, durability="sync", context=ctx)
         counts = final.get("counts", {})
         # the sources that failed when the pass began (its listing decided the queue) and now
         source_errors = list(dict.fromkeys([*final.get("source_errors", []), *map(str, ctx.listing_failures)]))
@@ -442,8 +457,6 @@ def watch(specs: list[str], interval_s: float, passes: int = 0, console: Console
           settings: Settings | None = None, stop=None) -> None:
     """Run passes forever (or ``passes`` times); one failing pass is logged, not fatal.
     ``stop``, a threading.Event, ends the watch between passes (a pass itself is resumable)."""
-    import threading
-
     console = console or Console()
     stop = stop or threading.Event()
     done = 0
@@ -454,7 +467,7 @@ def watch(specs: list[str], interval_s: float, passes: int = 0, console: Console
         except GCABusy as exc:
             console.print(f"[yellow]skipped a pass: {exc}")
         except Exception as exc:  # a dead source must not end a days-long watch
-            console.print(f"[red]pass failed: {escape(describe(exc))}")
+            console.print(f"[red]pass failed: {escape(describe_error(exc))}")
         done += 1
         if passes == 0 or done < passes:
             stop.wait(interval_s)

@@ -1,10 +1,13 @@
 """A prompt in, an image out: the Expert Selection Agent, the planner and merge-and-render.
 
-This is what `diffgraph generate` and the chat agent's generate tool call.
+This is what `diffgraph generate`, the demo, the chat agent and the server call; they all get a
+:class:`Generation` and show its experts through :func:`expert_rows`, so an image is described
+the same way everywhere.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from diffgraph.errors import DiffGraphError
@@ -20,8 +23,52 @@ class EmptyPrompt(DiffGraphError, ValueError):
     pass
 
 
+@dataclass(frozen=True)
+class ExpertUse:
+    """One merged expert: the planner's coefficient, the weight the merge rule made of it, and
+    why the ESA picked it."""
+
+    id: str
+    kind: str
+    coefficient: float | None
+    weight: float | None
+    similarity: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class Generation:
+    prompt: str  # as used (plugins may rewrite it)
+    base_model: str
+    seed: int
+    image: Path
+    summary: str
+    components: list[dict]
+    experts: list[ExpertUse]
+    planner: str
+    brain: str  # "llm" | "offline"
+    notes: list[str]
+    recipe: dict
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "image": str(self.image)}
+
+
+ROW_HEADERS = ("expert", "kind", "coefficient", "weight", "why")
+
+
+def expert_rows(experts: list[dict], digits: int = 3) -> list[tuple[str, str, str, str, str]]:
+    """How an image's experts are shown (CLI, terminal chat, chat replies, web UI): name (or id),
+    kind, coefficient, effective weight, reason; a coefficient or weight the rule left out reads "-"."""
+    def number(value) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    return [(e.get("name") or e["id"], e["kind"], number(e.get("coefficient")), number(e.get("weight")),
+             e.get("reason") or "") for e in experts]
+
+
 def generate(prompt: str, seed: int = 0, out: Path | None = None, base_model: str | None = None,
-             settings: Settings | None = None, store: GraphStore | None = None) -> dict:
+             settings: Settings | None = None, store: GraphStore | None = None) -> Generation:
     """Select experts, plan coefficients, merge and render; returns what was done and why.
     ``base_model`` None: DIFFGRAPH_BASE, else the graph's only base (tools.bases.choose_base)."""
     from diffgraph.tools.plan import Planner
@@ -52,9 +99,8 @@ def generate(prompt: str, seed: int = 0, out: Path | None = None, base_model: st
             store.close()
     recipe = state["result"]["recipe"]
     weights = {**recipe["effective"]["checkpoints"], **recipe["effective"]["loras"]}
-    experts = [{"id": p["id"], "kind": p["kind"], "coefficient": state["coefficients"].get(p["id"]),
-                "weight": weights.get(p["id"]), "similarity": p["similarity"], "reason": p["reason"]}
-               for p in state["selected"]]
-    return {"prompt": state["prompt"], "base_model": base_model, "seed": seed, "image": state["result"]["path"], "summary": state["summary"],
-            "components": state["components"], "experts": experts, "planner": planner.name,
-            "brain": "llm" if llm else "offline", "notes": state.get("notes", []), "recipe": recipe}
+    experts = [ExpertUse(p["id"], p["kind"], state["coefficients"].get(p["id"]), weights.get(p["id"]), p["similarity"],
+                         p["reason"]) for p in state["selected"]]
+    return Generation(state["prompt"], base_model, seed, Path(state["result"]["path"]), state["summary"],
+                      state["components"], experts, planner.name, "llm" if llm else "offline",
+                      list(state.get("notes", [])), recipe)

@@ -6,24 +6,19 @@ after which the Expert Selection Agent picks experts for the new prompt, or a re
 which changes the MergeRecipe directly and re-renders it: no selection, no planning, and the
 engine's caches make the merge cheap. The seed is kept unless the edit is about the seed.
 
-Effective weights are softmax(coefficients / temperature) per group (checkpoints, LoRAs; see
-merger.recipe.MergeRule). "less of X" lowers X's coefficient by ln 2 x temperature (halving its
-odds against the rest); when X is alone in its group, a BASE anchor entry (no weights of its own) takes half.
-Under a rule that gives each LoRA its own strength (``lora_strength``), "less of" a LoRA halves
-its coefficient and "more of" doubles it, up to the rule's full strength (coefficient 1).
+What "less of X" and "more of X" do to the weights is the merge rule's to say
+(merger.recipe: MergeRecipe.less_of / more_of); this module only parses the wish.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import re
 from dataclasses import dataclass, field
 
 from diffgraph.errors import DiffGraphError
-from diffgraph.merger.recipe import BASE, ExpertWeight, MergeRecipe
+from diffgraph.merger.recipe import BASE, AtFullWeight, ExpertWeight, MergeRecipe
 
-LN2 = math.log(2.0)
 NUMBERS = {"zero": 0, "no": 0, "one": 1, "a single": 1, "single": 1, "two": 2, "three": 3, "four": 4, "five": 5,
            "six": 6}
 # Prompt phrases by effect, the phrase added first, then common community variants.
@@ -294,29 +289,15 @@ def apply(recipe: MergeRecipe, edit: Edit, names: dict[str, str] | None = None) 
         out.checkpoints = [e for e in out.checkpoints if e.name in keep or e.name == BASE]
         out.loras = [e for e in out.loras if e.name in keep or e.name == BASE]
     for expert_id in edit.less:
-        group = _group(out, expert_id)
-        entry = _entry(group, expert_id)
-        if group is out.loras and out.lora_strength is not None:  # its own strength: halve it
-            entry.coefficient = round(entry.coefficient / 2, 6)
-        elif len(group) == 1:  # alone, it has the whole group: give half to a BASE anchor
-            group.append(ExpertWeight(BASE, entry.coefficient))
-        else:
-            entry.coefficient = round(entry.coefficient - LN2 * out.temperature, 6)  # halves its odds
+        _group(out, expert_id)
+        out = out.less_of(expert_id)
     for expert_id in edit.more:
-        group = _group(out, expert_id)
-        entry = _entry(group, expert_id)
-        if group is out.loras and out.lora_strength is not None:
-            if entry.coefficient >= 1.0:
-                raise RefinementError(f"{names.get(expert_id, expert_id)} is already at the rule's full strength "
-                                      f"({out.lora_strength:.2f})")
-            entry.coefficient = round(min(1.0, entry.coefficient * 2), 6)
-        elif len(group) == 1:
-            raise RefinementError(f"{names.get(expert_id, expert_id)} already has the full weight of its group (1.00)")
-        else:
-            entry.coefficient = round(entry.coefficient + LN2 * out.temperature, 6)
-    for group in (out.checkpoints, out.loras):  # an anchor alone means "no expert": drop it
-        if group and all(e.name == BASE for e in group):
-            group.clear()
+        _group(out, expert_id)
+        try:
+            out = out.more_of(expert_id)
+        except AtFullWeight as exc:
+            raise RefinementError(f"{names.get(expert_id, expert_id)} {exc}") from None
+    out = out.without_lone_anchors()
     if edit.seed is not None:
         out.seed = int(edit.seed)
     return out

@@ -44,6 +44,7 @@ from diffgraph.settings import Settings, get_settings  # noqa: E402
 from diffgraph.tools import bases  # noqa: E402
 
 from .chat import ChatAgent, ChatError, ChatServices  # noqa: E402
+from .generate import ROW_HEADERS, expert_rows  # noqa: E402
 
 MAX_N = 10
 MAX_API_PROMPT = 4000  # as OpenAI's; the renderer reads the first 400 characters (see chat.MAX_PROMPT_CHARS)
@@ -398,10 +399,9 @@ def experts_markdown(image: dict | None) -> str:
     if not image["experts"]:
         lines.append("\n\nNo experts: the base model alone.")
     else:
-        lines += ["", "| expert | kind | coef. | weight | why |", "|---|---|---|---|---|"]
-        for e in image["experts"]:
-            reason = (e.get("reason") or "").replace("|", "/")
-            lines.append(f"| {e.get('name') or e['id']} | {e['kind']} | {e['coefficient']:.2f} | {e['weight']:.2f} | {reason} |")
+        lines += ["", "| " + " | ".join(ROW_HEADERS) + " |", "|---|---|---|---|---|"]
+        for row in expert_rows(image["experts"], digits=2):
+            lines.append("| " + " | ".join(cell.replace("|", "/") for cell in row) + " |")
     return "\n".join(lines)
 
 

@@ -1,8 +1,12 @@
 """A MergeRecipe as an AUTOMATIC1111 (and Forge) prompt.
 
+The one A1111 rendering of a recipe: the PNG's "parameters" text (merger/png.py) and
+``diffgraph export a1111`` both come from :func:`recipe_to_a1111`.
+
 LoRAs become ``<lora:name:weight>`` tags: A1111 adds weight * (alpha/rank) * up @ down, the
 very delta DiffGraph adds, so the tag's weight is the recipe's effective LoRA weight. ``name``
-is the LoRA file's stem (A1111 finds LoRAs by file name in ``models/Lora``).
+is the stem of the LoRA file's published name (A1111 finds LoRAs by file name in
+``models/Lora``), else of its local file, else the expert id.
 
 A prompt cannot hold a checkpoint merge, so the checkpoint part goes into ``#`` comment lines
 (A1111 >= 1.8 strips them when "Enable comments" is on, its default) and into the ``Model:``
@@ -34,15 +38,15 @@ def _clean(name: str) -> str:
     return "".join("_" if ch in ":<>,\n#" else ch for ch in name).strip() or "unnamed"
 
 
-def lora_tag_name(entry: ExpertWeight) -> str:
-    """The name A1111 knows a LoRA by: its file's stem (else the expert id, cleaned)."""
-    return _clean(Path(entry.path).stem if entry.path else entry.name.split(":", 1)[-1].replace("/", "_"))
+def file_stem(entry: ExpertWeight) -> str:
+    """The name A1111 knows an expert's file by: the stem of its published file name, else of
+    its local file, else the expert id (cleaned of what would break a tag)."""
+    named = entry.file_name or entry.path
+    return _clean(Path(named).stem if named else entry.name.split(":", 1)[-1].replace("/", "_"))
 
 
 def checkpoint_name(entry: ExpertWeight, recipe: MergeRecipe) -> str:
-    if entry.name == BASE:
-        return _clean(recipe.base_model)
-    return _clean(Path(entry.path).stem if entry.path else entry.name.split(":", 1)[-1].replace("/", "_"))
+    return _clean(recipe.base_model) if entry.name == BASE else file_stem(entry)
 
 
 def _w(x: float) -> str:
@@ -85,18 +89,21 @@ class A1111Prompt:
     steps: list[MergerStep] = field(default_factory=list)
 
     @property
+    def infotext(self) -> str:
+        """Prompt, negative prompt and parameters: what A1111 writes into a PNG's "parameters"."""
+        negative = [f"Negative prompt: {self.negative_prompt}"] if self.negative_prompt else []
+        return "\n".join([self.prompt, *negative, self.parameters])
+
+    @property
     def text(self) -> str:
         """Comment lines, prompt, negative prompt and parameters, as A1111's infotext: paste it
         into the prompt box and press "Read generation parameters" (the ↙ button)."""
-        lines = [f"# {c}" for c in self.comments] + [self.prompt]
-        if self.negative_prompt:
-            lines.append(f"Negative prompt: {self.negative_prompt}")
-        return "\n".join(lines + [self.parameters])
+        return "\n".join([*(f"# {c}" for c in self.comments), self.infotext])
 
 
 def recipe_to_a1111(recipe: MergeRecipe, merged_name: str = MERGED_NAME) -> A1111Prompt:
     """The recipe as an A1111 prompt (see the module docstring for how the checkpoint is rebuilt)."""
-    loras = [(lora_tag_name(e), w) for e, w in recipe.lora_weights() if e.name != BASE]
+    loras = [(file_stem(e), w) for e, w in recipe.lora_weights() if e.name != BASE]
     tags = " ".join(f"<lora:{name}:{_w(w)}>" for name, w in loras)
     prompt = f"{recipe.prompt} {tags}".strip()
     ckpts = [(checkpoint_name(e, recipe), w) for e, w in recipe.checkpoint_weights()]

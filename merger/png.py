@@ -12,24 +12,15 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
-from .recipe import BASE, MergeRecipe
+from .a1111 import recipe_to_a1111
+from .recipe import MergeRecipe
 
 RECIPE_KEY = "diffgraph"
 
 
-def _tag_name(name: str) -> str:
-    return name.split(":", 1)[-1].replace("/", "_")
-
-
 def a1111_parameters(recipe: MergeRecipe) -> str:
-    """The recipe as A1111's "parameters" text, LoRAs as <lora:name:weight> tags."""
-    tags = " ".join(f"<lora:{_tag_name(e.name)}:{w:.3g}>" for e, w in recipe.lora_weights() if e.name != BASE)
-    fields = [f"Steps: {recipe.steps}", f"Sampler: {recipe.scheduler}", f"CFG scale: {recipe.guidance}",
-              f"Seed: {recipe.seed}", f"Size: {recipe.width}x{recipe.height}", f"Model: {recipe.base_model}"]
-    if recipe.checkpoints:
-        fields.append("Model merge: " + " + ".join(f"{_tag_name(e.name)}*{w:.3g}" for e, w in recipe.checkpoint_weights()))
-    negative = f"\nNegative prompt: {recipe.negative_prompt}" if recipe.negative_prompt else ""
-    return f"{recipe.prompt} {tags}".strip() + negative + "\n" + ", ".join(fields)
+    """The recipe as A1111's "parameters" text (merger/a1111.py), LoRAs as <lora:file:weight> tags."""
+    return recipe_to_a1111(recipe).infotext
 
 
 def save_png(image: Image.Image, path: Path, recipe: MergeRecipe, extra: dict | None = None) -> Path:
@@ -50,5 +41,5 @@ def read_recipe(path: Path) -> MergeRecipe:
     with Image.open(path) as im:
         text = im.info.get(RECIPE_KEY)
     if text is None:
-        raise ValueError(f"{path} carries no DiffGraph recipe (no '{RECIPE_KEY}' PNG text chunk)")
+        raise ValueError(f"{Path(path).name} carries no DiffGraph recipe (no '{RECIPE_KEY}' PNG text chunk)")
     return MergeRecipe.from_dict(json.loads(text)["recipe"])

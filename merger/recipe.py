@@ -1,26 +1,38 @@
-"""MergeRecipe: everything needed to rebuild a merged model and re-render an image.
+"""MergeRecipe and MergeRule: what a merge is and what its numbers mean, in one place.
 
 Coefficients are stored raw (as the planner produced them); the effective weights follow the
 paper: checkpoints mix as softmax(w_ckpt)_i W_i and LoRA deltas add as softmax(w_peft)_j dW_j,
-or, with ``lora_strength`` set, each LoRA delta at its own strength (see MergeRule).
-A recipe is small JSON, embedded in every PNG, so any image can be replayed bit for bit.
+or, with ``lora_strength`` set, each LoRA delta at its own strength (see MergeRule). An entry
+named BASE is the base model: among checkpoints its own weights, among LoRAs an anchor with no
+delta that takes a share of the softmax. "Less of" and "more of" an expert are defined here
+too (:meth:`MergeRecipe.less_of`). A recipe is small JSON, embedded in every PNG, so any image
+can be replayed bit for bit.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import asdict, dataclass, field
 
+from diffgraph.errors import DiffGraphError
+
 BASE = "base"  # a checkpoint entry with this name means "the base model's own weights"; a LoRA entry, "no delta"
+LN2 = math.log(2.0)
+
+
+class AtFullWeight(DiffGraphError, ValueError):
+    """"More of" an expert that already has all the weight its rule allows."""
 
 
 @dataclass
 class ExpertWeight:
-    name: str  # expert id (e.g. "civitai:12" or a mini-world slug) or BASE
+    name: str  # expert id (e.g. "civitai:12") or BASE
     coefficient: float
     path: str | None = None  # local safetensors file (None for BASE)
     sha256: str | None = None
+    file_name: str | None = None  # the file's published name, as it sits in the user's models/Lora
 
 
 @dataclass(frozen=True)
@@ -46,6 +58,17 @@ class MergeRule:
     temperature: float = 1.0
     anchor: float | None = None
     lora_strength: float | None = None  # None: LoRA weights are a softmax like checkpoints
+
+    def recipe(self, base_model: str, prompt: str, seed: int, checkpoints: list[ExpertWeight],
+               loras: list[ExpertWeight], **fields) -> "MergeRecipe":
+        """A recipe of these experts under this rule: the anchor joins each softmax group that
+        has experts, and the recipe records temperature and strength, so it replays exactly."""
+        if self.anchor is not None:
+            checkpoints = [ExpertWeight(BASE, self.anchor), *checkpoints] if checkpoints else []
+            if self.lora_strength is None:
+                loras = [ExpertWeight(BASE, self.anchor), *loras] if loras else []
+        return MergeRecipe(base_model=base_model, prompt=prompt, seed=seed, checkpoints=list(checkpoints),
+                           loras=list(loras), temperature=self.temperature, lora_strength=self.lora_strength, **fields)
 
 
 PAPER = MergeRule()
@@ -86,6 +109,51 @@ class MergeRecipe:
         if self.lora_strength is not None:
             return [(c, c.coefficient * self.lora_strength) for c in self.loras]
         return list(zip(self.loras, self.softmax([c.coefficient for c in self.loras])))
+
+    def _group(self, name: str) -> list[ExpertWeight]:
+        for group in (self.checkpoints, self.loras):
+            if any(e.name == name for e in group):
+                return group
+        raise KeyError(f"{name} is not in this recipe")
+
+    def less_of(self, name: str) -> "MergeRecipe":
+        """Half of expert ``name``: a LoRA at its own strength is halved; in a softmax group its
+        odds against the rest are halved (coefficient - ln 2 x temperature), and when it is alone
+        there, a BASE anchor with its coefficient takes half."""
+        out = copy.deepcopy(self)
+        group = out._group(name)
+        entry = next(e for e in group if e.name == name)
+        if group is out.loras and out.lora_strength is not None:
+            entry.coefficient = round(entry.coefficient / 2, 6)
+        elif len(group) == 1:
+            group.append(ExpertWeight(BASE, entry.coefficient))
+        else:
+            entry.coefficient = round(entry.coefficient - LN2 * out.temperature, 6)
+        return out
+
+    def more_of(self, name: str) -> "MergeRecipe":
+        """Twice expert ``name`` (the inverse of :meth:`less_of`), up to what the rule allows:
+        a LoRA's own strength caps at coefficient 1; a lone member of a softmax already has it all."""
+        out = copy.deepcopy(self)
+        group = out._group(name)
+        entry = next(e for e in group if e.name == name)
+        if group is out.loras and out.lora_strength is not None:
+            if entry.coefficient >= 1.0:
+                raise AtFullWeight(f"is already at the rule's full strength ({out.lora_strength:.2f})")
+            entry.coefficient = round(min(1.0, entry.coefficient * 2), 6)
+        elif len(group) == 1:
+            raise AtFullWeight("already has the full weight of its group (1.00)")
+        else:
+            entry.coefficient = round(entry.coefficient + LN2 * out.temperature, 6)
+        return out
+
+    def without_lone_anchors(self) -> "MergeRecipe":
+        """A group holding only BASE entries means "no expert of this kind": it is emptied."""
+        out = copy.deepcopy(self)
+        for group in (out.checkpoints, out.loras):
+            if group and all(e.name == BASE for e in group):
+                group.clear()
+        return out
 
     def checkpoint_key(self) -> str:
         """Identity of the merged base: what the merged-base cache is keyed by."""

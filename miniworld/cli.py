@@ -1,5 +1,5 @@
 """The mini world's commands, added to `diffgraph` through the ``diffgraph.commands`` entry
-points (pyproject.toml): ``diffgraph demo`` and ``diffgraph miniworld build | report | serve``.
+points (pyproject.toml): ``diffgraph miniworld build | report | serve``.
 Heavy imports stay inside the commands so that `diffgraph --help` answers at once."""
 
 from __future__ import annotations
@@ -10,24 +10,10 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from diffgraph.settings import get_settings
 
 app = typer.Typer(help="The bundled mini world: a small real text-to-image ecosystem for offline use.",
                   no_args_is_help=True)
 console = Console()
-
-
-def demo(
-    out: Optional[Path] = typer.Option(None, help="Folder for the images (default: DIFFGRAPH_HOME/outputs/demo)."),
-    seed: int = typer.Option(7, help="Seed of the first image."),
-) -> None:
-    """Offline demo: crawl the mini world into a graph, then answer prompts with merged experts."""
-    from .demo import run_demo
-
-    settings = get_settings()
-    result = run_demo(settings, out or settings.artifacts_dir / "demo", console=console, seed=seed)
-    console.print(f"3. [green]base vs DiffGraph grid:[/] {result['grid']}")
-    console.print("   talk to it: [bold]diffgraph chat[/]   or open the UI: [bold]diffgraph serve[/] (http://127.0.0.1:7860)")
 
 
 @app.command("build")

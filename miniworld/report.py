@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 from rich.console import Console
 from rich.progress import track
 
+from diffgraph.grid import labelled_grid
 from diffgraph.merger.render import DEFAULT_GUIDANCE, DEFAULT_STEPS, render
 
 from . import artifacts_io, domain, training
@@ -108,22 +108,6 @@ class ExpertSwitch:
                 getattr(self.pipe, name).load_state_dict(sd)
 
 
-def _grid(rows: list[tuple[str, list]], path: Path, cell: int = 48) -> None:
-    """Rows of labelled images; a None cell is a gap (between base and expert columns)."""
-    label_w = 200
-    ncol = max(len(r[1]) for r in rows)
-    grid = Image.new("RGB", (label_w + ncol * (cell + 2), len(rows) * (cell + 2)), "white")
-    draw = ImageDraw.Draw(grid)
-    for r, (label, images) in enumerate(rows):
-        y = r * (cell + 2)
-        draw.text((4, y + cell // 2 - 6), label, fill="black")
-        for c, im in enumerate(images):
-            if im is not None:
-                grid.paste(im.resize((cell, cell), Image.NEAREST), (label_w + c * (cell + 2), y))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
-
-
 def evaluate(root: Path = artifacts_io.ARTIFACTS, n: int = 48, grid_path: Path | None = None,
              console: Console | None = None) -> dict:
     """Measure scorers, base and every expert; optionally write the picture grid."""
@@ -165,7 +149,7 @@ def evaluate(root: Path = artifacts_io.ARTIFACTS, n: int = 48, grid_path: Path |
         rows.append((f"{spec.slug}  {gain}", base_images[:4] + [None] + exp_images[:4]))
     report["experts"] = experts
     if grid_path is not None:
-        _grid(rows, grid_path)
+        labelled_grid(rows, grid_path, cell=48)
     return report
 
 

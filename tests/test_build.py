@@ -38,6 +38,7 @@ def test_build_writes_every_artifact_with_its_hash(quick_build):
     assert not (quick_build / "_vae").exists()  # the VAE stage's hand-over folder is cleaned up
 
 
+@pytest.mark.slow  # 100 s; the default run keeps the quick build itself (test_build_writes_every_artifact_with_its_hash)
 def test_stage_reruns_reproduce_the_full_build_bit_for_bit(quick_build, tmp_path):
     """One worker instead of two, stages alone instead of the whole build: same bytes."""
     copy = tmp_path / "artifacts"

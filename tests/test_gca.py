@@ -322,7 +322,7 @@ def _cut_back(world, tmp_path, pick, drop_cut_writes: bool):
     config = {"configurable": {"thread_id": thread}}
     conn = sqlite3.connect(home / "gca_checkpoints.sqlite")
     try:
-        graph = build_graph(None, SqliteSaver(conn))
+        graph = build_graph(SqliteSaver(conn))
         cut = next(h for h in graph.get_state_history(config) if pick(h))  # newest first
         checkpoint = cut.config["configurable"]["checkpoint_id"]
         with conn:

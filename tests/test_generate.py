@@ -56,10 +56,12 @@ def test_render_refuses_a_png_without_recipe(monkeypatch, graph_home, tmp_path):
 
 
 def test_offline_demo_answers_its_prompts(graph_home, tmp_path):
-    from diffgraph.miniworld.demo import DEMO_PROMPTS, run_demo
+    from diffgraph.agents.demo import run_demo
+    from diffgraph.miniworld.plugin import DEMO_PROMPTS
     from diffgraph.settings import Settings
 
     result = run_demo(Settings(home=graph_home), tmp_path)
+    assert result["base_model"] == "miniworld-sd"
     assert result["grid"].exists() and len(result["images"]) == 2 * len(DEMO_PROMPTS)
     for path in result["images"]:
         assert read_recipe(path).prompt in DEMO_PROMPTS

@@ -679,6 +679,8 @@ def _changed(desc: dict, clean: dict, neutral_summary: str) -> list[str]:
 
 
 @pytest.mark.browser
+@pytest.mark.slow  # 220 s, a measurement over 38 techniques (its rates go to RESULTS.md); the default run keeps the
+# disguises one by one (test_the_instruction_detector_sees_through_disguises_...) and test_gca's injected homepages
 def test_prompt_injection_is_neutralised_and_measured(baseline, home, published, tmp_path):
     hub = baseline.hub
     cases = [*TECHNIQUES, CLAIM_SHAPED]

@@ -41,9 +41,9 @@ def test_esa_runs_the_declared_prompt_stage(example, graph_home, tmp_path):
     from diffgraph.agents.generate import generate
 
     result = generate("a pink circle #stripes", out=tmp_path / "x.png", settings=Settings(home=graph_home))
-    assert result["prompt"] == "a pink circle, striped background"
-    assert any("expand_shorthand rewrote the prompt" in n for n in result["notes"])
-    assert any("striped background" in e["reason"] for e in result["experts"])
+    assert result.prompt == "a pink circle, striped background"
+    assert any("expand_shorthand rewrote the prompt" in n for n in result.notes)
+    assert any("striped background" in e.reason for e in result.experts)
 
 
 def test_offline_chat_lists_and_calls_plugin_tools(example, graph_home, tmp_path):

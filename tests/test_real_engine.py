@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from diffgraph.merger.engine import MergeEngine
@@ -107,3 +108,23 @@ def test_a_real_base_profile_comes_from_the_users_folder(world, tmp_path, monkey
         assert np.asarray(image).std() > 0
     finally:
         bases._engine.cache_clear()
+
+
+def test_an_exported_checkpoint_is_in_ldm_names_and_loads_as_the_merged_weights(world, tmp_path):
+    """`diffgraph export checkpoint` on a real SD 1.5 layout: the file A1111 and ComfyUI load
+    (LDM names, nothing else) holds exactly the weights the engine renders with."""
+    from diffgraph.merger.stream import read_recipe_metadata
+    from diffgraph.tools.export import export_checkpoint
+
+    recipe = _recipe(world, 0.9, 0.7)
+    out = export_checkpoint(recipe, tmp_path / "merged.safetensors", engine=world["engine"])
+    with safe_open(str(out), framework="pt") as f:
+        keys = set(f.keys())
+    assert keys == set(diffusers_to_ldm(world["base"], "sd15"))
+    assert any(k.startswith("model.diffusion_model.input_blocks.") for k in keys)
+    assert read_recipe_metadata(out) == recipe
+    loaded = load_single_file(out, "sd15", configs=_configs(tiny.sd15_components(seed=1)))
+    weights = world["engine"].weights(recipe)
+    for comp in ("unet", "vae", "text_encoder"):
+        for key, value in getattr(loaded, comp).state_dict().items():
+            torch.testing.assert_close(value, weights[f"{comp}.{key}"].float(), rtol=0, atol=0, msg=key)

@@ -28,6 +28,7 @@ class BaseProfile:
     training_prompts: Callable[[int, int], list[str]]  # (n, seed) -> prompts disjoint from the references
     default_planner: Callable[[], Path | None] = lambda: None  # a shipped planner checkpoint, if any
     sources: tuple[str, ...] = ()  # source specs that crawl this base's experts when none are named
+    demo_prompts: tuple[str, ...] = ()  # what `diffgraph demo` answers on this base
 
 
 def _check_profile(obj: object) -> BaseProfile:
@@ -93,7 +94,8 @@ def _real_profile(family: str) -> BaseProfile:
     if not path.exists():
         raise KeyError(f"{variable} points at {path}, which does not exist")
     return BaseProfile(family, _real_engine(family, path), _real_suite,
-                       lambda n: _real_prompts()[:min(n, N_REAL_REFERENCES)], _real_training)
+                       lambda n: _real_prompts()[:min(n, N_REAL_REFERENCES)], _real_training,
+                       demo_prompts=tuple(_real_training(4, 0)))
 
 
 def profile(base_model: str) -> BaseProfile:

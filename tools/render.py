@@ -12,7 +12,7 @@ from pathlib import Path
 
 from diffgraph.graph_store.store import GraphStore
 from diffgraph.merger.png import save_png
-from diffgraph.merger.recipe import BASE, STRENGTHS, ExpertWeight, MergeRecipe, MergeRule
+from diffgraph.merger.recipe import STRENGTHS, ExpertWeight, MergeRecipe, MergeRule
 from diffgraph.settings import get_settings
 
 from . import bases
@@ -30,14 +30,10 @@ def build_recipe(store: GraphStore, prompt: str, base_model: str, seed: int, pic
         weights = next((f for f in row.files if f.local_path and f.name.endswith(".safetensors")), None)
         if weights is None:
             raise ValueError(f"{pick['id']} has no downloaded safetensors file; run the GCA for it")
-        entry = ExpertWeight(pick["id"], float(coefficients.get(pick["id"], 0.5)), weights.local_path, weights.sha256)
+        entry = ExpertWeight(pick["id"], float(coefficients.get(pick["id"], 0.5)), weights.local_path, weights.sha256,
+                             Path(weights.name).name)
         (ckpts if row.kind == "ckpt" else loras).append(entry)
-    if rule.anchor is not None:
-        ckpts = [ExpertWeight(BASE, rule.anchor), *ckpts] if ckpts else []
-        if rule.lora_strength is None:
-            loras = [ExpertWeight(BASE, rule.anchor), *loras] if loras else []
-    return MergeRecipe(base_model=base_model, prompt=prompt, seed=seed, checkpoints=ckpts, loras=loras,
-                       temperature=rule.temperature, lora_strength=rule.lora_strength)
+    return rule.recipe(base_model, prompt, seed, ckpts, loras)
 
 
 def render_recipe(recipe: MergeRecipe, out: Path | None = None, explanation: dict | None = None) -> dict:

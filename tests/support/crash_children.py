@@ -104,8 +104,8 @@ def gca(home: str, specs: list[str], die_before_first_checkpoint: bool, log: str
     if die_before_first_checkpoint:
         real_build = gca_module.build_graph
 
-        def build_graph(ctx, checkpointer=None):
-            graph = real_build(ctx, checkpointer)
+        def build_graph(checkpointer=None):
+            graph = real_build(checkpointer)
 
             class Dying:
                 def __getattr__(self, name):
