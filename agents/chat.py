@@ -39,8 +39,8 @@ from diffgraph.tools.chat_tools import CHAT_TOOLS
 from diffgraph.tools.sources.spec import kinds
 
 from . import prompts, refine
-from .generate import EmptyPrompt, expert_rows, generate
 from .background import BACKGROUND, parse_interval
+from .generate import EmptyPrompt, expert_rows, generate
 
 MAX_MESSAGE_CHARS = 2000  # longer messages are cut (and the reply says so)
 MAX_PROMPT_CHARS = 400  # the text encoder reads 77 tokens; longer prompts are cut at a word

@@ -17,8 +17,13 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from diffgraph.safetensors_header import read_header
+
+from .detect import detect_base
 from .families import MODEL_COMPONENTS
+from .ldm_keys import ldm_to_diffusers
 from .merge import MergeError, add_deltas, lora_deltas
+from .real_pipelines import read_tensors
 from .recipe import BASE, MergeRecipe
 from .render import render
 from .stream import MemorySource, StreamMerge
@@ -146,18 +151,10 @@ class MergeEngine:
         as Civitai and A1111 ship SD1.5 and SDXL) converted with this pipeline's configs. A
         converted file is held in memory while it is merged, under its file name so that a
         mismatch names it."""
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            if set(f.keys()) == set(self.base_state):
-                return path
-        from safetensors.torch import load_file
-
-        from .detect import detect_base
-        from .ldm_keys import ldm_to_diffusers
-
+        if set(read_header(path).tensors) == set(self.base_state):
+            return path
         try:
-            parts = ldm_to_diffusers(load_file(str(path)), detect_base(path), self._configs())
+            parts = ldm_to_diffusers(read_tensors(path), detect_base(path), self._configs())
         except ValueError as exc:  # undetectable, another family, or tensors no rule accounts for
             raise MergeError(f"{path.name}: its tensors do not match the base model's architecture ({exc})") from None
         return MemorySource({f"{c}.{k}": v for c, state in parts.items() for k, v in state.items()}, path.name)
