@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 from rich.console import Console
 
 from diffgraph.settings import Settings
+from diffgraph.tools.sources import parse_source_spec
+
+from .gca import watch
 
 
 @dataclass
@@ -35,9 +38,6 @@ class BackgroundGCA:
     def start(self, specs: list[str], interval_s: float, settings: Settings | None = None) -> dict:
         """Start watching ``specs`` (a pass now, then every ``interval_s``); ValueError if one
         runs already or a spec is malformed."""
-        from diffgraph.tools.sources import parse_source_spec
-
-        from .gca import watch
 
         for spec in specs:
             parse_source_spec(spec)

@@ -33,14 +33,22 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.graph.message import add_messages
 
 from diffgraph.errors import DiffGraphError, describe, reason
+from diffgraph.graph_store.status import graph_status
+from diffgraph.graph_store.store import GraphStore
+from diffgraph.merger.recipe import BASE, MergeRecipe
 from diffgraph.settings import Settings, get_settings
 from diffgraph.tools import bases
 from diffgraph.tools.chat_tools import CHAT_TOOLS
+from diffgraph.tools.plugins import plugins
+from diffgraph.tools.render import render_recipe
+from diffgraph.tools.sources import SourceError
 from diffgraph.tools.sources.spec import kinds
 
 from . import prompts, refine
 from .background import BACKGROUND, parse_interval
+from .gca import GCABusy, run_pass
 from .generate import EmptyPrompt, expert_rows, generate
+from .llm import chat_model
 
 MAX_MESSAGE_CHARS = 2000  # longer messages are cut (and the reply says so)
 MAX_PROMPT_CHARS = 400  # the text encoder reads 77 tokens; longer prompts are cut at a word
@@ -128,7 +136,6 @@ class ChatServices:
     @property
     def store(self):
         """One GraphStore for the process's lifetime (the catalog and Chroma are thread-safe)."""
-        from diffgraph.graph_store.store import GraphStore
 
         with self._lock:
             if self._store is None:
@@ -207,8 +214,6 @@ class ChatServices:
     def refine(self, image: dict, edit: refine.Edit, folder: str, n: int, offline: bool = False) -> dict:
         """Apply ``edit`` to ``image``: a new prompt re-runs selection and planning; recipe edits
         only re-render (merges come from the engine's caches). The seed is kept."""
-        from diffgraph.merger.recipe import BASE, MergeRecipe
-        from diffgraph.tools.render import render_recipe
 
         seed = image["seed"] if edit.seed is None else edit.seed
         if edit.prompt is not None and " ".join(edit.prompt.split()) != image["prompt"]:
@@ -285,9 +290,6 @@ class ChatServices:
         return out
 
     def status(self) -> dict:
-        from diffgraph.graph_store.status import graph_status
-        from diffgraph.tools.plugins import plugins
-
         status = graph_status(self.store)
         found = plugins()
         return {"experts": status["experts"]["by_status"], "total_experts": status["experts"]["total"],
@@ -300,10 +302,6 @@ class ChatServices:
         """Crawl one expert (a Civitai/Hugging Face model page URL, or a local file or folder)
         into the graph: download, check, read its page, describe, register and calibrate."""
         from rich.console import Console
-
-        from diffgraph.tools.sources import SourceError
-
-        from .gca import GCABusy, run_pass
 
         location = (location or "").strip().strip("'\"<>")
         if re.match(r"https?://", location, re.IGNORECASE):
@@ -449,10 +447,6 @@ class ChatAgent:
 
     def __init__(self, settings: Settings | None = None, *, llm="auto", checkpointer=None,
                  services: ChatServices | None = None, use_plugins: bool = True, base_model: str | None = None):
-        from diffgraph.tools.plugins import plugins
-
-        from .llm import chat_model
-
         self.settings = settings or get_settings()
         self.services = services or ChatServices(self.settings, base_model)
         self.llm = chat_model(self.settings) if llm == "auto" else llm

@@ -8,6 +8,7 @@ from rich.table import Table
 
 from diffgraph.settings import Settings
 
+from .chat import ChatAgent
 from .generate import ROW_HEADERS, expert_rows
 
 QUIT = ("/quit", "/exit", "quit", "exit", ":q")
@@ -35,7 +36,6 @@ def print_reply(console: Console, reply) -> None:
 def run_chat(thread: str = "default", console: Console | None = None, settings: Settings | None = None,
              base_model: str | None = None) -> None:
     """Chat until /quit or end of input; the thread (and its images) persists in DIFFGRAPH_HOME."""
-    from .chat import ChatAgent
 
     console = console or Console()
     with ChatAgent(settings, base_model=base_model) as agent:

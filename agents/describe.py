@@ -60,7 +60,7 @@ def describe(record: ExpertRecord, page, llm=None) -> Description:
     try:
         raw = llm.with_structured_output(prompts.SkillDescription, method="function_calling").invoke(prompt)
         if not isinstance(raw, prompts.SkillDescription):
-            raise ValueError("the model did not call the prompts.SkillDescription tool")
+            raise ValueError("the model did not call the SkillDescription tool")
         brain_used = "llm"
     except (ValidationError, ValueError, KeyError, TypeError) as exc:
         raw, brain_used = offline, f"offline (llm answer unusable: {type(exc).__name__})"

@@ -234,12 +234,12 @@ def fetch(state: GCAState, runtime: Runtime[Context]) -> dict:
     try:
         for f in record.files:
             path = source.download(f, store)
-            files.append(ExpertFile(**{**f.__dict__, "local_path": str(path)}))
+            files.append(store.as_safetensors(ExpertFile(**{**f.__dict__, "local_path": str(path)})))
     except SourceError as exc:
         rejected = isinstance(exc, (IntegrityError, UnsafeFileError))  # bad bytes, not a bad connection
         return _fail(ctx, state, expert_id, "rejected" if rejected else "failed", str(exc))
     if not any(f.name.endswith(".safetensors") for f in files):
-        return _fail(ctx, state, expert_id, "rejected", "no safetensors weights (pickle checkpoints are not loaded)")
+        return _fail(ctx, state, expert_id, "rejected", "no weights file (.safetensors, or a pickle when opted in)")
     try:
         base = reconcile_base(record.base_model,
                               {f.name: Path(f.local_path) for f in files if f.name.endswith(".safetensors")})

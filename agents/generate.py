@@ -14,10 +14,13 @@ from diffgraph.errors import DiffGraphError
 from diffgraph.graph_store.store import GraphStore
 from diffgraph.settings import Settings, get_settings
 from diffgraph.tools import bases
+from diffgraph.tools.plan import Planner
 from diffgraph.tools.plugins import plugins
+from diffgraph.tools.render import build_recipe, render_recipe
 
 from . import esa
 from .llm import chat_model
+
 
 class EmptyPrompt(DiffGraphError, ValueError):
     pass
@@ -71,8 +74,6 @@ def generate(prompt: str, seed: int = 0, out: Path | None = None, base_model: st
              settings: Settings | None = None, store: GraphStore | None = None) -> Generation:
     """Select experts, plan coefficients, merge and render; returns what was done and why.
     ``base_model`` None: DIFFGRAPH_BASE, else the graph's only base (tools.bases.choose_base)."""
-    from diffgraph.tools.plan import Planner
-    from diffgraph.tools.render import build_recipe, render_recipe
 
     prompt = " ".join((prompt or "").split())
     if not prompt:

@@ -12,7 +12,13 @@ from dataclasses import asdict
 from rich.console import Console
 
 from diffgraph.graph_store.store import GraphStore
+from diffgraph.merger.recipe import STRENGTHS
+from diffgraph.planner.checkpoint import save_planner
+from diffgraph.planner.train import TrainConfig, train
 from diffgraph.settings import Settings, get_settings
+from diffgraph.tools import bases
+from diffgraph.tools.plan import planner_dir
+from diffgraph.tools.render import build_recipe
 
 from .esa import select_experts
 from .llm import chat_model
@@ -20,13 +26,6 @@ from .llm import chat_model
 
 def train_planner(base_model: str | None = None, steps: int = 60, prompts: int = 48, seed: int = 0,
                   settings: Settings | None = None, console: Console | None = None) -> dict:
-    from diffgraph.merger.recipe import STRENGTHS
-    from diffgraph.planner.checkpoint import save_planner
-    from diffgraph.planner.train import TrainConfig, train
-    from diffgraph.tools import bases
-    from diffgraph.tools.plan import planner_dir
-    from diffgraph.tools.render import build_recipe
-
     settings = settings or get_settings()
     console = console or Console()
     llm = chat_model(settings)

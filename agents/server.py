@@ -40,6 +40,8 @@ from fastapi.responses import FileResponse, JSONResponse  # noqa: E402
 
 from diffgraph.errors import describe, reason  # noqa: E402
 from diffgraph.files import atomic_write_bytes  # noqa: E402
+from diffgraph.graph_store.status import graph_status
+from diffgraph.merger.png import RECIPE_KEY
 from diffgraph.settings import Settings, get_settings  # noqa: E402
 from diffgraph.tools import bases  # noqa: E402
 
@@ -335,8 +337,6 @@ def create_app(settings: Settings | None = None, *, agent: ChatAgent | None = No
             raise APIError(404, f"no image {image_id!r} on this server", "image_id", code="not_found")
         from PIL import Image
 
-        from diffgraph.merger.png import RECIPE_KEY
-
         with Image.open(path) as im:
             chunk, parameters = im.info.get(RECIPE_KEY), im.info.get("parameters")
         if chunk is None:
@@ -355,8 +355,6 @@ def create_app(settings: Settings | None = None, *, agent: ChatAgent | None = No
 
     @app.get("/v1/graph/status")
     def status():
-        from diffgraph.graph_store.status import graph_status
-
         data = graph_status(agent.services.store)
         data["background_gca"] = agent.services.gca.status()
         return JSONResponse(json.loads(json.dumps(data, default=str)))

@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 
 from ..settings import Settings, get_settings
+from ..text_embedding import embed
 from .catalog import Catalog
 from .records import ExpertRecord
 from .vectors import VectorStore, partition_name
@@ -27,7 +28,6 @@ from .vectors import VectorStore, partition_name
 
 def default_embed(texts: list[str]) -> np.ndarray:
     """all-MiniLM-L6-v2, imported on first use so that opening a store stays cheap."""
-    from ..text_embedding import embed
 
     return embed(texts)
 

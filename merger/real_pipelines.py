@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from diffgraph.clip_bpe import clip_vocab_and_merges
+
 from .detect import BaseDetectionError, BaseMismatchError, detect_base
 from .families import FAMILIES, MODEL_COMPONENTS, label
 from .ldm_keys import COMPONENTS, ldm_to_diffusers
@@ -77,8 +79,6 @@ def build_clip_tokenizer(config: Mapping | None = None):
     tokenizer_config.json dict (SDXL's second tokenizer pads with "!", the first with
     <|endoftext|>)."""
     from transformers import CLIPTokenizer
-
-    from diffgraph.clip_bpe import clip_vocab_and_merges
 
     config = dict(config or {})
     try:

@@ -76,6 +76,7 @@ from diffgraph.safetensors_header import InvalidHeader, read_header
 
 from . import ldm_keys
 from .merge import MergeError
+from .recipe import BASE, MergeRecipe
 
 ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -787,7 +788,6 @@ def recipe_inputs(recipe, base: object | None = None) -> tuple[list[tuple[object
     """A MergeRecipe's (checkpoints, loras) with their effective weights. A checkpoint entry
     named "base" is ``base`` (the base model's file or weights); a LoRA named "base" is an
     anchor with no delta and is left out. A recipe with no checkpoint merges just the base."""
-    from .recipe import BASE
 
     ckpts = []
     for e, w in recipe.checkpoint_weights():
@@ -820,7 +820,6 @@ def merge_recipe_to_file(recipe, out: str | os.PathLike, base: object | None = N
 
 def read_recipe_metadata(path: str | os.PathLike):
     """The MergeRecipe stored in a merged file's metadata (None when there is none)."""
-    from .recipe import MergeRecipe
 
     text = read_header(path).metadata.get(RECIPE_METADATA_KEY)
     return None if text is None else MergeRecipe.from_dict(json.loads(text))

@@ -678,3 +678,56 @@ def test_a_pass_resumed_while_a_source_is_dead_finishes_and_removes_nothing(worl
     with GraphStore.open(home) as store:
         assert store.catalog.last_run()["status"] == "partial"
     assert _clean(home)
+
+
+class _CodePayload:
+    """A pickle that runs a shell command when loaded (what a hostile .pt carries)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_an_opted_in_pickle_becomes_a_safetensors_expert_and_a_code_payload_is_refused(artifacts_dir, tmp_path):
+    """A1111-era .ckpt files: with DIFFGRAPH_ALLOW_PICKLE the GCA reads their tensors once with
+    weights_only=True and stores them as safetensors, so the expert is calibrated like any other;
+    a pickle carrying code is rejected in one line and runs nothing; without the opt-in both are
+    refused before they are read."""
+    import pickle
+
+    import torch
+    from safetensors.torch import load_file
+
+    manifest = json.loads((artifacts_dir / "manifest.json").read_text())
+    pink = next(e for e in manifest["experts"] if e["slug"] == "pink-pop")
+    tensors = load_file(str(artifacts_dir / pink["file"]))
+    folder = tmp_path / "models" / "Lora"
+    folder.mkdir(parents=True)
+    torch.save({"state_dict": tensors, "global_step": 1200}, folder / "hot-pink.ckpt")
+    (folder / "hot-pink.json").write_text(json.dumps({"name": "Hot Pink Pickle", "kind": "lora",
+                                                      "base_model": "miniworld-sd"}))
+    marker = tmp_path / "pwned"
+    (folder / "evil.pt").write_bytes(pickle.dumps(_CodePayload(marker)))
+
+    refused = run_pass([f"local:{folder}"], settings=_settings(tmp_path / "default"), console=Console(quiet=True),
+                       read_pages=False)
+    assert refused["counts"].get("rejected") == 2 and not refused["counts"].get("active")
+    assert all("is a pickle file" in f for f in refused["failures"]), refused["failures"]
+
+    home = tmp_path / "opted-in"
+    result = run_pass([f"local:{folder}"], settings=replace(_settings(home), allow_pickle=True),
+                      console=Console(quiet=True), read_pages=False)
+    assert not marker.exists(), "loading the pickle ran its payload"
+    assert result["counts"].get("active") == 1 and result["counts"].get("rejected") == 1, result
+    (failure,) = result["failures"]
+    assert "'evil.pt': not loadable as plain tensors" in failure and "\n" not in failure
+    with GraphStore.open(home) as store:
+        row = next(r for r in store.catalog.list_experts() if r.name == "Hot Pink Pickle")
+        assert row.status == "active" and row.base_model == "miniworld-sd"
+        (stored,) = row.files
+        assert stored.name == "hot-pink.safetensors" and Path(stored.local_path).is_file()
+        assert hashlib.sha256(Path(stored.local_path).read_bytes()).hexdigest() == stored.sha256
+        loaded = load_file(stored.local_path)
+        assert set(loaded) == set(tensors) and all(torch.equal(loaded[k], v) for k, v in tensors.items())

@@ -121,3 +121,128 @@ def test_an_unknown_source_kind_names_the_registered_ones():
 
     with pytest.raises(ValueError, match=r"unknown source 'nope:x'; expected civitai.*miniworld\[:LOCATION\]"):
         parse_source_spec("nope:x")
+
+
+E2E_PLUGIN = '''
+from contextlib import contextmanager
+
+from diffgraph.merger.engine import MergeEngine
+from diffgraph.miniworld import artifacts_io
+from diffgraph.tools.bases import BaseProfile
+from diffgraph.tools.sources import LocalFolderSource
+
+COLOURS = ("pink", "teal", "orange", "red", "navy", "mint", "gray", "beige")
+
+
+class Brightness:
+    """A one-metric suite: the mean brightness of the image."""
+
+    names = ("brightness",)
+
+    def score(self, images, prompts):
+        return [[sum(im.convert("L").getdata()) / (255 * im.width * im.height)] for im in images]
+
+    def reward(self, vector):
+        return vector[0]
+
+
+# Another vendor's base: the mini world's pipeline under a name of its own, scored by its own suite.
+BASE = BaseProfile("tiny-base", engine=lambda: MergeEngine(artifacts_io.load_pipeline()), suite=Brightness,
+                   reference_candidates=lambda n: [f"a {c} circle on a plain background" for c in COLOURS][:n],
+                   training_prompts=lambda n, seed: [f"a {c} square" for c in COLOURS][:n])
+
+
+@contextmanager
+def open_tiny(location, *, retry=None, hub_port=0):
+    yield [LocalFolderSource(location)]
+'''
+
+E2E_ENTRY_POINTS = '''
+[diffgraph.bases]
+tiny-base = tinyvendor:BASE
+
+[diffgraph.suites]
+brightness = tinyvendor:Brightness
+
+[diffgraph.sources]
+tiny = tinyvendor:open_tiny
+'''
+
+E2E_CHECK = '''
+import json, sys
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+
+from diffgraph.agents.chat import ChatAgent
+from diffgraph.agents.gca import run_pass
+from diffgraph.agents.generate import generate
+from diffgraph.agents.server import create_app
+from diffgraph.graph_store.store import GraphStore
+from diffgraph.settings import Settings
+from support.serving import serving
+
+folder, home = sys.argv[1], Path(sys.argv[2])
+settings = Settings(home=home, reference_prompts=2)
+crawl = run_pass(["tiny:" + folder], settings=settings, console=Console(quiet=True), read_pages=False)
+made = generate("a pink circle on a white background", seed=1, settings=settings)
+with ChatAgent(settings, llm=None) as agent:
+    reply = agent.send("a pink circle on a white background", "vendor")
+    with serving(create_app(settings, agent=agent, ui=False)) as url:
+        models = httpx.get(url + "/v1/models", timeout=60).json()
+        answer = httpx.post(url + "/v1/images/generations", timeout=600,
+                            json={"prompt": "a pink circle", "model": "tiny-base", "response_format": "url"})
+with GraphStore.open(home) as store:
+    rows = store.catalog.list_experts()
+    edges = store.catalog.calibration([r.id for r in rows])
+print(json.dumps({
+    "counts": crawl["counts"], "bases": sorted({r.base_model for r in rows}), "ids": [r.id for r in rows],
+    "metrics": sorted({n for e in edges for n in e.metric_names}),
+    "generate": {"base": made.base_model, "image": str(made.image), "experts": [e.id for e in made.experts],
+                 "recipe_base": made.recipe["base_model"]},
+    "chat": {"images": [im["recipe"]["base_model"] for im in reply.images], "text": reply.text},
+    "api": {"status": answer.status_code, "models": [m["id"] for m in models["data"]],
+            "body": answer.json()},
+}))
+'''
+
+
+def test_a_third_party_base_suite_and_source_serve_generate_chat_and_the_http_api(tmp_path, artifacts_dir):
+    """The acceptance test of the registries: a vendor's package (made here) adds a base, its
+    metric suite and a source kind; a GCA pass through that source calibrates with that suite,
+    and generate, the chat and the HTTP API all render on that base, with nothing in DiffGraph
+    naming it."""
+    import shutil
+    from pathlib import Path
+
+    site = tmp_path / "site"
+    info = site / "tinyvendor-0.1.dist-info"
+    info.mkdir(parents=True)
+    (site / "tinyvendor.py").write_text(textwrap.dedent(E2E_PLUGIN))
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: tinyvendor\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(E2E_ENTRY_POINTS)
+    folder = tmp_path / "Lora"
+    folder.mkdir()
+    manifest = json.loads((artifacts_dir / "manifest.json").read_text())
+    for slug, words in (("pink-pop", "Hot pink and magenta objects."), ("stripes-lite", "Striped white backgrounds.")):
+        entry = next(e for e in manifest["experts"] if e["slug"] == slug)
+        shutil.copy(artifacts_dir / entry["file"], folder / f"{slug}.safetensors")
+        (folder / f"{slug}.json").write_text(json.dumps({"name": slug, "kind": "lora", "base_model": "tiny-base",
+                                                         "description": words}))
+    tests = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(tests), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-c", E2E_CHECK, str(folder), str(tmp_path / "home")], capture_output=True,
+                         text=True, env=env, timeout=1200)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.splitlines()[-1])
+
+    assert got["counts"].get("active") == 2 and got["bases"] == ["tiny-base"]
+    assert got["metrics"] == ["brightness"]  # calibrated with the vendor's suite, not the mini world's
+    assert got["generate"]["base"] == got["generate"]["recipe_base"] == "tiny-base"
+    assert got["generate"]["experts"] and set(got["generate"]["experts"]) <= set(got["ids"])  # the vendor's LoRAs
+    assert Path(got["generate"]["image"]).is_file()
+    assert got["chat"]["images"] == ["tiny-base"], got["chat"]["text"]
+    assert got["api"]["status"] == 200, got["api"]["body"]
+    assert "tiny-base" in got["api"]["models"]
+    assert got["api"]["body"]["data"][0]["diffgraph"]["recipe_url"]

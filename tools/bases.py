@@ -1,9 +1,10 @@
 """Base-model profiles: for each base-model family the graph can hold, how to build its merge
 engine, which metric suite scores it, and where reference-prompt candidates come from.
 
-Profiles come from the ``diffgraph.bases`` entry points (how plugins add theirs) and, for the real families, from the user's own weights
-(DIFFGRAPH_BASE_SD15 / _SDXL). Experts of a base with no profile cannot be calibrated and are
-rejected with that reason, instead of being rendered on the wrong architecture.
+Profiles come from the ``diffgraph.bases`` entry points (how plugins add theirs) and, for the
+real families, from the user's own weights (DIFFGRAPH_BASE_SD15 / _SDXL). Experts of a base with
+no profile cannot be calibrated and are rejected with that reason, instead of being rendered on
+the wrong architecture.
 """
 
 from __future__ import annotations
@@ -16,7 +17,14 @@ from functools import lru_cache
 from pathlib import Path
 
 from diffgraph.errors import DiffGraphError
+from diffgraph.merger.detect import family_of
+from diffgraph.merger.engine import MergeEngine
+from diffgraph.merger.families import label
+from diffgraph.merger.real_pipelines import load_base
 from diffgraph.registry import Registry
+from diffgraph.settings import get_settings
+
+from .scoring import get_suite
 
 
 @dataclass(frozen=True)
@@ -66,10 +74,6 @@ def _real_engine(family: str, path: Path) -> Callable[[], object]:
     def build():
         import torch
 
-        from diffgraph.merger.engine import MergeEngine
-        from diffgraph.merger.real_pipelines import load_base
-        from diffgraph.settings import get_settings
-
         device = get_settings().torch_device
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
         return MergeEngine(load_base(path, family, dtype=dtype, device=device), cache_bytes=8 << 30)
@@ -77,14 +81,10 @@ def _real_engine(family: str, path: Path) -> Callable[[], object]:
 
 
 def _real_suite():
-    from .scoring import get_suite
-
     return get_suite("real")  # weights from DIFFGRAPH_METRICS_DIR or the HF cache; says what is missing
 
 
 def _real_profile(family: str) -> BaseProfile:
-    from diffgraph.merger.families import label
-
     variable = f"DIFFGRAPH_BASE_{family.upper()}"
     value = os.environ.get(variable)
     if not value:
@@ -104,7 +104,6 @@ def profile(base_model: str) -> BaseProfile:
     their family)."""
     if base_model in BASES:
         return BASES.get(base_model)
-    from diffgraph.merger.detect import family_of
 
     family = family_of(base_model)
     if family in BASES:

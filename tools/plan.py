@@ -9,6 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from diffgraph.graph_store.store import GraphStore
+from diffgraph.planner.checkpoint import load_planner
+
+from . import bases
 
 
 def planner_dir(home: Path, base_model: str) -> Path:
@@ -24,7 +27,6 @@ class Planner:
     @classmethod
     def for_home(cls, home: Path, store: GraphStore, base_model: str) -> "Planner":
         """The home's own trained planner, else the one shipped for the base, else equal weights."""
-        from . import bases
 
         directory = planner_dir(home, base_model)
         if not (directory / "planner.json").exists():
@@ -32,7 +34,6 @@ class Planner:
             if shipped is None:
                 return cls(store)
             directory = shipped
-        from diffgraph.planner.checkpoint import load_planner
 
         return cls(store, load_planner(directory), f"VGAE ({directory})")
 

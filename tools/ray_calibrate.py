@@ -28,6 +28,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from . import bases
 from .calibrate import CalibrationJob, score_prompt
 
 # Workers see the driver's DIFFGRAPH_* settings (where bases and plugin data live, the device)
@@ -55,8 +56,6 @@ class CalibrationWorker:
         return os.getpid()
 
     def score(self, units: list[tuple[CalibrationJob, str]], seeds: tuple[int, ...]) -> dict:
-        from . import bases
-
         started, cpu = time.perf_counter(), time.process_time()
         vectors = [score_prompt(bases.engine_for(job.base_model), bases.suite_for(job.base_model), job, prompt, seeds)
                    for job, prompt in units]

@@ -7,8 +7,10 @@ bytes stream into ``<hash>.partial`` beside their final place, resume from there
 safetensors, their header checks out and every floating-point weight is finite. Nothing an API says is used as a path: the store's paths
 come from the hash alone (checked to be 64 hex digits), and file names are only checked for
 what they claim to be. Pickle files (.ckpt, .pt, .pth, .bin) can run code when loaded, so they
-are refused unless the caller opts in, and :func:`load_weights` then uses
-``torch.load(weights_only=True)``. One process writes a store at a time (the agent's run lock).
+are refused unless the caller opts in; an opted-in one is then read once with
+``torch.load(weights_only=True)`` (:func:`load_weights`) and stored as a safetensors file of its
+own (:meth:`ContentStore.as_safetensors`), so everything after the download reads one format.
+One process writes a store at a time (the agent's run lock).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from dataclasses import replace
 from pathlib import Path, PurePosixPath
 
 import httpx
@@ -135,6 +138,38 @@ class ContentStore:
                 hasher.update(chunk)
                 dst.write(chunk)
         return self._commit(partial, file, sha256, hasher.hexdigest())
+
+    def as_safetensors(self, file: ExpertFile) -> ExpertFile:
+        """``file`` (downloaded, ``local_path`` set) as a safetensors file: itself when it is one;
+        an opted-in pickle's tensors (A1111's ``{"state_dict": ...}`` unwrapped, anything but
+        named tensors dropped) written as a blob of their own, named like the published file with
+        the .safetensors suffix. A payload weights_only loading refuses is an UnsafeFileError."""
+        if PurePosixPath(file.name).suffix.lower() == ".safetensors":
+            return file
+        import torch
+        from safetensors.torch import save
+
+        try:
+            state = load_weights(file.local_path, allow_pickle=self.allow_pickle)
+        except UnsafeFileError:
+            raise
+        except Exception as exc:  # UnpicklingError for code, or a file torch cannot read at all
+            raise UnsafeFileError(f"{file.name!r}: not loadable as plain tensors ({type(exc).__name__}); refused") from None
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        tensors = ({k: v.detach().clone().contiguous() for k, v in state.items()
+                    if isinstance(k, str) and isinstance(v, torch.Tensor)} if isinstance(state, dict) else {})
+        if not tensors:
+            raise UnsafeFileError(f"{file.name!r}: holds no named tensors")
+        data = save(tensors)
+        sha256 = hashlib.sha256(data).hexdigest()
+        converted = ExpertFile(str(PurePosixPath(file.name).with_suffix(".safetensors")), file.url, sha256, len(data),
+                               file.primary)
+        if not (path := self.get(sha256)):
+            partial = self._partial(sha256)
+            partial.write_bytes(data)
+            path = self._commit(partial, converted, sha256, sha256)  # the header and finite checks of a download
+        return replace(converted, local_path=str(path))
 
     def _recheck(self, found: Path, file: ExpertFile) -> Path:
         """A blob already stored may have come in under another name (the same bytes published

@@ -27,6 +27,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from diffgraph.graph_store.records import ExpertFile, ExpertRecord
+from diffgraph.merger.detect import BaseDetectionError, detect_base
 
 from .base import Since, as_utc
 from .civitai import KINDS as CIVITAI_KINDS
@@ -124,7 +125,6 @@ def _kind(own: str | None, civitai_type: str | None, path: Path) -> str:
 
 def _detected_base(path: Path) -> str:
     """The base-model family the tensor names show, or "unknown" (pickle, unreadable, undecidable)."""
-    from diffgraph.merger.detect import BaseDetectionError, detect_base
 
     if path.suffix.lower() != ".safetensors":
         return "unknown"

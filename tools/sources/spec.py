@@ -24,6 +24,7 @@ from .civitai import CivitaiSource
 from .hf import HFSource
 from .http import RetryPolicy
 from .local import LocalFolderSource
+from .single import path_source, url_source
 
 BUILT_IN = ("civitai", "hf", "local", "url", "file")
 SOURCE_KINDS: Registry[Callable[..., AbstractContextManager[list[Source]]]] = Registry("diffgraph.sources", "source kind")
@@ -82,7 +83,6 @@ def open_sources(spec: str | SourceSpec, *, retry: RetryPolicy | None = None, hu
         elif spec.kind == "local":
             sources = [LocalFolderSource(spec.location)]
         elif spec.kind in ("url", "file"):
-            from .single import path_source, url_source
 
             sources = [url_source(spec.location, retry) if spec.kind == "url" else path_source(spec.location)]
         else:
