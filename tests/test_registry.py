@@ -80,13 +80,19 @@ print(json.dumps({
 '''
 
 
-def test_a_third_party_package_registers_a_base_a_suite_and_a_source(tmp_path):
+def _vendor_package(tmp_path, name: str, code: str, entry_points: str):
+    """An installed-looking package (module + dist-info with entry points) on a folder of its own."""
     site = tmp_path / "site"
-    info = site / "tinyplug-0.1.dist-info"
+    info = site / f"{name}-0.1.dist-info"
     info.mkdir(parents=True)
-    (site / "tinyplug.py").write_text(textwrap.dedent(PLUGIN))
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: tinyplug\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(ENTRY_POINTS)
+    (site / f"{name}.py").write_text(textwrap.dedent(code))
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(entry_points)
+    return site
+
+
+def test_a_third_party_package_registers_a_base_a_suite_and_a_source(tmp_path):
+    site = _vendor_package(tmp_path, "tinyplug", PLUGIN, ENTRY_POINTS)
     folder = tmp_path / "models"
     folder.mkdir()
     from safetensors.torch import save_file
@@ -216,12 +222,7 @@ def test_a_third_party_base_suite_and_source_serve_generate_chat_and_the_http_ap
     import shutil
     from pathlib import Path
 
-    site = tmp_path / "site"
-    info = site / "tinyvendor-0.1.dist-info"
-    info.mkdir(parents=True)
-    (site / "tinyvendor.py").write_text(textwrap.dedent(E2E_PLUGIN))
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: tinyvendor\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(E2E_ENTRY_POINTS)
+    site = _vendor_package(tmp_path, "tinyvendor", E2E_PLUGIN, E2E_ENTRY_POINTS)
     folder = tmp_path / "Lora"
     folder.mkdir()
     manifest = json.loads((artifacts_dir / "manifest.json").read_text())
