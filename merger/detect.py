@@ -338,13 +338,14 @@ def explain_base(header_or_path) -> Detection:
     if not constraints:
         raise BaseDetectionError(f"{name}: no tensor names of a known text-to-image model "
                                  f"(e.g. {', '.join(sorted(shapes)[:2])})")
-    allowed = set(FAMILIES.names())
+    every = set(FAMILIES.names())
+    allowed = set(every)
     for fams, why in constraints:
         if not allowed & fams:
             seen = "; ".join(f"{w} ({'/'.join(sorted(f))})" for f, w in constraints)
             raise BaseDetectionError(f"{name}: contradictory layout: {seen}")
         allowed &= fams
-    reasons = tuple(w for f, w in constraints if len(f) < len(FAMILIES.names()))
+    reasons = tuple(w for f, w in constraints if len(f) < len(every))
     if len(allowed) == 1:
         return Detection(allowed.pop(), reasons)
     hint = _metadata_hint(metadata)

@@ -61,9 +61,15 @@ for _family in (SD15, SDXL, FLUX):
     FAMILIES.register(_family.name, _family)
 
 
+def lookup(name: str) -> Family | None:
+    """The registered family called ``name``, or None."""
+    return FAMILIES.get(name) if name in FAMILIES else None
+
+
 def label(name: str) -> str:
     """The readable name of a family ("sd15" -> "SD 1.5"); an unknown name reads as itself."""
-    return FAMILIES.get(name).label if name in FAMILIES else name
+    family = lookup(name)
+    return family.label if family else name
 
 
 def sd_families(**facts: bool) -> frozenset[str]:

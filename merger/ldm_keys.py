@@ -45,8 +45,8 @@ from diffgraph.errors import DiffGraphError
 
 from .families import FLUX, SD15, SDXL
 
-FAMILIES = ("sd15", "sdxl", "flux")  # the families with an original single-file layout
 COMPONENTS = {f.name: f.components for f in (SD15, SDXL, FLUX)}
+FAMILIES = tuple(COMPONENTS)  # the families with an original single-file layout
 # Where each component lives in a single file (the first is what diffusers_to_ldm writes;
 # ldm_to_diffusers also reads the others).
 LDM_PREFIXES = {

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
+from diffgraph.files import atomic_path
+
 from .a1111 import recipe_to_a1111
 from .recipe import MergeRecipe
 
@@ -28,12 +30,9 @@ def save_png(image: Image.Image, path: Path, recipe: MergeRecipe, extra: dict | 
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", a1111_parameters(recipe))
     info.add_text(RECIPE_KEY, json.dumps({"recipe": recipe.to_dict(), **(extra or {})}, sort_keys=True))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    image.save(tmp, format="PNG", pnginfo=info)
-    tmp.replace(path)
-    return path
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
+    return Path(path)
 
 
 def read_recipe(path: Path) -> MergeRecipe:

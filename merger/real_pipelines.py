@@ -25,7 +25,7 @@ import torch
 from diffgraph.clip_bpe import clip_vocab_and_merges
 
 from .detect import BaseDetectionError, BaseMismatchError, detect_base
-from .families import FAMILIES, MODEL_COMPONENTS, label
+from .families import FAMILIES, MODEL_COMPONENTS, label, lookup
 from .ldm_keys import COMPONENTS, ldm_to_diffusers
 
 CONFIG_ROOT = Path(__file__).parent / "configs"
@@ -40,11 +40,16 @@ class BaseLoadError(BaseDetectionError):
 
 def shipped_configs(family: str) -> dict[str, dict]:
     """{component: config dict} of the real model of ``family``, as shipped in the package."""
-    config_dir = FAMILIES.get(family).config_dir if family in FAMILIES else None
+    config_dir = _config_dir(family)
     if config_dir is None:
         shipped = [f.name for f in FAMILIES.values() if f.config_dir]
         raise BaseLoadError(f"no shipped configs for {family!r} (shipped: {', '.join(shipped)})")
     return _read_config_folder(CONFIG_ROOT / config_dir)
+
+
+def _config_dir(family: str) -> str | None:
+    found = lookup(family)
+    return found.config_dir if found else None
 
 
 def _read_config_folder(root: Path) -> dict[str, dict]:
@@ -61,7 +66,7 @@ def _read_config_folder(root: Path) -> dict[str, dict]:
 def resolve_configs(family: str, configs: Mapping | str | Path | None = None) -> dict[str, dict]:
     """The shipped configs of ``family`` with the components ``configs`` gives replaced
     (a dict {component: config}, or a diffusers folder whose configs are read)."""
-    base = shipped_configs(family) if family in FAMILIES and FAMILIES.get(family).config_dir else {}
+    base = shipped_configs(family) if _config_dir(family) else {}
     if configs is None:
         if not base:
             raise BaseLoadError(f"no shipped configs for {family!r}: pass configs= (a dict or a diffusers folder)")
@@ -210,8 +215,8 @@ def split_state(tensors: Mapping[str, torch.Tensor], family: str,
                 raise BaseLoadError(f"unexpected tensor {key!r} beside component-prefixed ones")
             parts.setdefault(comp, {})[key[len(comp) + 1:]] = value
         return parts
-    core = FAMILIES.get(family).core if family in FAMILIES else "unet"
-    return {core: dict(tensors)}
+    found = lookup(family)
+    return {found.core if found else "unet": dict(tensors)}
 
 
 def _check_family(path: Path, family: str | None) -> str:

@@ -14,14 +14,15 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from diffgraph.errors import DiffGraphError, reason
+from diffgraph.files import atomic_path
 from diffgraph.graph_store.store import GraphStore
 from diffgraph.merger.a1111 import A1111Prompt, recipe_to_a1111
 from diffgraph.merger.detect import family_of
@@ -91,11 +92,6 @@ def export_checkpoint(source: str | Path | MergeRecipe, out: str | Path, half: b
     tensors = diffusers_to_ldm(weights, family) if family in ORIGINAL_LAYOUTS else weights
     dtype = torch.float16 if half else torch.float32
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
-    from safetensors.torch import save_file
-
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={RECIPE_METADATA_KEY: recipe.to_json()})
-    os.replace(tmp, out)  # a reader finds the old file or the whole new one
-    return out
+    with atomic_path(out) as tmp:  # a reader finds the old file or the whole new one
+        save_file(tensors, str(tmp), metadata={RECIPE_METADATA_KEY: recipe.to_json()})
+    return Path(out)
