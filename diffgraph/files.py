@@ -2,10 +2,11 @@
 
 A file written in place and cut short by a crash (kill -9, power loss) is a truncated file
 under its final name, which the next reader takes for a whole one. Everything DiffGraph
-publishes for others to read (graph exports, images, planner checkpoints) is therefore written
-to a temporary name in the same directory, flushed to disk, and renamed over the final name:
-``rename`` is atomic on POSIX, so a reader finds the old file, the new file, or none, never a
-mix. A crash leaves at most a ``.<name>.*.tmp`` file behind, which no reader looks at.
+publishes for others to read (graph exports, images, planner checkpoints, exported models) is
+therefore written to a temporary name in the same directory, flushed to disk, and renamed over
+the final name: ``rename`` is atomic on POSIX, so a reader finds the old file, the new file, or
+none, never a mix. A crash leaves at most a ``.<name>.*.tmp`` file behind, which no reader looks
+at.
 """
 
 from __future__ import annotations
@@ -19,29 +20,37 @@ from typing import BinaryIO
 
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """A temporary path beside ``path`` for a writer that wants a file name (safetensors'
-    ``save_file``, say); once the block ends it is fsynced and renamed to ``path``. On any error
-    the temporary file is removed and ``path`` is left as it was."""
-    path = Path(path)
+def _temporary(path: Path) -> Iterator[tuple[int, Path]]:
+    """An open temporary file beside ``path`` (descriptor and name), renamed to ``path`` once
+    the block ends; on any error it is removed and ``path`` is left as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        yield Path(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        yield fd, Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` for a writer that wants a file name (safetensors'
+    ``save_file``, say); once the block ends it is fsynced and renamed to ``path``."""
+    with _temporary(Path(path)) as (fd, tmp):
+        os.close(fd)
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
     """Call ``write(f)`` on a temporary file beside ``path``, then fsync and rename it to
-    ``path`` (see :func:`atomic_path`)."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    ``path``; on any error ``path`` is left as it was."""
+    with _temporary(Path(path)) as (fd, _), os.fdopen(fd, "wb") as f:
         write(f)
+        f.flush()
+        os.fsync(f.fileno())
     return Path(path)
 
 

@@ -86,13 +86,18 @@ def rng(request) -> random.Random:
 
 
 class Child:
-    """One child process, killed by process group."""
+    """One child process, killed by process group. Every child still running when its test
+    ends is killed then (``_no_child_outlives_its_test``): the children loop forever, and one
+    left behind by a failed assertion would keep the test run's output pipe open."""
+
+    started: list[Child] = []
 
     def __init__(self, ctx, target, args: tuple, log: Path):
         self.log = log
         log.write_text("")
         self.process = ctx.Process(target=target, args=(*args, str(log)))
         self.process.start()
+        Child.started.append(self)
 
     def text(self) -> str:
         return self.log.read_text()
@@ -126,6 +131,13 @@ class Child:
         while time.monotonic() < deadline and self.process.is_alive():
             time.sleep(0.01)
         return self.kill()
+
+
+@pytest.fixture(autouse=True)
+def _no_child_outlives_its_test():
+    yield
+    while Child.started:
+        Child.started.pop().kill()
 
 
 def _blobs_whole(home: Path) -> None:
