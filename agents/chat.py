@@ -28,21 +28,28 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, TypedDict
 
-from langchain_core.messages import AIMessage, AnyMessage, HumanMessage, SystemMessage, ToolMessage
-from langchain_core.runnables import RunnableConfig
-from langgraph.graph.message import add_messages
-
-from diffgraph.errors import DiffGraphError, describe, reason
 from diffgraph.graph_store.status import graph_status
 from diffgraph.graph_store.store import GraphStore
 from diffgraph.merger.recipe import BASE, MergeRecipe
-from diffgraph.settings import Settings, get_settings
 from diffgraph.tools import bases
 from diffgraph.tools.chat_tools import CHAT_TOOLS
 from diffgraph.tools.plugins import plugins
 from diffgraph.tools.render import render_recipe
 from diffgraph.tools.sources import SourceError
 from diffgraph.tools.sources.spec import kinds
+from langchain_core.messages import (
+    AIMessage,
+    AnyMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+)
+from langchain_core.runnables import RunnableConfig
+from langgraph.graph.message import add_messages
+from langgraph.runtime import Runtime
+
+from diffgraph.errors import DiffGraphError, describe, reason
+from diffgraph.settings import Settings, get_settings
 
 from . import prompts, refine
 from .background import BACKGROUND, parse_interval
@@ -597,11 +604,11 @@ class ChatAgent:
         from langgraph.graph import END, START, StateGraph
         from langgraph.prebuilt import ToolNode, tools_condition
 
-        g = StateGraph(ChatState)
-        g.add_node("offline", self._offline_node)
+        g = StateGraph(ChatState, context_schema=ChatAgent)
+        g.add_node("offline", offline_node)
         if self.llm is not None:
-            self._bound = self.llm.bind_tools(self.tools)
-            g.add_node("agent", self._agent_node)
+            self.bound = self.llm.bind_tools(self.tools)
+            g.add_node("agent", agent_node)
             g.add_node("tools", ToolNode(self.tools, handle_tool_errors=lambda e: f"error: {type(e).__name__}: {e}"))
             g.add_edge(START, "agent")
             g.add_conditional_edges("agent", tools_condition, {"tools": "tools", END: END})
@@ -611,126 +618,137 @@ class ChatAgent:
         g.add_edge("offline", END)
         return g.compile(checkpointer=self.checkpointer)
 
-    def _agent_node(self, state: ChatState, config: RunnableConfig) -> dict:
-        turn = _turn(state["messages"])
-        rounds = sum(1 for m in turn if isinstance(m, AIMessage) and m.tool_calls)
-        if rounds >= MAX_TOOL_ROUNDS:
-            return {"messages": [AIMessage(f"I stopped after {rounds} tool calls for one message. "
-                                           + self._tool_summary(turn))]}
-        try:
-            response = self._bound.invoke([SystemMessage(prompts.CHAT_SYSTEM), *llm_view(state["messages"])])
-        except Exception as exc:
-            return self._fallback(state, config, f"the LLM at {self.settings.llm_base_url} failed ({describe(exc, 160)})")
-        problem = None
-        if getattr(response, "invalid_tool_calls", None):
-            bad = response.invalid_tool_calls[0]
-            problem = f"it called {bad.get('name') or 'a tool'} with arguments that are not valid JSON"
-        elif not response.tool_calls and not _text(response).strip():
-            problem = "it answered nothing"
-        if problem:
-            return self._fallback(state, config, f"the LLM's answer was unusable: {problem}")
-        response.additional_kwargs["diffgraph_brain"] = "llm"
-        return {"messages": [response]}
 
-    def _tool_summary(self, turn: list) -> str:
-        results = [f"{m.name}: {_text(m)[:400]}" for m in turn if isinstance(m, ToolMessage)]
-        return ("What the tools did:\n" + "\n".join(results)) if results else "No tool ran."
+# ---------------------------------------------------------------------------- nodes (the agent is the run's context)
 
-    def _fallback(self, state: ChatState, config: RunnableConfig, reason: str) -> dict:
-        turn = _turn(state["messages"])
-        if any(isinstance(m, ToolMessage) for m in turn):
-            return {"messages": [AIMessage(f"({reason}.) " + self._tool_summary(turn),
-                                           additional_kwargs={"diffgraph_brain": "offline"})]}
-        out = self._offline_answer(_text(turn[0]) if turn else "", state, config, offline_esa=True)
-        message = out["messages"][0]
-        out["messages"] = [AIMessage(f"({reason[0].upper() + reason[1:]}; the offline brain answered.)\n{_text(message)}",
-                                     additional_kwargs={"diffgraph_brain": "offline"})]
+
+def agent_node(state: ChatState, config: RunnableConfig, runtime: Runtime[ChatAgent]) -> dict:
+    """The LLM's step: an answer or tool calls; the offline brain answers when it fails."""
+    agent = runtime.context
+    turn = _turn(state["messages"])
+    rounds = sum(1 for m in turn if isinstance(m, AIMessage) and m.tool_calls)
+    if rounds >= MAX_TOOL_ROUNDS:
+        return {"messages": [AIMessage(f"I stopped after {rounds} tool calls for one message. " + _tool_summary(turn))]}
+    try:
+        response = agent.bound.invoke([SystemMessage(prompts.CHAT_SYSTEM), *llm_view(state["messages"])])
+    except Exception as exc:
+        return _fallback(agent, state, config, f"the LLM at {agent.settings.llm_base_url} failed ({describe(exc, 160)})")
+    problem = None
+    if getattr(response, "invalid_tool_calls", None):
+        bad = response.invalid_tool_calls[0]
+        problem = f"it called {bad.get('name') or 'a tool'} with arguments that are not valid JSON"
+    elif not response.tool_calls and not _text(response).strip():
+        problem = "it answered nothing"
+    if problem:
+        return _fallback(agent, state, config, f"the LLM's answer was unusable: {problem}")
+    response.additional_kwargs["diffgraph_brain"] = "llm"
+    return {"messages": [response]}
+
+
+def offline_node(state: ChatState, config: RunnableConfig, runtime: Runtime[ChatAgent]) -> dict:
+    """The offline brain's step, when no LLM is configured."""
+    turn = _turn(state["messages"])
+    out = offline_answer(runtime.context, _text(turn[0]) if turn else "", state, config)
+    message = out["messages"][0]
+    out["messages"] = [AIMessage(_text(message) + "\n(offline brain)", additional_kwargs={"diffgraph_brain": "offline"})]
+    return out
+
+
+def _tool_summary(turn: list) -> str:
+    results = [f"{m.name}: {_text(m)[:400]}" for m in turn if isinstance(m, ToolMessage)]
+    return ("What the tools did:\n" + "\n".join(results)) if results else "No tool ran."
+
+
+def _fallback(agent: ChatAgent, state: ChatState, config: RunnableConfig, reason: str) -> dict:
+    """The turn's answer when the LLM failed: what the tools did, or the offline brain's answer."""
+    turn = _turn(state["messages"])
+    if any(isinstance(m, ToolMessage) for m in turn):
+        return {"messages": [AIMessage(f"({reason}.) " + _tool_summary(turn), additional_kwargs={"diffgraph_brain": "offline"})]}
+    out = offline_answer(agent, _text(turn[0]) if turn else "", state, config, offline_esa=True)
+    message = out["messages"][0]
+    out["messages"] = [AIMessage(f"({reason[0].upper() + reason[1:]}; the offline brain answered.)\n{_text(message)}",
+                                 additional_kwargs={"diffgraph_brain": "offline"})]
+    return out
+
+
+def offline_answer(agent: ChatAgent, text: str, state: dict, config: RunnableConfig, offline_esa: bool = False) -> dict:
+    """The offline brain's chat: a command, a refinement of the last image, or an image request."""
+    try:
+        return _offline_dispatch(agent, text, state, config, offline_esa)
+    except (ChatError, refine.RefinementError) as exc:
+        return {"messages": [AIMessage(f"Sorry: {exc}")]}
+
+
+def _offline_dispatch(agent: ChatAgent, text: str, state: dict, config: RunnableConfig, offline_esa: bool) -> dict:
+    s = agent.services
+    raw = " ".join(text.split())
+    t = raw.lower().rstrip(".!?")
+
+    def say(message: str, image: dict | None = None) -> dict:
+        out = {"messages": [AIMessage(message)]}
+        if image is not None:
+            out["images"] = [image]
         return out
 
-    def _offline_node(self, state: ChatState, config: RunnableConfig) -> dict:
-        turn = _turn(state["messages"])
-        out = self._offline_answer(_text(turn[0]) if turn else "", state, config)
-        message = out["messages"][0]
-        out["messages"] = [AIMessage(_text(message) + "\n(offline brain)", additional_kwargs={"diffgraph_brain": "offline"})]
-        return out
-
-    def _offline_answer(self, text: str, state: dict, config: RunnableConfig, offline_esa: bool = False) -> dict:
-        """The offline brain: a command, a refinement of the last image, or an image request."""
-        try:
-            return self._offline_dispatch(text, state, config, offline_esa)
-        except (ChatError, refine.RefinementError) as exc:
-            return {"messages": [AIMessage(f"Sorry: {exc}")]}
-
-    def _offline_dispatch(self, text: str, state: dict, config: RunnableConfig, offline_esa: bool) -> dict:
-        s = self.services
-        raw = " ".join(text.split())
-        t = raw.lower().rstrip(".!?")
-
-        def say(message: str, image: dict | None = None) -> dict:
-            out = {"messages": [AIMessage(message)]}
-            if image is not None:
-                out["images"] = [image]
-            return out
-
-        if t in ("help", "?", "/help", "commands", "what can you do"):
-            return say(OFFLINE_HELP)
-        if t in ("status", "graph status", "/status", "gca status"):
-            return say(describe_status(s.status()))
-        if m := re.fullmatch(r"(?:explain|why)(?: (?:image )?#?(\d+)| (?:it|this|that|the last one|the last image))?", t):
-            return say(describe_explanation(s.explain(self._pick(state, int(m.group(1)) if m.group(1) else None))))
-        if m := re.fullmatch(r"(?:search|find|look for)(?: (?:for )?experts?(?: for| about| with)?)? (.+)", raw, re.IGNORECASE):
-            hits = s.search(m.group(1))
-            if not hits:
-                return say(f"No active expert matches '{m.group(1)}'.")
-            return say(f"Experts for '{m.group(1)}':\n" + "\n".join(
-                f"  {h['name']} [{h['id']}] {h['kind']}, similarity {h['similarity']:.2f}: {h['description'][:120]}"
-                for h in hits))
-        if m := re.fullmatch(r"add (?:an? |this |the )?(?:expert|lora|checkpoint|model)(?: from| at)?:? (.+)", raw, re.IGNORECASE):
-            result = s.add_expert(m.group(1))
-            lines = [f"Crawled {result['source']}: {result['counts']}"]
-            lines += [f"  {e['name']} [{e['id']}] {e['kind']} for {e['base_model']}: {e['status']}"
-                      + (f" ({e['reason']})" if e["reason"] else "") for e in result["experts"]]
-            lines += [f"  failure: {f}" for f in result["failures"]]
-            return say("\n".join(lines))
-        if m := re.fullmatch(r"(?:start|run) (?:the )?(?:background )?(?:gca|graph updates|crawler)(?: (?:on|for|from|over))?"
-                             r"((?: [^ ]+?)*?)(?: every (\S+))?", raw.rstrip(".!?"), re.IGNORECASE):
-            status = s.start_gca(m.group(1).split() or None, m.group(2) or "1h")
-            return say(f"Background GCA started on {' '.join(status['sources'])}, a pass now and then every "
-                       f"{status['interval_s']:.0f} s. Say 'stop gca' to stop it, 'status' to watch it.")
-        if re.fullmatch(r"stop (?:the )?(?:background )?(?:gca|graph updates|crawler)", t):
-            return say("Background GCA: " + s.stop_gca().get("message", "stopping"))
-        if t in ("tools", "plugins", "list tools"):
-            names = [f"  {tl.name}: {(tl.description or '').splitlines()[0][:100]}" for tl in self.plugin_tools]
-            return say("Plugin tools:\n" + "\n".join(names) if names else "No plugin tools are installed.")
-        if m := re.fullmatch(r"(?:tool|run|use) (\w+)(?: (.*))?", raw, re.IGNORECASE):
-            plugin = next((tl for tl in self.plugin_tools if tl.name == m.group(1)), None)
-            if plugin is not None:
-                return say(f"{plugin.name}: {self._call_plugin(plugin, m.group(2) or '')}")
-        images = state.get("images", [])
-        if refine.looks_like_refinement(raw):
-            if not images:
-                raise ChatError("there is no image to refine yet: describe one first, e.g. 'a pink circle'")
-            target = images[-1]
-            edit = refine.parse(raw, target)
-            image = s.refine(target, edit, self._folder(config), self._next_n(state), offline=offline_esa)
-            return say(describe_image(image), image)
-        prompt = _VERB_LEAD.sub("", raw).strip() or raw
-        n = self._next_n(state)
-        image = s.generate(prompt, seed=n - 1, folder=self._folder(config), n=n, offline=offline_esa)
+    if t in ("help", "?", "/help", "commands", "what can you do"):
+        return say(OFFLINE_HELP)
+    if t in ("status", "graph status", "/status", "gca status"):
+        return say(describe_status(s.status()))
+    if m := re.fullmatch(r"(?:explain|why)(?: (?:image )?#?(\d+)| (?:it|this|that|the last one|the last image))?", t):
+        return say(describe_explanation(s.explain(ChatAgent._pick(state, int(m.group(1)) if m.group(1) else None))))
+    if m := re.fullmatch(r"(?:search|find|look for)(?: (?:for )?experts?(?: for| about| with)?)? (.+)", raw, re.IGNORECASE):
+        hits = s.search(m.group(1))
+        if not hits:
+            return say(f"No active expert matches '{m.group(1)}'.")
+        return say(f"Experts for '{m.group(1)}':\n" + "\n".join(
+            f"  {h['name']} [{h['id']}] {h['kind']}, similarity {h['similarity']:.2f}: {h['description'][:120]}"
+            for h in hits))
+    if m := re.fullmatch(r"add (?:an? |this |the )?(?:expert|lora|checkpoint|model)(?: from| at)?:? (.+)", raw, re.IGNORECASE):
+        result = s.add_expert(m.group(1))
+        lines = [f"Crawled {result['source']}: {result['counts']}"]
+        lines += [f"  {e['name']} [{e['id']}] {e['kind']} for {e['base_model']}: {e['status']}"
+                  + (f" ({e['reason']})" if e["reason"] else "") for e in result["experts"]]
+        lines += [f"  failure: {f}" for f in result["failures"]]
+        return say("\n".join(lines))
+    if m := re.fullmatch(r"(?:start|run) (?:the )?(?:background )?(?:gca|graph updates|crawler)(?: (?:on|for|from|over))?"
+                         r"((?: [^ ]+?)*?)(?: every (\S+))?", raw.rstrip(".!?"), re.IGNORECASE):
+        status = s.start_gca(m.group(1).split() or None, m.group(2) or "1h")
+        return say(f"Background GCA started on {' '.join(status['sources'])}, a pass now and then every "
+                   f"{status['interval_s']:.0f} s. Say 'stop gca' to stop it, 'status' to watch it.")
+    if re.fullmatch(r"stop (?:the )?(?:background )?(?:gca|graph updates|crawler)", t):
+        return say("Background GCA: " + s.stop_gca().get("message", "stopping"))
+    if t in ("tools", "plugins", "list tools"):
+        names = [f"  {tl.name}: {(tl.description or '').splitlines()[0][:100]}" for tl in agent.plugin_tools]
+        return say("Plugin tools:\n" + "\n".join(names) if names else "No plugin tools are installed.")
+    if m := re.fullmatch(r"(?:tool|run|use) (\w+)(?: (.*))?", raw, re.IGNORECASE):
+        plugin = next((tl for tl in agent.plugin_tools if tl.name == m.group(1)), None)
+        if plugin is not None:
+            return say(f"{plugin.name}: {_call_plugin(plugin, m.group(2) or '')}")
+    images = state.get("images", [])
+    if refine.looks_like_refinement(raw):
+        if not images:
+            raise ChatError("there is no image to refine yet: describe one first, e.g. 'a pink circle'")
+        target = images[-1]
+        edit = refine.parse(raw, target)
+        image = s.refine(target, edit, ChatAgent._folder(config), ChatAgent._next_n(state), offline=offline_esa)
         return say(describe_image(image), image)
+    prompt = _VERB_LEAD.sub("", raw).strip() or raw
+    n = ChatAgent._next_n(state)
+    image = s.generate(prompt, seed=n - 1, folder=ChatAgent._folder(config), n=n, offline=offline_esa)
+    return say(describe_image(image), image)
 
-    @staticmethod
-    def _call_plugin(plugin, argument: str) -> str:
-        args = plugin.args or {}
-        try:
-            if argument.strip().startswith("{"):
-                result = plugin.invoke(json.loads(argument))
-            elif len(args) == 1:
-                result = plugin.invoke({next(iter(args)): argument})
-            elif not args:
-                result = plugin.invoke({})
-            else:
-                return f"it takes {', '.join(args)}: give them as JSON"
-        except Exception as exc:
-            return f"failed ({describe(exc, 200)})"
-        return result if isinstance(result, str) else json.dumps(result, default=str)
+
+def _call_plugin(plugin, argument: str) -> str:
+    args = plugin.args or {}
+    try:
+        if argument.strip().startswith("{"):
+            result = plugin.invoke(json.loads(argument))
+        elif len(args) == 1:
+            result = plugin.invoke({next(iter(args)): argument})
+        elif not args:
+            result = plugin.invoke({})
+        else:
+            return f"it takes {', '.join(args)}: give them as JSON"
+    except Exception as exc:
+        return f"failed ({describe(exc, 200)})"
+    return result if isinstance(result, str) else json.dumps(result, default=str)

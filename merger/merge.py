@@ -10,23 +10,31 @@ coefficients mean what they say. Checkpoints (W = sum_i softmax(w_ckpt)_i W_i) a
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from diffgraph.errors import DiffGraphError, one_line, reason
+
+if TYPE_CHECKING:
+    from .lora_formats import PreparedLora
 
 
 class MergeError(DiffGraphError, ValueError):
     """An expert that cannot be merged into this base (wrong shapes, missing tensors...)."""
 
 
-def _read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """The file's tensors and, for a PEFT ``save_pretrained`` folder or file, its adapter config."""
-    import json
-
+def read_lora(path: Path, family: str | None, *, unet_config=None, components=None) -> PreparedLora:
+    """The one LoRA reader, for in-memory merges and merged files alike: the file (or a PEFT
+    ``save_pretrained`` folder, whose adapter_config.json gives its alpha) read, its format
+    named and normalised by ``lora_formats.prepare_lora`` (same arguments), or a one-line
+    MergeError."""
     from safetensors.torch import load_file
+
+    from .lora_formats import prepare_lora
 
     path = Path(path)
     if path.is_dir():
@@ -38,7 +46,7 @@ def _read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     config_path = path.parent / "adapter_config.json"
     config = json.loads(config_path.read_text()) if config_path.is_file() and any(
         k.startswith("base_model.model.") for k in state) else None
-    return state, config
+    return prepare_lora(state, family, unet_config=unet_config, components=components, peft_config=config)
 
 
 def _mismatch(exc: Exception) -> str:
@@ -61,15 +69,13 @@ def lora_deltas(pipe, path: Path, adapter: str = "delta", min_coverage: float = 
     """
     from peft.tuners.lora import LoraLayer
 
-    from .lora_formats import pipeline_components, pipeline_family, prepare_lora
+    from .lora_formats import pipeline_components, pipeline_family
 
     path = Path(path)
-    state, peft_config = _read_lora(path)
-    family = family or pipeline_family(pipe)
     components = pipeline_components(pipe)
     unet = components.get("unet")
-    prepared = prepare_lora(state, family, unet_config=unet.config if unet is not None else None,
-                            components=components, peft_config=peft_config)
+    prepared = read_lora(path, family or pipeline_family(pipe), unet_config=unet.config if unet is not None else None,
+                         components=components)
     # an unchanged file is loaded from disk, so diffusers also reads its adapter metadata (alpha)
     source = str(path) if prepared.unchanged and not path.is_dir() else prepared.loadable
 

@@ -49,8 +49,8 @@ LoRA module names are mapped to checkpoint tensor names by a key map (a dict or 
 injectable); :func:`lora_key_map` builds the default one for kohya (``lora_unet_…``,
 ``lora_te_…``) and diffusers (``unet.….lora_A``) names on checkpoints with diffusers names
 (``unet.…``, the mini world) or the LDM names of real single files (via
-``merger/ldm_keys.py``). Files in other LoRA formats can be normalised in memory by
-``merger/lora_formats.py`` and passed as dicts.
+``merger/ldm_keys.py``). LoRA files are read by the engine's own reader
+(``merger.merge.read_lora``: LoHa, LoKr, LDM block names and the other formats it normalises).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ import torch
 from diffgraph.safetensors_header import InvalidHeader, read_header
 
 from . import ldm_keys
-from .merge import MergeError
+from .merge import MergeError, read_lora
 from .recipe import BASE, MergeRecipe
 
 ST_DTYPES = {
@@ -259,15 +259,15 @@ class LoraModule:
 
 
 def lora_modules(source) -> list[LoraModule]:
-    """The low-rank modules of one LoRA source (kohya ``lora_down/lora_up/alpha`` or diffusers
-    ``lora_A/lora_B``). Anything else (LoHa, LoKr, DoRA, lora_mid, ...) is refused in one line:
-    normalise such files with merger/lora_formats.py first and pass the result as a dict."""
+    """The low-rank modules of one LoRA as ``read_lora`` leaves it (kohya
+    ``lora_down/lora_up/alpha`` or diffusers ``lora_A/lora_B``); a dict given directly must be in
+    one of those forms, anything else is refused in one line."""
     groups: dict[str, dict[str, str]] = {}
     for key in source.keys():
         m = _KOHYA.match(key) or _PEFT.match(key)
         if m is None:
             raise MergeError(f"{source.name}: {key} is not a plain LoRA weight (lora_down/lora_up/alpha or "
-                             f"lora_A/lora_B); normalise the file with merger.lora_formats first")
+                             f"lora_A/lora_B)")
         groups.setdefault(m.group("module"), {})[m.group("part")] = key
     modules = []
     for name, parts in groups.items():
@@ -331,10 +331,17 @@ def lora_key_map(checkpoint_infos: Mapping[str, TensorInfo] | Iterable[str], fam
     return out
 
 
+def _ldm_family(keys: Iterable[str]) -> str | None:
+    """"sdxl" or "sd15" for a checkpoint with LDM names, None for one with diffusers names."""
+    keys = list(keys)
+    if not any(k.startswith("model.diffusion_model.") for k in keys):
+        return None
+    return "sdxl" if any(k.startswith("conditioner.embedders.") for k in keys) else "sd15"
+
+
 def _ldm_correspondence(infos: Mapping[str, TensorInfo | None], family: str | None,
                         configs: Mapping[str, Mapping] | None) -> dict[str, str]:
-    if family is None:
-        family = "sdxl" if any(k.startswith("conditioner.embedders.") for k in infos) else "sd15"
+    family = family or _ldm_family(infos)
     meta = {}
     for k, info in infos.items():
         if info is None:
@@ -424,7 +431,8 @@ class StreamMerge:
         self._sources = []
         try:
             self.ckpts = [(self._open(src, read_mode), float(w)) for src, w in checkpoints]
-            self.loras = [_LoraInput(self._open(src, read_mode), float(w), []) for src, w in loras]
+            family = family or _ldm_family(self.ckpts[0][0].infos)
+            self.loras = [_LoraInput(self._open_lora(src, family), float(w), []) for src, w in loras]
             for _, w in self.ckpts + [(None, x.weight) for x in self.loras]:
                 if not math.isfinite(w):
                     raise MergeError(f"merge weight {w} is not a finite number")
@@ -439,6 +447,18 @@ class StreamMerge:
         s = open_source(src, read_mode)
         self._sources.append(s)
         return s
+
+    def _open_lora(self, src, family: str | None):
+        """A LoRA file through the engine's own reader (merger.merge.read_lora: any format it
+        normalises, held in memory: LoRAs are small next to checkpoints); a dict as it is."""
+        if isinstance(src, (str, os.PathLike)):
+            unet_config = None
+            if family in ldm_keys.FAMILIES:  # kohya files with LDM block names map through the real UNet's config
+                from .real_pipelines import shipped_configs
+
+                unet_config = shipped_configs(family).get("unet")
+            src = MemorySource(read_lora(Path(src), family, unet_config=unet_config).matrices, Path(src).name)
+        return self._open(src, "auto")
 
     def _plan_checkpoints(self, dtype) -> list[_Job]:
         first = self.ckpts[0][0]

@@ -41,14 +41,14 @@ import time
 from pathlib import Path
 
 import pytest
-from PIL import Image
-
 from diffgraph.graph_store.export import export_graph, read_export
 from diffgraph.graph_store.reconcile import reconcile
 from diffgraph.graph_store.store import GraphStore
 from diffgraph.miniworld.hub import load_manifest, manifest_experts, running_hub
-from diffgraph.settings import Settings
+from PIL import Image
 from support import crash_children
+
+from diffgraph.settings import Settings
 
 pytestmark = pytest.mark.browser
 
@@ -452,7 +452,6 @@ def test_a_planner_checkpoint_cut_mid_save_is_never_misread(forkserver, rng, tmp
     a kill between them (inside the schema write) leaves new weights beside the old schema,
     which load refuses by the weights' sha256 instead of reading them with the wrong schema."""
     import torch
-
     from diffgraph.planner.checkpoint import load_planner, save_planner
 
     directory = tmp_path / "planner"

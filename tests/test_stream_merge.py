@@ -13,7 +13,13 @@ from diffgraph.merger import stream
 from diffgraph.merger.a1111 import merger_steps, recipe_to_a1111
 from diffgraph.merger.merge import MergeError
 from diffgraph.merger.recipe import BASE, ExpertWeight, MergeRecipe
-from diffgraph.merger.stream import MergeStats, lora_key_map, merge_recipe_to_file, read_recipe_metadata, stream_merge
+from diffgraph.merger.stream import (
+    MergeStats,
+    lora_key_map,
+    merge_recipe_to_file,
+    read_recipe_metadata,
+    stream_merge,
+)
 from diffgraph.tools.sources.validate import validate_safetensors
 from safetensors.torch import load_file, save_file
 
@@ -223,9 +229,28 @@ def test_lora_for_a_missing_or_misshapen_tensor_raises(tmp_path):
     with pytest.raises(MergeError, match=r"lora_unet_q \(up \[8, 4\], down \[4, 5\]\) does not fit"):
         stream_merge([(a, 1.0)], [(tmp_path / "w.safetensors", 1.0)], key_map=KEY_MAP)
     save_file({"lora_unet_q.hada_w1_a": torch.zeros(8, 2)}, str(tmp_path / "loha.safetensors"))
-    with pytest.raises(MergeError, match="not a plain LoRA weight"):
+    with pytest.raises(MergeError, match="LoHa module lora_unet_q lacks hada_w1_b") as info:
         stream_merge([(a, 1.0)], [(tmp_path / "loha.safetensors", 1.0)], key_map=KEY_MAP)
+    assert "\n" not in str(info.value)
+    with pytest.raises(MergeError, match="not a plain LoRA weight"):  # a dict is taken as it is
+        stream_merge([(a, 1.0)], [({"lora_unet_q.hada_w1_a": torch.zeros(8, 2)}, 1.0)], key_map=KEY_MAP)
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_loha_file_streams_through_the_engines_reader(tmp_path):
+    """LoRA files reach the streamed merge through merger.merge.read_lora, the reader the
+    engine uses: a LoHa file lands as its exact delta, (w1a w1b) * (w2a w2b) * alpha / rank."""
+    a = _checkpoint(tmp_path / "a.safetensors", 0, torch.float32)
+    g = torch.Generator().manual_seed(3)
+    loha = {f"lora_unet_q.{n}": torch.randn(s, generator=g) for n, s in
+            (("hada_w1_a", (8, 2)), ("hada_w1_b", (2, 6)), ("hada_w2_a", (8, 2)), ("hada_w2_b", (2, 6)))}
+    loha["lora_unet_q.alpha"] = torch.tensor(4.0)
+    save_file(loha, str(tmp_path / "loha.safetensors"))
+    merged = stream_merge([(a, 1.0)], [(tmp_path / "loha.safetensors", 0.5)], key_map=KEY_MAP)
+    q = KEY_MAP["lora_unet_q"]
+    delta = (loha["lora_unet_q.hada_w1_a"] @ loha["lora_unet_q.hada_w1_b"]) * \
+        (loha["lora_unet_q.hada_w2_a"] @ loha["lora_unet_q.hada_w2_b"]) * (4.0 / 2)
+    torch.testing.assert_close(merged[q], load_file(str(a))[q] + 0.5 * delta, rtol=1e-5, atol=1e-5)
 
 
 def test_kohya_names_land_on_ldm_names_of_a_real_sd15_layout(tmp_path):
