@@ -35,17 +35,28 @@ from rich.markup import escape
 
 from diffgraph.errors import describe as describe_error
 from diffgraph.errors import one_line, reason
+from diffgraph.families import base_family
 from diffgraph.graph_store.reconcile import reconcile
 from diffgraph.graph_store.records import ExpertFile, ExpertRecord
 from diffgraph.graph_store.store import GraphStore
-from diffgraph.merger.detect import UNKNOWN, BaseMismatchError, reconcile_base
+from diffgraph.merger.detect import BaseMismatchError, reconcile_base
 from diffgraph.merger.merge import MergeError
 from diffgraph.settings import Settings, get_settings
 from diffgraph.text_embedding import embed
 from diffgraph.tools import bases
 from diffgraph.tools.browser import HomepageReader, PageError, PageReading
-from diffgraph.tools.calibrate import CalibrationJob, calibrate_experts, select_reference_prompts
-from diffgraph.tools.sources import ContentStore, IntegrityError, SourceError, UnsafeFileError, open_sources
+from diffgraph.tools.calibrate import (
+    CalibrationJob,
+    calibrate_experts,
+    select_reference_prompts,
+)
+from diffgraph.tools.sources import (
+    ContentStore,
+    IntegrityError,
+    SourceError,
+    UnsafeFileError,
+    open_sources,
+)
 
 from .describe import describe as describe_expert
 from .llm import chat_model
@@ -194,6 +205,8 @@ def _needs_work(ctx: Context, record: ExpertRecord) -> bool:
         return True
     if row.status == "failed":
         return row.attempts < MAX_ATTEMPTS
+    if row.status == "rejected" and (row.status_reason or "").startswith(NO_PROFILE):
+        return bases.has_profile(row.base_model)  # the user has configured that base since
     return row.status in ("pending", "removed")
 
 
@@ -217,18 +230,18 @@ def next_expert(state: GCAState) -> dict:
 
 
 def fetch(state: GCAState, runtime: Runtime[Context]) -> dict:
-    """Download and check the files; the base the tensors show must not contradict the declared
-    one, and an undeclared one is filled in from them."""
+    """Fetch and check the files. The base their tensors show must not contradict the declared
+    one (a file declared "Pony" that holds SD 1.5 weights is refused for that), an undeclared
+    one is filled in from them, and only then must the base have a profile. A remote expert of
+    a base without one is refused before its download; local files are read where they are, so
+    they are always looked at first."""
     ctx, expert_id = runtime.context, state["current"]
     if expert_id not in ctx.listing:
         return _skip_unlisted(ctx, expert_id)
     record, source = ctx.listing[expert_id]
-    undeclared = record.base_model.strip().lower() in UNKNOWN  # the files will tell
-    try:
-        if not undeclared:
-            bases.profile(record.base_model)
-    except KeyError as exc:
-        return _fail(ctx, state, expert_id, "rejected", f"base model {record.base_model!r} is not supported: {exc}")
+    local = all(f.url.startswith("file:") for f in record.files)
+    if record.base_model != "unknown" and not local and not bases.has_profile(record.base_model):
+        return _fail(ctx, state, expert_id, "rejected", _no_profile(record.declared_base))
     store = ContentStore(ctx.settings.home, allow_pickle=ctx.settings.allow_pickle)
     files: list[ExpertFile] = []
     try:
@@ -241,18 +254,30 @@ def fetch(state: GCAState, runtime: Runtime[Context]) -> dict:
     if not any(f.name.endswith(".safetensors") for f in files):
         return _fail(ctx, state, expert_id, "rejected", "no weights file (.safetensors, or a pickle when opted in)")
     try:
-        base = reconcile_base(record.base_model,
+        base = reconcile_base(record.declared_base,
                               {f.name: Path(f.local_path) for f in files if f.name.endswith(".safetensors")})
     except BaseMismatchError as exc:
         return _fail(ctx, state, expert_id, "rejected", str(exc))
-    if base != record.base_model:
+    if base_family(base) != record.base_model:
         record = ExpertRecord.from_dict({**record.to_dict(), "base_model": base})
         ctx.listing[expert_id] = (record, source)
         ctx.store.upsert_expert(record)
-    if undeclared and not bases.has_profile(record.base_model):
-        return _fail(ctx, state, expert_id, "rejected", f"base model {record.base_model!r} (from the files) is not supported")
+    if not bases.has_profile(record.base_model):
+        return _fail(ctx, state, expert_id, "rejected", _no_profile(record.declared_base if record.base_model != "unknown"
+                                                                    else "unknown (the files do not tell)"))
     ctx.store.catalog.set_files(expert_id, files)
     return {}
+
+
+NO_PROFILE = "no base-model profile"  # how a rejection for a base nothing can render begins: retried once one exists
+
+
+def _no_profile(declared: str) -> str:
+    try:
+        bases.profile(declared)
+    except KeyError as exc:
+        return f"{NO_PROFILE} for {declared!r}: {exc}"
+    return f"{NO_PROFILE} for {declared!r}"
 
 
 def read(state: GCAState, runtime: Runtime[Context]) -> dict:
@@ -262,8 +287,10 @@ def read(state: GCAState, runtime: Runtime[Context]) -> dict:
         return {"page": None}
     try:
         page = ctx.reader.read(record.homepage_url)
-    except PageError as exc:
-        return _fail(ctx, state, state["current"], "failed", f"homepage unreadable: {exc}")
+    except PageError as exc:  # the source's own description stands in; a page never fails an expert
+        ctx.console.print(f"  [yellow]note[/] {escape(state['current'])}: homepage unreadable ({escape(str(exc))}); "
+                          "described from its source's metadata")
+        return {"page": None}
     return {"page": page.to_dict()}
 
 
@@ -289,7 +316,8 @@ def calibrate(state: GCAState, runtime: Runtime[Context]) -> dict:
     row = ctx.store.catalog.get(expert_id)
     weights = next(f for f in row.files if f.local_path and f.name.endswith(".safetensors"))
     prompts = ctx.store.catalog.reference_prompts()
-    job = CalibrationJob(row.base_model, row.kind, expert_id, str(Path(weights.local_path)), weights.sha256)
+    job = CalibrationJob(row.base_model, row.kind, expert_id, str(Path(weights.local_path)), weights.sha256,
+                         tuple(row.trigger_words) if row.kind == "lora" else ())
     try:
         vectors = calibrate_experts([job], [p.text for p in prompts], CALIBRATION_SEEDS,
                                     ray_address=ctx.settings.ray_address, workers=ctx.settings.ray_workers,

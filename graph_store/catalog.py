@@ -40,10 +40,11 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 
 from ..errors import one_line
+from ..families import base_family
 from ..text_embedding import DIM
 from .records import ExpertFile, ExpertRecord, check_description
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: base_model is the family (diffgraph.families.base_family), declared_base the published name
 STATUSES = ("pending", "active", "rejected", "failed", "removed")
 KINDS = ("ckpt", "lora")
 
@@ -75,6 +76,7 @@ CREATE TABLE IF NOT EXISTS experts (
     created_at TEXT NOT NULL,
     updated_at TEXT NOT NULL,
     attempts INTEGER NOT NULL,
+    declared_base TEXT NOT NULL DEFAULT '',
     UNIQUE (source, source_id)
 );
 CREATE INDEX IF NOT EXISTS experts_partition ON experts (base_model, kind, status);
@@ -110,7 +112,7 @@ CREATE TABLE IF NOT EXISTS runs (
 _EXPERT_COLUMNS = ("id", "source", "source_id", "version", "name", "kind", "base_model", "files", "license",
                    "trigger_words", "tags", "homepage_url", "source_description", "page_sha256", "description",
                    "description_text", "status", "status_reason", "published_at", "created_at", "updated_at",
-                   "attempts")
+                   "attempts", "declared_base")
 _JSON_COLUMNS = ("files", "license", "trigger_words", "tags", "description")
 
 
@@ -158,6 +160,7 @@ class ExpertRow:
     created_at: str
     updated_at: str
     attempts: int
+    declared_base: str = ""
 
     def record(self) -> ExpertRecord:
         """The source-side view of this expert."""
@@ -165,7 +168,7 @@ class ExpertRow:
                             kind=self.kind, base_model=self.base_model, files=list(self.files),
                             homepage_url=self.homepage_url, trigger_words=list(self.trigger_words),
                             tags=list(self.tags), license=dict(self.license), published_at=self.published_at,
-                            source_description=self.source_description)
+                            source_description=self.source_description, declared_base=self.declared_base)
 
     def to_dict(self) -> dict:
         """The fields as plain JSON-able values (what asdict gives, without its recursive deep
@@ -288,6 +291,7 @@ class Catalog:
         self._lock = threading.RLock()  # LangGraph may call tools from worker threads
         self._depth = 0
         self._ref_cache: tuple[str, dict[int, np.ndarray]] | None = None
+        self.migrated = False  # set when open() upgraded an older schema
 
     @property
     def backend(self) -> str:
@@ -307,12 +311,25 @@ class Catalog:
                 version = catalog._meta("schema_version")
                 if version is None:
                     catalog._set_meta("schema_version", str(SCHEMA_VERSION))
+                elif int(version) == 1:
+                    catalog._migrate_to_family_names()
                 elif int(version) != SCHEMA_VERSION:
                     raise RuntimeError(f"catalog {name} has schema version {version}; this code reads {SCHEMA_VERSION}")
         except BaseException:
             conn.close()
             raise
         return catalog
+
+    def _migrate_to_family_names(self) -> None:
+        """Schema 1 -> 2: base_model becomes the family and the published name moves to
+        declared_base, so experts of one family are found together however they were spelled.
+        The vectors follow at the next reconcile (their partition is the family's)."""
+        self._exec("ALTER TABLE experts ADD COLUMN declared_base TEXT NOT NULL DEFAULT ''")
+        for row in self._query("SELECT id, base_model FROM experts"):
+            self._exec("UPDATE experts SET base_model = ?, declared_base = ? WHERE id = ?",
+                       (base_family(row["base_model"]), row["base_model"], row["id"]))
+        self._set_meta("schema_version", str(SCHEMA_VERSION))
+        self.migrated = True
 
     def close(self) -> None:
         self._conn.close()
@@ -488,6 +505,7 @@ class Catalog:
                      base_model: str | None = None) -> list[ExpertRow]:
         """Experts sorted by id, optionally filtered."""
         where, params = [], []
+        base_model = None if base_model is None else base_family(base_model)
         for column, value in (("status", status), ("kind", kind), ("base_model", base_model)):
             if value is not None:
                 where.append(f"{column} = ?")
@@ -496,7 +514,7 @@ class Catalog:
         return self._rows(self._query(f"SELECT * FROM experts{clause} ORDER BY id", params))
 
     def base_models(self, status: str = "active") -> list[str]:
-        """The base models that experts of ``status`` are declared for, sorted."""
+        """The base-model families that experts of ``status`` have, sorted."""
         rows = self._query("SELECT DISTINCT base_model FROM experts WHERE status = ? ORDER BY base_model", (status,))
         return [r["base_model"] for r in rows]
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+from diffgraph.families import base_family
+
 Kind = Literal["ckpt", "lora"]
 Status = Literal["pending", "active", "rejected", "failed", "removed"]
 
@@ -47,6 +49,13 @@ class ExpertRecord:
     license: dict = field(default_factory=dict)
     published_at: str | None = None  # ISO 8601
     source_description: str = ""  # the description text the API returned (untrusted)
+    declared_base: str = ""  # the base model as published ("SD 1.5", "Pony"), kept for display
+
+    def __post_init__(self):
+        # One vocabulary: ``base_model`` is the family every lookup uses, whatever the spelling.
+        if not self.declared_base:
+            self.declared_base = self.base_model
+        self.base_model = base_family(self.base_model)
 
     @property
     def id(self) -> str:

@@ -22,6 +22,7 @@ import numpy as np
 from ..settings import Settings, get_settings
 from ..text_embedding import embed
 from .catalog import Catalog
+from .reconcile import reconcile
 from .records import ExpertRecord
 from .vectors import VectorStore, partition_name
 
@@ -46,7 +47,10 @@ class GraphStore:
         home = Path(home)
         catalog = Catalog.open(db_url or home / "catalog.sqlite")
         vectors = VectorStore.open(path=None if chroma_url else home / "chroma", url=chroma_url)
-        return cls(home=home, catalog=catalog, vectors=vectors)
+        store = cls(home=home, catalog=catalog, vectors=vectors)
+        if catalog.migrated:  # the catalog's base names changed: move the vectors to their partitions now
+            reconcile(store, repair=True)
+        return store
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> "GraphStore":

@@ -33,6 +33,7 @@ from chromadb.api.types import EmbeddingFunction
 from chromadb.config import Settings
 from chromadb.utils.embedding_functions import register_embedding_function
 
+from ..families import base_family
 from ..text_embedding import DIM
 
 PREFIX = "experts__"
@@ -81,8 +82,11 @@ def description_sha256(text: str) -> str:
 
 
 def partition_name(base_model: str, kind: str) -> str:
-    """A valid Chroma collection name for (base_model, kind): a readable slug plus a hash of the
-    exact base model string, so "SD 1.5" and "sd-1.5" never share a collection."""
+    """A valid Chroma collection name for (base family, kind): a readable slug plus a hash of the
+    family name. A base is named by its family (diffgraph.families.base_family), so "SD 1.5"
+    and "sd-1.5" share the sd15 collection; names that slug alike but are different (unknown)
+    bases never do."""
+    base_model = base_family(base_model)
     slug = re.sub(r"[^a-z0-9]+", "-", base_model.lower()).strip("-")[:48] or "base"
     digest = hashlib.sha256(base_model.encode("utf-8")).hexdigest()[:8]
     return f"{PREFIX}{slug}__{kind}__{digest}"

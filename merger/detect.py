@@ -30,10 +30,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from diffgraph.errors import DiffGraphError
+from diffgraph.families import (
+    FAMILIES,
+    MODEL_COMPONENTS,
+    UNKNOWN,
+    family_of,
+    label,
+    sd_families,
+)
 from diffgraph.safetensors_header import InvalidHeader
 from diffgraph.safetensors_header import read_header as read_safetensors_header
-
-from .families import FAMILIES, MODEL_COMPONENTS, label, sd_families
 
 
 class BaseDetectionError(DiffGraphError, ValueError):
@@ -363,40 +369,6 @@ def detect_base(header_or_path) -> str:
     checkpoint, LoRA, a single component) given as a path, a diffusers folder, a validated safetensors Header, a
     raw header dict or a state dict; BaseDetectionError (one line) when it cannot be told."""
     return explain_base(header_or_path).family
-
-
-# ---------------------------------------------------------------------------------------------
-# declared base-model names (Civitai, Hugging Face, A1111, our own) -> family
-# ---------------------------------------------------------------------------------------------
-
-UNKNOWN = ("", "unknown", "other", "none")
-
-
-def family_of(declared: str | None) -> str | None:
-    """The architecture family a published base-model name stands for ("SD 1.5" -> "sd15",
-    "Pony" -> "sdxl", "black-forest-labs/FLUX.1-dev" -> "flux", "sd_v2" -> "sd2"...), or None
-    when the name does not say."""
-    if declared is None:
-        return None
-    s = re.sub(r"[^a-z0-9]+", "", str(declared).lower())
-    if s in UNKNOWN:
-        return None
-    if s in ("sd15", "sdxl", "flux"):
-        return s
-    for family in FAMILIES.values():  # a registered family's own spellings come before the rules below
-        if s == re.sub(r"[^a-z0-9]+", "", family.name) or any(w in s for w in family.spellings):
-            return family.name
-    if "flux" in s:
-        return "flux2" if "flux2" in s else "flux"
-    if "xl" in s or any(w in s for w in ("pony", "illustrious", "noobai")):
-        return "sdxl"
-    if s.startswith("sd3") or "stablediffusion3" in s:
-        return "sd3"
-    if s.startswith(("sd2", "sdv2")) or "stablediffusion2" in s:
-        return "sd2"
-    if s.startswith(("sd1", "sdv1", "v1")) or "stablediffusionv1" in s or "stablediffusion1" in s:
-        return "sd15"
-    return None
 
 
 def reconcile_base(declared: str, files) -> str:

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from diffgraph.families import MODEL_COMPONENTS
 from diffgraph.safetensors_header import read_header
 
 from .detect import detect_base
-from .families import MODEL_COMPONENTS
 from .ldm_keys import ldm_to_diffusers
 from .merge import MergeError, add_deltas, lora_deltas
 from .real_pipelines import read_tensors

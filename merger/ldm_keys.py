@@ -42,8 +42,7 @@ from types import SimpleNamespace
 import torch
 
 from diffgraph.errors import DiffGraphError
-
-from .families import FLUX, SD15, SDXL
+from diffgraph.families import FLUX, SD15, SDXL
 
 COMPONENTS = {f.name: f.components for f in (SD15, SDXL, FLUX)}
 FAMILIES = tuple(COMPONENTS)  # the families with an original single-file layout

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .families import ADAPTED_COMPONENTS
+from diffgraph.families import ADAPTED_COMPONENTS
 
 LOW_RANK_MARKERS = ("lora_A", "lora_B", "lora_down", "lora_up", "lora.down", "lora.up", "lora_mid", "hada_w", "lokr_w")
 

@@ -76,7 +76,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .families import ADAPTED_COMPONENTS, label
+from diffgraph.families import ADAPTED_COMPONENTS, label
+
 from .merge import MergeError
 
 FAMILIES = ("sd15", "sdxl", "flux")  # the LoRA layouts in the wild: SD 1.5-like, SDXL-like, FLUX

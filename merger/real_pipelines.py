@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from diffgraph.clip_bpe import clip_vocab_and_merges
+from diffgraph.families import FAMILIES, MODEL_COMPONENTS, label, lookup
 
 from .detect import BaseDetectionError, BaseMismatchError, detect_base
-from .families import FAMILIES, MODEL_COMPONENTS, label, lookup
 from .ldm_keys import COMPONENTS, ldm_to_diffusers
 
 CONFIG_ROOT = Path(__file__).parent / "configs"

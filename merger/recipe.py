@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 
 from diffgraph.errors import DiffGraphError
@@ -175,3 +176,26 @@ class MergeRecipe:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
+
+
+MAX_TRIGGER_WORDS = 6  # per expert: the text encoder reads 77 tokens, and published lists run long
+MAX_TRIGGER_CHARS = 60
+
+
+def with_trigger_words(prompt: str, words_per_expert: list[list[str]] | list[tuple[str, ...]]) -> str:
+    """``prompt`` with each expert's trigger words appended (", word"), as A1111 users write
+    them: each word once, none the prompt already holds (case-insensitive, whole words), at
+    most MAX_TRIGGER_WORDS per expert and none longer than MAX_TRIGGER_CHARS. A LoRA trained on
+    a trigger word does little without it, so calibration and generation both render with them."""
+    out = " ".join(prompt.split())
+    for words in words_per_expert:
+        kept = 0
+        for word in words:
+            word = " ".join(str(word).split()).strip(" ,")
+            if not word or len(word) > MAX_TRIGGER_CHARS or kept >= MAX_TRIGGER_WORDS:
+                continue
+            kept += 1
+            if re.search(rf"(?<!\w){re.escape(word)}(?!\w)", out, re.IGNORECASE):
+                continue
+            out = f"{out}, {word}" if out else word
+    return out

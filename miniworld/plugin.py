@@ -10,8 +10,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from diffgraph.families import Family
 from diffgraph.merger.engine import MergeEngine
-from diffgraph.merger.families import Family
 from diffgraph.settings import get_settings
 from diffgraph.tools.bases import BaseProfile
 from diffgraph.tools.sources import CivitaiSource, HFSource

@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 from rich.console import Console
+from support.servers import chroma_server
 
 from diffgraph.graph_store.catalog import Catalog, redact, sqlite_path
 from diffgraph.graph_store.export import export_graph, import_graph
@@ -16,9 +17,13 @@ from diffgraph.graph_store.reconcile import reconcile
 from diffgraph.graph_store.records import ExpertFile, ExpertRecord
 from diffgraph.graph_store.status import graph_status, render_status
 from diffgraph.graph_store.store import GraphStore
-from diffgraph.graph_store.vectors import ChromaEmbeddingRefused, RefuseToEmbed, VectorStore, partition_name
+from diffgraph.graph_store.vectors import (
+    ChromaEmbeddingRefused,
+    RefuseToEmbed,
+    VectorStore,
+    partition_name,
+)
 from diffgraph.graph_store.views import activated_subgraph
-from support.servers import chroma_server
 
 METRICS = ["clip", "aesthetic"]
 EXPORT_FILES = ("edges.npy", "node_features.npz", "edge_features.npz", "manifest.json")
@@ -158,7 +163,10 @@ def test_queries_return_only_active_experts_of_the_partition(graph):
     assert [h[0] for h in graph.vectors.query(query, "ckpt", "sd15", k=5)] == ["civitai:4"]
     assert [h[0] for h in graph.vectors.query(query, "lora", "sdxl", k=5)] == ["civitai:5"]
     assert graph.vectors.query(query, "lora", "flux", k=5) == []
-    assert partition_name("SD 1.5", "lora") != partition_name("sd-1.5", "lora")
+    # one family, however it is spelled; names of unknown bases that slug alike stay apart
+    assert partition_name("SD 1.5", "lora") == partition_name("sd-v1-5", "lora") == partition_name("sd15", "lora")
+    assert [h[0] for h in graph.vectors.query(query, "lora", "SD 1.5", k=5)] == ["civitai:1", "civitai:2"]
+    assert partition_name("Hunyuan 1", "lora") != partition_name("hunyuan-1", "lora")
 
 
 def test_query_falls_back_to_a_filter_when_inactive_neighbours_crowd_out(tmp_path):

@@ -44,10 +44,20 @@ from rich.console import Console
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save as save_numpy
 from safetensors.torch import save as save_torch
+from support.fake_site import FakeSite
+from support.graph_snapshot import (
+    Snapshot,
+    assert_only,
+    assert_refused,
+    snapshot,
+    store_is_clean,
+)
+from support.openai_server import ScriptedOpenAI, running, tool_call
+from support.serving import serving as serve
 
 from diffgraph.agents import brain, injection
-from diffgraph.agents.gca import run_pass
 from diffgraph.agents.describe import describe
+from diffgraph.agents.gca import run_pass
 from diffgraph.agents.injection import LIST_FIELDS, skeleton
 from diffgraph.graph_store.export import export_graph, import_graph, read_export
 from diffgraph.graph_store.store import GraphStore
@@ -56,13 +66,17 @@ from diffgraph.miniworld.hub import load_manifest, manifest_experts, running_hub
 from diffgraph.settings import Settings
 from diffgraph.tools.browser import HomepageReader
 from diffgraph.tools.sources import (
-    ApiError, CivitaiSource, ContentStore, HFSource, IntegrityError, InvalidSafetensors, LocalFolderSource,
-    RetryPolicy, UnsafeFileError, load_weights,
+    ApiError,
+    CivitaiSource,
+    ContentStore,
+    HFSource,
+    IntegrityError,
+    InvalidSafetensors,
+    LocalFolderSource,
+    RetryPolicy,
+    UnsafeFileError,
+    load_weights,
 )
-from support.fake_site import FakeSite
-from support.graph_snapshot import Snapshot, assert_only, assert_refused, snapshot, store_is_clean
-from support.openai_server import ScriptedOpenAI, running, tool_call
-from support.serving import serving as serve
 
 N_R = 3
 BASELINE = ("polka-dots", "checkerboard")  # a civitai and an hf expert: the neighbours that must not change
@@ -431,7 +445,7 @@ def test_hostile_files_and_api_fields_end_to_end(baseline, home, published, arti
         mid = site.publish_civitai("ldm.safetensors", foreign_layout_lora(lora), model_name="Foreign layout")
         expect[f"civitai:{mid}"] = ("rejected", ("base model",))  # detected as another base, or does not fit
         mid = site.publish_civitai("sd15.safetensors", real, base_model="SD 1.5", model_name="Another base")
-        expect[f"civitai:{mid}"] = ("rejected", ("base model 'SD 1.5' is not supported",))
+        expect[f"civitai:{mid}"] = ("rejected", ("no base-model profile for 'SD 1.5'",))
         for name, needle in (("../../evil.safetensors", "'.', '..'"), ("/etc/evil.safetensors", "absolute path"),
                              ("..\\..\\evil.safetensors", "backslash"), ("C:evil.safetensors", "drive"),
                              ("sub/../../evil.safetensors", "'..'"), ("evil\x00.safetensors", "NUL")):
@@ -448,10 +462,10 @@ def test_hostile_files_and_api_fields_end_to_end(baseline, home, published, arti
         expect[f"civitai:{mid}"] = ("rejected", ("not http/https",))
         mid = site.publish_civitai("big-page.safetensors", real, model_name="Huge page",
                                    page="<html><body><p>" + "big words " * 300_000 + "</p></body></html>")
-        expect[f"civitai:{mid}"] = ("failed", ("homepage unreadable", "too large"))
+        pageless = {f"civitai:{mid}": "too large"}  # an unreadable homepage never fails an expert
         mid = site.publish_civitai("moving-page.safetensors", real, model_name="Moving page")
         site.redirects[site.civitai_page_path(mid)] = "http://evil.example/landing"
-        expect[f"civitai:{mid}"] = ("failed", ("homepage unreadable", "not allowed"))
+        pageless[f"civitai:{mid}"] = "not allowed"
         site.hf["someone/.."] = {**site.hf["someone/escape"], "id": "someone/.."}  # an id that is a path: not listed
 
         before = snapshot(home)
@@ -460,7 +474,10 @@ def test_hostile_files_and_api_fields_end_to_end(baseline, home, published, arti
                             home)
     after = snapshot(home)
     assert not marker.exists(), "a pickle payload ran"
-    assert not result["counts"].get("active"), log
+    assert result["counts"].get("active") == len(pageless), log
+    for expert_id, why in pageless.items():  # described from the API's metadata instead, with a note
+        assert after.rows[expert_id]["status"] == "active", after.rows[expert_id]
+        assert re.search(rf"note.*{re.escape(expert_id)}: homepage unreadable \(.*{why}", log, re.I), log[-3000:]
     for expert_id, (status, needles) in expect.items():
         assert expert_id in after.rows, f"{expert_id} was not listed:\n{log[-2000:]}"
         assert_refused(after.rows[expert_id], status, *needles)
@@ -470,7 +487,8 @@ def test_hostile_files_and_api_fields_end_to_end(baseline, home, published, arti
     refused_before_calibration = {i for i, (_, n) in expect.items() if not n[0].startswith(("merged", "base model"))}
     assert not refused_before_calibration & set(after.vectors), "a file refused at download was described"
     assert all(after.vectors[i][0].status == "rejected" for i in set(expect) & set(after.vectors))
-    assert_neighbours_kept(before, after, export_before, export_by_expert(home, tmp_path / "export-after"), set(expect))
+    assert_neighbours_kept(before, after, export_before, export_by_expert(home, tmp_path / "export-after"),
+                           set(expect) | set(pageless))
     assert store_is_clean(home)
     assert not list(tmp_path.rglob("evil*")) and not list(home.rglob("*.partial"))
     print(f"\nhostile files and API fields: {len(expect)} cases, all refused "

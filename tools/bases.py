@@ -17,9 +17,8 @@ from functools import lru_cache
 from pathlib import Path
 
 from diffgraph.errors import DiffGraphError
-from diffgraph.merger.detect import family_of
+from diffgraph.families import family_of, label
 from diffgraph.merger.engine import MergeEngine
-from diffgraph.merger.families import label
 from diffgraph.merger.real_pipelines import load_base
 from diffgraph.registry import Registry
 from diffgraph.settings import get_settings
@@ -128,8 +127,7 @@ def choose_base(requested: str | None, held: list[str]) -> str:
     empty graph, the only registered base (a plugin's, when no real base is configured).
     More than one candidate is an AmbiguousBase error naming them, never a silent pick."""
     if requested:
-        profile(requested)  # a base nothing can render is refused here, in one line
-        return requested
+        return profile(requested).name  # its family ("SD 1.5" -> "sd15"); a base nothing can render is refused in one line
     candidates = sorted(set(held)) or BASES.names()
     if len(candidates) == 1:
         return candidates[0]

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from diffgraph.merger.merge import MergeError
-from diffgraph.merger.recipe import ExpertWeight, MergeRecipe
+from diffgraph.merger.recipe import ExpertWeight, MergeRecipe, with_trigger_words
 
 PREPOSITIONS = frozenset("on in at against with under over behind beside near above below inside around of".split())
 FUNCTION_WORDS = frozenset("a an the and or to for from by is are it its this that".split())
@@ -76,13 +76,16 @@ class CalibrationJob:
     name: str
     path: str
     sha256: str | None = None
+    trigger_words: tuple[str, ...] = ()  # put into every prompt it renders (merger.recipe.with_trigger_words)
 
     def recipe(self, prompt: str, seed: int) -> MergeRecipe:
-        return expert_recipe(self.base_model, self.kind, self.name, Path(self.path), self.sha256, prompt, seed)
+        return expert_recipe(self.base_model, self.kind, self.name, Path(self.path), self.sha256,
+                             with_trigger_words(prompt, [self.trigger_words]), seed)
 
 
 def score_prompt(engine, suite, job: CalibrationJob, prompt: str, seeds: Sequence[int]) -> list[float]:
-    """One (expert, reference prompt) pair: render with each seed, score, mean over the seeds.
+    """One (expert, reference prompt) pair: render with each seed (the prompt with the expert's
+    trigger words), score against the reference prompt itself, mean over the seeds.
     Raises MergeError (the expert is rejected) if its weights or its scores are not finite."""
     require_finite_weights(engine, job)
     images = [engine.render(job.recipe(prompt, s)) for s in seeds]

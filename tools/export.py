@@ -22,10 +22,10 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from diffgraph.errors import DiffGraphError, reason
+from diffgraph.families import family_of
 from diffgraph.files import atomic_path
 from diffgraph.graph_store.store import GraphStore
 from diffgraph.merger.a1111 import A1111Prompt, recipe_to_a1111
-from diffgraph.merger.detect import family_of
 from diffgraph.merger.ldm_keys import FAMILIES as ORIGINAL_LAYOUTS
 from diffgraph.merger.ldm_keys import diffusers_to_ldm
 from diffgraph.merger.png import read_recipe

@@ -12,7 +12,13 @@ from pathlib import Path
 
 from diffgraph.graph_store.store import GraphStore
 from diffgraph.merger.png import save_png
-from diffgraph.merger.recipe import STRENGTHS, ExpertWeight, MergeRecipe, MergeRule
+from diffgraph.merger.recipe import (
+    STRENGTHS,
+    ExpertWeight,
+    MergeRecipe,
+    MergeRule,
+    with_trigger_words,
+)
 from diffgraph.settings import get_settings
 
 from . import bases
@@ -23,8 +29,9 @@ def build_recipe(store: GraphStore, prompt: str, base_model: str, seed: int, pic
     """A recipe from picks ({id, kind}) and coefficients, with each expert's local file,
     under a merge rule. The default, STRENGTHS (checkpoints: anchored softmax; each LoRA at its
     own strength), is the one under which merging the selected experts gained most in the mini
-    world (benchmarks/RESULTS.md); see MergeRule."""
-    ckpts, loras = [], []
+    world (benchmarks/RESULTS.md); see MergeRule. The recipe's prompt is the one rendered: the
+    selected LoRAs' trigger words are added to it (merger.recipe.with_trigger_words)."""
+    ckpts, loras, triggers = [], [], []
     for pick in picks:
         row = store.catalog.get(pick["id"])
         weights = next((f for f in row.files if f.local_path and f.name.endswith(".safetensors")), None)
@@ -33,7 +40,9 @@ def build_recipe(store: GraphStore, prompt: str, base_model: str, seed: int, pic
         entry = ExpertWeight(pick["id"], float(coefficients.get(pick["id"], 0.5)), weights.local_path, weights.sha256,
                              Path(weights.name).name)
         (ckpts if row.kind == "ckpt" else loras).append(entry)
-    return rule.recipe(base_model, prompt, seed, ckpts, loras)
+        if row.kind == "lora":
+            triggers.append(row.trigger_words)
+    return rule.recipe(base_model, with_trigger_words(prompt, triggers), seed, ckpts, loras)
 
 
 def render_recipe(recipe: MergeRecipe, out: Path | None = None, explanation: dict | None = None) -> dict:

@@ -1,17 +1,24 @@
-"""A local folder of expert files, as A1111 and ComfyUI users keep them (models/Lora,
-models/Stable-diffusion, models/checkpoints, ...), read with whatever metadata sits beside
-each file:
+"""A local folder of expert files, as A1111, Forge and ComfyUI users keep them (models/Lora,
+models/LyCORIS, models/Stable-diffusion, models/checkpoints, models/loras, ...), read with
+whatever metadata sits beside each file. Who wins where they disagree, highest first:
 
-- ``<name>.civitai.info``: the Civitai model-version JSON that the Civitai Helper extension
-  saves (model name and type, baseModel, trainedWords, modelId);
-- ``<name>.json``: A1111's extra-networks metadata ("sd version", "activation text",
-  "description"), or our own keys (kind, base_model, trigger_words, name, tags, license,
-  homepage_url, description), which win over everything else.
+1. ``<name>.json`` with our own keys (kind, base_model, trigger_words, name, tags, license,
+   homepage_url, description);
+2. the same file as A1111 writes it ("sd version", "activation text", "description"): the
+   user's own words beat any hub's;
+3. ``<name>.civitai.info`` (Civitai Helper: the model-version JSON, with baseModel,
+   trainedWords, modelId) and ``<name>.metadata.json`` (ComfyUI-Lora-Manager: model_name,
+   base_model, civitai.trainedWords, tags, modelDescription);
+4. the file itself: kohya's ``ss_*`` metadata and the tensor names of its safetensors header
+   (read without loading anything; diffgraph.merger.detect), or the folder name for pickles.
 
-Without metadata the kind comes from the tensor names in the safetensors header (read without
-loading anything), or the folder name for pickle files, and so does the base model
-(diffgraph.merger.detect; "unknown" when the names do not tell). The version is the file's
-sha256, so editing a file in place makes a new version.
+Files that are not experts are skipped with a one-line note in :attr:`LocalFolderSource.notes`,
+not rejected: VAEs, textual-inversion embeddings, ControlNets, and the configured base models
+themselves (DIFFGRAPH_BASE_SD15 / _SDXL). Byte-identical copies are one expert, listed under the
+first path with the others beside it. Files are used where they are (no copy into
+DIFFGRAPH_HOME), and their sha256 is cached by (path, size, mtime), so an unchanged pass over a
+large library reads no file twice. The version is the file's sha256, so editing a file in place
+makes a new version.
 """
 
 from __future__ import annotations
@@ -21,73 +28,136 @@ import json
 import logging
 import os
 import re
+import sqlite3
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from diffgraph.graph_store.records import ExpertFile, ExpertRecord
 from diffgraph.merger.detect import BaseDetectionError, detect_base
+from diffgraph.settings import get_settings
 
 from .base import Since, as_utc
 from .civitai import KINDS as CIVITAI_KINDS
 from .download import PICKLE_SUFFIXES, ContentStore
-from .errors import InvalidSafetensors, UnsafeFileError
+from .errors import IntegrityError, InvalidSafetensors, UnsafeFileError
 from .validate import validate_safetensors
 
 WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 LORA_FOLDERS = {"lora", "loras", "lycoris", "locon"}
 MAX_SIDECAR_BYTES = 4 * 2**20
 _LORA_KEY = re.compile(r"(^lora_|\.lora_(down|up|A|B)\.|\.lora\.(down|up)\.|\.(hada|lokr)_w)")
+_VAE_KEY = re.compile(r"^(first_stage_model\.|vae\.)?(encoder|decoder|quant_conv|post_quant_conv)\b")
+_EMBEDDING_KEYS = {"emb_params", "clip_l", "clip_g"}  # A1111 / SDXL textual inversions (or string_to_* keys)
+NOT_EXPERT_FOLDERS = {"vae": "a VAE", "embeddings": "a textual-inversion embedding", "controlnet": "a ControlNet",
+                      "upscale_models": "an upscaler", "esrgan": "an upscaler", "clip": "a text encoder"}
 log = logging.getLogger(__name__)
 
 
 class LocalFolderSource:
-    """Every weights file under ``root`` (recursively; hidden files skipped)."""
+    """Every expert file under ``root`` (recursively; hidden files skipped).
+
+    ``hash_cache``: a SQLite file remembering each file's sha256 by (path, size, mtime_ns)
+    (default: DIFFGRAPH_HOME/local_hashes.sqlite); ``skip_paths``: files that are not experts
+    whatever they hold (default: the configured base models)."""
 
     name = "local"
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, hash_cache: Path | None = None, skip_paths: tuple[Path, ...] | None = None):
         self.root = Path(root).expanduser().absolute()
         if not self.root.is_dir():
             raise NotADirectoryError(f"local source: {self.root} is not a directory")
+        self.notes: list[str] = []
+        self.hashed = 0  # files read to hash them in this process (the rest came from the cache)
+        self._hash_cache = Path(hash_cache) if hash_cache else get_settings().home / "local_hashes.sqlite"
+        self._skip = {p.resolve() for p in (configured_bases() if skip_paths is None else skip_paths)}
 
     def iter_models(self, *, since: Since = None) -> Iterator[ExpertRecord]:
-        """A record per weights file whose file or sidecars changed at or after ``since``
-        (modification time), hashing only those."""
+        """A record per distinct expert file whose file or sidecars changed at or after ``since``
+        (modification time). Byte-identical copies are one record, named by the copy that has
+        sidecars (the user's metadata), else by the first path in sorted order."""
         since = as_utc(since)
+        self.notes = []
+        copies: dict[str, list[tuple[bool, ExpertRecord]]] = {}
         for path in sorted(self.root.rglob("*")):
             if path.suffix.lower() not in WEIGHT_SUFFIXES or not path.is_file() or _hidden(path, self.root):
                 continue
+            what = self._not_an_expert(path)
+            if what:
+                self.notes.append(f"{path.relative_to(self.root)}: {what}, not an expert; skipped")
+                continue
             changed = max(_mtime(p) for p in (path, *_sidecars(path)) if p.is_file())
             if since is None or changed >= since:
-                yield self.record(path, changed)
+                record = self.record(path, changed)
+                copies.setdefault(record.version, []).append((any(p.is_file() for p in _sidecars(path)), record))
+        for group in copies.values():
+            named = next((r for has_sidecars, r in group if has_sidecars), group[0][1])
+            for _, other in group:
+                if other is not named:
+                    named.files.append(replace(other.files[0], primary=False))
+                    self.notes.append(f"{other.source_id}: the same bytes as {named.source_id}; one expert")
+            yield named
+
+    def _not_an_expert(self, path: Path) -> str | None:
+        """What a file that is no expert is ("a VAE", ...), or None for a checkpoint or LoRA."""
+        if path.resolve() in self._skip:
+            return "the configured base model"
+        folder = next((NOT_EXPERT_FOLDERS[p.lower()] for p in path.relative_to(self.root).parent.parts
+                       if p.lower() in NOT_EXPERT_FOLDERS), None)
+        if path.suffix.lower() != ".safetensors":
+            return folder
+        try:
+            keys = list(validate_safetensors(path).tensors)
+        except InvalidSafetensors:
+            return folder  # the store refuses it later, with the reason
+        if keys and all(k in _EMBEDDING_KEYS or k.startswith("string_to_") for k in keys):
+            return "a textual-inversion embedding"
+        if any(k.startswith(("control_model.", "controlnet_")) for k in keys):
+            return "a ControlNet"
+        if keys and all(_VAE_KEY.match(k) for k in keys):
+            return "a VAE"
+        return folder if folder and not any(_LORA_KEY.search(k) for k in keys) else None
 
     def record(self, path: Path, changed: datetime) -> ExpertRecord:
-        info, own = (_read_json(p) for p in _sidecars(path))
+        info, own, manager = (_read_json(p) for p in _sidecars(path))
         model = info.get("model") if isinstance(info.get("model"), dict) else {}
+        manager_civitai = manager.get("civitai") if isinstance(manager.get("civitai"), dict) else {}
+        header = _header_metadata(path)
         a1111_base = own.get("sd version") if own.get("sd version") not in (None, "", "Unknown") else None
-        words = own.get("trigger_words") or info.get("trainedWords") or _split(own.get("activation text"))
-        sha256 = _sha256(path)
+        words = (own.get("trigger_words") or _split(own.get("activation text")) or info.get("trainedWords")
+                 or manager_civitai.get("trainedWords"))
+        sha256 = self._sha256(path)
         homepage = own.get("homepage_url") or (
             f"https://civitai.com/models/{info['modelId']}" if str(info.get("modelId", "")).isdigit() else None)
+        declared = (own.get("base_model") or a1111_base or info.get("baseModel") or manager.get("base_model")
+                    or header.get("ss_base_model_version") or _detected_base(path))
         return ExpertRecord(
             source=self.name, source_id=path.relative_to(self.root).as_posix(), version=sha256,
-            name=str(own.get("name") or model.get("name") or path.stem),
+            name=str(own.get("name") or model.get("name") or manager.get("model_name") or path.stem),
             kind=_kind(own.get("kind"), model.get("type"), path),
-            base_model=str(own.get("base_model") or info.get("baseModel") or a1111_base or _detected_base(path)),
+            base_model=str(declared),
             files=[ExpertFile(name=path.name, url=path.as_uri(), sha256=sha256, size=path.stat().st_size)],
             homepage_url=homepage,
-            trigger_words=[str(w) for w in words if str(w).strip()] if isinstance(words, list) else [],
-            tags=[str(t) for t in own.get("tags") or []] if isinstance(own.get("tags"), list) else [],
+            trigger_words=_words(words),
+            tags=[str(t) for t in (own.get("tags") or manager.get("tags") or []) if isinstance(t, str)]
+            if isinstance(own.get("tags") or manager.get("tags") or [], list) else [],
             license=own.get("license") if isinstance(own.get("license"), dict) else {},
             published_at=changed.isoformat(),
-            source_description=str(own.get("description") or info.get("description") or ""),
+            source_description=str(own.get("description") or info.get("description")
+                                   or manager.get("modelDescription") or ""),
         )
 
     def download(self, file: ExpertFile, store: ContentStore) -> Path:
-        """Copy the file into the store (a copy, not a link: the user may edit the original)."""
-        return store.ingest(self._local_path(file.url), file)
+        """The file where it is (a library of multi-GB checkpoints is not copied), after checking
+        it still holds the bytes it was listed with."""
+        path = self._local_path(file.url)
+        if not path.is_file():
+            raise IntegrityError(f"local source: {path} is gone")
+        if file.sha256 and self._sha256(path) != file.sha256:
+            raise IntegrityError(f"local source: {path.name} changed since it was listed; it is picked up at the next pass")
+        return path
 
     def _local_path(self, url: str) -> Path:
         parts = urlsplit(url)
@@ -96,13 +166,52 @@ class LocalFolderSource:
             raise UnsafeFileError(f"local source: {url!r} is not a file under {self.root}")
         return path
 
+    def _sha256(self, path: Path) -> str:
+        """The file's sha256, read once per (path, size, mtime)."""
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        self._hash_cache.parent.mkdir(parents=True, exist_ok=True)
+        with sqlite3.connect(self._hash_cache) as db:
+            db.execute("CREATE TABLE IF NOT EXISTS hashes (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, sha256 TEXT)")
+            row = db.execute("SELECT sha256 FROM hashes WHERE path = ? AND size = ? AND mtime_ns = ?", key).fetchone()
+            if row:
+                return row[0]
+            digest = _sha256(path)
+            self.hashed += 1
+            db.execute("INSERT OR REPLACE INTO hashes VALUES (?, ?, ?, ?)", (*key, digest))
+        return digest
+
     def close(self) -> None:
         """Nothing to release; present for the Source interface."""
 
 
-def _sidecars(path: Path) -> tuple[Path, Path]:
-    """Where Civitai Helper's and A1111's (or our own) metadata for ``path`` would be."""
-    return path.with_suffix(".civitai.info"), path.with_suffix(".json")
+def configured_bases() -> tuple[Path, ...]:
+    """The base-model files the user configured (DIFFGRAPH_BASE_<FAMILY>), which are not experts."""
+    return tuple(Path(v).expanduser() for k, v in os.environ.items()
+                 if k.startswith("DIFFGRAPH_BASE_") and v and Path(v).expanduser().is_file())
+
+
+def _header_metadata(path: Path) -> dict[str, str]:
+    """The safetensors ``__metadata__`` (kohya's ss_* keys), {} when there is none or it is unreadable."""
+    if path.suffix.lower() != ".safetensors":
+        return {}
+    try:
+        return dict(validate_safetensors(path).metadata)
+    except InvalidSafetensors:
+        return {}
+
+
+def _words(words) -> list[str]:
+    """Trigger words as a clean list: strings only, stripped, each once, in their order."""
+    if not isinstance(words, list):
+        return []
+    return list(dict.fromkeys(w for w in (" ".join(str(x).split()) for x in words if isinstance(x, str)) if w))
+
+
+def _sidecars(path: Path) -> tuple[Path, Path, Path]:
+    """Where Civitai Helper's, A1111's (or our own) and ComfyUI-Lora-Manager's metadata for
+    ``path`` would be."""
+    return path.with_suffix(".civitai.info"), path.with_suffix(".json"), path.with_suffix(".metadata.json")
 
 
 def _kind(own: str | None, civitai_type: str | None, path: Path) -> str:

@@ -10,6 +10,7 @@ family through the ``diffgraph.families`` entry-point group, as the mini world a
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from diffgraph.registry import Registry
@@ -77,3 +78,64 @@ def sd_families(**facts: bool) -> frozenset[str]:
     (e.g. ``attention_in_first_down_block=True``)."""
     return frozenset(f.name for f in FAMILIES.values()
                      if f.is_sd and all(getattr(f, k) == v for k, v in facts.items()))
+
+
+# ---------------------------------------------------------------------------------------------
+# published base-model names (Civitai, Hugging Face, A1111, our own) -> family
+# ---------------------------------------------------------------------------------------------
+
+UNKNOWN = ("", "unknown", "other", "none")
+# SDXL-architecture lines that publishers name instead of SDXL; kept as a sub-label for display
+SDXL_VARIANTS = {"pony": "Pony", "illustrious": "Illustrious", "noobai": "NoobAI"}
+
+
+def family_of(declared: str | None) -> str | None:
+    """The architecture family a published base-model name stands for ("SD 1.5" -> "sd15",
+    "Pony" -> "sdxl", "black-forest-labs/FLUX.1-dev" -> "flux", "sd_v2" -> "sd2"...), or None
+    when the name does not say."""
+    if declared is None:
+        return None
+    s = re.sub(r"[^a-z0-9]+", "", str(declared).lower())
+    if s in UNKNOWN:
+        return None
+    if s in ("sd15", "sdxl", "flux"):
+        return s
+    for family in FAMILIES.values():  # a registered family's own spellings come before the rules below
+        if s == re.sub(r"[^a-z0-9]+", "", family.name) or any(w in s for w in family.spellings):
+            return family.name
+    if "flux" in s:
+        return "flux2" if "flux2" in s else "flux"
+    if "xl" in s or any(w in s for w in ("pony", "illustrious", "noobai")):
+        return "sdxl"
+    if s.startswith("sd3") or "stablediffusion3" in s:
+        return "sd3"
+    if s.startswith(("sd2", "sdv2")) or "stablediffusion2" in s:
+        return "sd2"
+    if s.startswith(("sd1", "sdv1", "v1")) or "stablediffusionv1" in s or "stablediffusion1" in s:
+        return "sd15"
+    return None
+
+
+def base_family(declared: str | None) -> str:
+    """The name the catalog, the vector partitions and every request use for a base: its family
+    when the published name says one ("SD 1.5", "SD1.5", "sd-v1-5", "SD 1.4" -> "sd15"; "SDXL 1.0",
+    "Pony", "Illustrious" -> "sdxl"), "unknown" when it says nothing, else the name itself
+    (stripped), so experts of an architecture DiffGraph does not know stay apart from the rest.
+    One vocabulary: experts of one family are found together however their publishers spelled it."""
+    text = " ".join(str(declared or "").split())
+    if text.lower() in UNKNOWN:
+        return "unknown"
+    return family_of(text) or text
+
+
+def variant(declared: str | None) -> str | None:
+    """The SDXL line a published name names ("Pony", "Illustrious", "NoobAI"), or None."""
+    s = re.sub(r"[^a-z0-9]+", "", str(declared or "").lower())
+    return next((shown for key, shown in SDXL_VARIANTS.items() if key in s), None)
+
+
+def display(family: str, declared: str | None = None) -> str:
+    """How a base reads to people: its label, with the published sub-label where one applies
+    ("SDXL (Pony)")."""
+    sub = variant(declared)
+    return f"{label(family)} ({sub})" if sub and family == "sdxl" else label(family)
