@@ -449,7 +449,7 @@ def run_pass(specs: list[str], settings: Settings | None = None, console: Consol
         lock = stack.enter_context(store_lock(settings.home))
         store = stack.enter_context(GraphStore.open(settings.home, db_url=settings.db_url, chroma_url=settings.chroma_url))
         opened = [(spec, source) for spec in specs
-                  for source in stack.enter_context(open_sources(spec, hub_port=settings.hub_port))]
+                  for source in stack.enter_context(open_sources(spec, hub_port=settings.hub_port, home=settings.home))]
         sources = [s for _, s in opened]
         ctx = Context(store=store, settings=settings, sources=sources, console=console, llm=chat_model(settings),
                       reference_count=settings.reference_prompts)

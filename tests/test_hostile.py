@@ -257,9 +257,10 @@ def test_pickle_payloads_under_every_extension_never_run(tmp_path, monkeypatch):
     for name in PICKLE_NAMES:
         (folder / name).write_bytes(payloads["torch-zip"])
     local = LocalFolderSource(tmp_path / "models")
-    for record in local.iter_models():
-        with pytest.raises(UnsafeFileError):
-            local.download(record.files[0], ContentStore(tmp_path / "local-store", allow_pickle=False))
+    for record in local.iter_models():  # the same bytes under four names: one expert with four files
+        for file in record.files:
+            with pytest.raises(UnsafeFileError):
+                local.download(file, ContentStore(tmp_path / "local-store", allow_pickle=False))
     for name in PICKLE_NAMES:  # and the safetensors reader itself, on each
         with pytest.raises(SafetensorError), safe_open(str(folder / name), "pt") as f:
             list(f.keys())

@@ -17,16 +17,29 @@ import httpx
 import numpy as np
 import pytest
 from safetensors.numpy import save, save_file
+from support.fake_site import FakeSite
+from support.serving import serving as serve
 
 from diffgraph.miniworld.experts import EXPERTS
 from diffgraph.miniworld.hub import manifest_experts, running_hub
 from diffgraph.tools.sources import (
-    ApiError, CivitaiSource, ContentStore, DownloadError, HFSource, IntegrityError, InvalidSafetensors,
-    LocalFolderSource, RetryPolicy, SourceSpec, UnsafeFileError, load_weights, open_sources,
-    parse_source_spec, safe_name, validate_safetensors,
+    ApiError,
+    CivitaiSource,
+    ContentStore,
+    DownloadError,
+    HFSource,
+    IntegrityError,
+    InvalidSafetensors,
+    LocalFolderSource,
+    RetryPolicy,
+    SourceSpec,
+    UnsafeFileError,
+    load_weights,
+    open_sources,
+    parse_source_spec,
+    safe_name,
+    validate_safetensors,
 )
-from support.fake_site import FakeSite
-from support.serving import serving as serve
 
 SPECS = {s.slug: s for s in EXPERTS}
 FAST = RetryPolicy(attempts=4, initial_wait=0.01, max_wait=5)
@@ -388,7 +401,7 @@ def test_local_folder_reads_sidecars_and_tensor_names(tmp_path):
     (lora_dir / "peft.json").write_text(json.dumps({"sd version": "SDXL", "activation text": "dots, spots",
                                                     "description": "dotty"}))
     save_file({"model.diffusion_model.w": np.ones((4,), np.float32)}, ckpt_dir / "full.safetensors")
-    (ckpt_dir / "own.safetensors").write_bytes(_tiny_safetensors())
+    save_file({"unet.own.weight": np.ones((3,), np.float32)}, ckpt_dir / "own.safetensors")
     (ckpt_dir / "own.json").write_text(json.dumps({"kind": "ckpt", "base_model": "miniworld-sd", "name": "Mine"}))
     (lora_dir / "old.pt").write_bytes(b"\x80\x02pickle")
     (lora_dir / "broken.safetensors").write_bytes(b"\x00" * 4)
@@ -402,10 +415,11 @@ def test_local_folder_reads_sidecars_and_tensor_names(tmp_path):
                                "models/Lora/old.pt", "models/Lora/peft.safetensors",
                                "models/Stable-diffusion/full.safetensors", "models/Stable-diffusion/own.safetensors"]
     kohya, peft = records["models/Lora/kohya.safetensors"], records["models/Lora/peft.safetensors"]
-    assert (kohya.name, kohya.kind, kohya.base_model, kohya.trigger_words) == ("Stripes", "lora", "SD 1.5", ["stripes"])
+    assert (kohya.name, kohya.kind, kohya.base_model, kohya.trigger_words) == ("Stripes", "lora", "sd15", ["stripes"])
+    assert kohya.declared_base == "SD 1.5"
     assert kohya.homepage_url == "https://civitai.com/models/11" and kohya.source_description == "<p>lines</p>"
     assert (peft.kind, peft.base_model, peft.trigger_words, peft.source_description) == \
-        ("lora", "SDXL", ["dots", "spots"], "dotty")
+        ("lora", "sdxl", ["dots", "spots"], "dotty")
     full, own = records["models/Stable-diffusion/full.safetensors"], records["models/Stable-diffusion/own.safetensors"]
     assert (full.kind, full.base_model) == ("ckpt", "unknown")
     assert (own.kind, own.base_model, own.name) == ("ckpt", "miniworld-sd", "Mine")
@@ -415,12 +429,12 @@ def test_local_folder_reads_sidecars_and_tensor_names(tmp_path):
             hashlib.sha256((tmp_path / r.source_id).read_bytes()).hexdigest()
 
     store = ContentStore(tmp_path / "store")
-    assert source.download(kohya.files[0], store).read_bytes() == (lora_dir / "kohya.safetensors").read_bytes()
+    assert source.download(kohya.files[0], store) == lora_dir / "kohya.safetensors"  # used where it is
     with pytest.raises(InvalidSafetensors):
         source.download(records["models/Lora/broken.safetensors"].files[0], store)
     with pytest.raises(UnsafeFileError, match="pickle"):
         source.download(records["models/Lora/old.pt"].files[0], store)
-    assert len(_files(tmp_path / "store")) == 1
+    assert len(_files(tmp_path / "store")) == 0  # nothing copied
     recent = {r.source_id for r in source.iter_models(since=datetime.fromtimestamp(old + 86_400, timezone.utc))}
     assert recent == set(records) - {"models/Lora/old.pt"}
 

@@ -27,7 +27,13 @@ from diffgraph.graph_store.records import ExpertFile
 from diffgraph.settings import get_settings
 
 from .errors import DownloadError, IntegrityError, InvalidSafetensors, UnsafeFileError
-from .http import RetryPolicy, TransientStatus, check_status, describe_status, retry_call
+from .http import (
+    RetryPolicy,
+    TransientStatus,
+    check_status,
+    describe_status,
+    retry_call,
+)
 from .validate import check_finite, looks_like_safetensors, validate_safetensors
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -138,6 +144,15 @@ class ContentStore:
                 hasher.update(chunk)
                 dst.write(chunk)
         return self._commit(partial, file, sha256, hasher.hexdigest())
+
+    def check_in_place(self, path: Path, file: ExpertFile, sha256: str) -> Path:
+        """A user's own safetensors file, used where it is, under the same checks as a download
+        (``sha256``: what it hashes to now, which must be what it was listed with)."""
+        expected = self.admit(file)
+        if sha256 != expected:
+            raise IntegrityError(f"{file.name!r} changed since it was listed; it is picked up at the next pass")
+        check_finite(path, validate_safetensors(path))
+        return path
 
     def as_safetensors(self, file: ExpertFile) -> ExpertFile:
         """``file`` (downloaded, ``local_path`` set) as a safetensors file: itself when it is one;

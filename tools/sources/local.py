@@ -30,6 +30,7 @@ import os
 import re
 import sqlite3
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,7 +38,6 @@ from urllib.parse import unquote, urlsplit
 
 from diffgraph.graph_store.records import ExpertFile, ExpertRecord
 from diffgraph.merger.detect import BaseDetectionError, detect_base
-from diffgraph.settings import get_settings
 
 from .base import Since, as_utc
 from .civitai import KINDS as CIVITAI_KINDS
@@ -60,7 +60,8 @@ class LocalFolderSource:
     """Every expert file under ``root`` (recursively; hidden files skipped).
 
     ``hash_cache``: a SQLite file remembering each file's sha256 by (path, size, mtime_ns)
-    (default: DIFFGRAPH_HOME/local_hashes.sqlite); ``skip_paths``: files that are not experts
+    across runs (the GCA keeps it at DIFFGRAPH_HOME/local_hashes.sqlite; without one, hashes are
+    remembered for this source's lifetime only); ``skip_paths``: files that are not experts
     whatever they hold (default: the configured base models)."""
 
     name = "local"
@@ -71,7 +72,8 @@ class LocalFolderSource:
             raise NotADirectoryError(f"local source: {self.root} is not a directory")
         self.notes: list[str] = []
         self.hashed = 0  # files read to hash them in this process (the rest came from the cache)
-        self._hash_cache = Path(hash_cache) if hash_cache else get_settings().home / "local_hashes.sqlite"
+        self._hash_cache = Path(hash_cache) if hash_cache else None
+        self._hashes: dict[tuple[str, int, int], str] = {}  # this process's, with or without the file
         self._skip = {p.resolve() for p in (configured_bases() if skip_paths is None else skip_paths)}
 
     def iter_models(self, *, since: Since = None) -> Iterator[ExpertRecord]:
@@ -150,14 +152,15 @@ class LocalFolderSource:
         )
 
     def download(self, file: ExpertFile, store: ContentStore) -> Path:
-        """The file where it is (a library of multi-GB checkpoints is not copied), after checking
-        it still holds the bytes it was listed with."""
+        """A safetensors file where it is (a library of multi-GB checkpoints is not copied), after
+        the checks a download gets and a check that it still holds the bytes it was listed with;
+        a pickle is copied into the store, where it is refused unless opted in (and converted)."""
         path = self._local_path(file.url)
         if not path.is_file():
             raise IntegrityError(f"local source: {path} is gone")
-        if file.sha256 and self._sha256(path) != file.sha256:
-            raise IntegrityError(f"local source: {path.name} changed since it was listed; it is picked up at the next pass")
-        return path
+        if path.suffix.lower() != ".safetensors":
+            return store.ingest(path, file)
+        return store.check_in_place(path, file, self._sha256(path))
 
     def _local_path(self, url: str) -> Path:
         parts = urlsplit(url)
@@ -170,16 +173,24 @@ class LocalFolderSource:
         """The file's sha256, read once per (path, size, mtime)."""
         stat = path.stat()
         key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        if key in self._hashes:
+            return self._hashes[key]
+        if self._hash_cache is None:
+            digest = self._hashes[key] = self._hash(path)
+            return digest
         self._hash_cache.parent.mkdir(parents=True, exist_ok=True)
-        with sqlite3.connect(self._hash_cache) as db:
+        with closing(sqlite3.connect(self._hash_cache)) as db, db:
             db.execute("CREATE TABLE IF NOT EXISTS hashes (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, sha256 TEXT)")
             row = db.execute("SELECT sha256 FROM hashes WHERE path = ? AND size = ? AND mtime_ns = ?", key).fetchone()
-            if row:
-                return row[0]
-            digest = _sha256(path)
-            self.hashed += 1
-            db.execute("INSERT OR REPLACE INTO hashes VALUES (?, ?, ?, ?)", (*key, digest))
+            digest = row[0] if row else self._hash(path)
+            if not row:
+                db.execute("INSERT OR REPLACE INTO hashes VALUES (?, ?, ?, ?)", (*key, digest))
+        self._hashes[key] = digest
         return digest
+
+    def _hash(self, path: Path) -> str:
+        self.hashed += 1
+        return _sha256(path)
 
     def close(self) -> None:
         """Nothing to release; present for the Source interface."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 
@@ -27,6 +28,7 @@ from .local import LocalFolderSource
 from .single import path_source, url_source
 
 BUILT_IN = ("civitai", "hf", "local", "url", "file")
+LOCAL_HASHES = "local_hashes.sqlite"  # under DIFFGRAPH_HOME: local files' sha256 by (path, size, mtime)
 SOURCE_KINDS: Registry[Callable[..., AbstractContextManager[list[Source]]]] = Registry("diffgraph.sources", "source kind")
 
 
@@ -68,8 +70,10 @@ def parse_source_spec(text: str) -> SourceSpec:
 
 
 @contextmanager
-def open_sources(spec: str | SourceSpec, *, retry: RetryPolicy | None = None, hub_port: int = 0) -> Iterator[list[Source]]:
+def open_sources(spec: str | SourceSpec, *, retry: RetryPolicy | None = None, hub_port: int = 0,
+                 home: Path | None = None) -> Iterator[list[Source]]:
     """The source clients a spec names, closed (and a registered kind's server stopped) on exit.
+    ``home`` (DIFFGRAPH_HOME) keeps a local folder's hash cache across runs.
 
     ``hub_port`` pins the port of a kind that serves its own hub (DIFFGRAPH_HUB_PORT), so the
     URLs it publishes (and the catalog stores) are the same from one crawl to the next; 0 takes
@@ -81,7 +85,7 @@ def open_sources(spec: str | SourceSpec, *, retry: RetryPolicy | None = None, hu
         elif spec.kind == "hf":
             sources = [HFSource(spec.location, retry=retry)]
         elif spec.kind == "local":
-            sources = [LocalFolderSource(spec.location)]
+            sources = [LocalFolderSource(spec.location, hash_cache=home / LOCAL_HASHES if home else None)]
         elif spec.kind in ("url", "file"):
 
             sources = [url_source(spec.location, retry) if spec.kind == "url" else path_source(spec.location)]
