@@ -37,13 +37,7 @@ from diffgraph.tools.plugins import plugins
 from diffgraph.tools.render import render_recipe
 from diffgraph.tools.sources import SourceError
 from diffgraph.tools.sources.spec import kinds
-from langchain_core.messages import (
-    AIMessage,
-    AnyMessage,
-    HumanMessage,
-    SystemMessage,
-    ToolMessage,
-)
+from langchain_core.messages import AIMessage, AnyMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.runnables import RunnableConfig
 from langgraph.graph.message import add_messages
 from langgraph.runtime import Runtime

@@ -45,18 +45,8 @@ from diffgraph.settings import Settings, get_settings
 from diffgraph.text_embedding import embed
 from diffgraph.tools import bases
 from diffgraph.tools.browser import HomepageReader, PageError, PageReading
-from diffgraph.tools.calibrate import (
-    CalibrationJob,
-    calibrate_experts,
-    select_reference_prompts,
-)
-from diffgraph.tools.sources import (
-    ContentStore,
-    IntegrityError,
-    SourceError,
-    UnsafeFileError,
-    open_sources,
-)
+from diffgraph.tools.calibrate import CalibrationJob, calibrate_experts, select_reference_prompts
+from diffgraph.tools.sources import ContentStore, IntegrityError, SourceError, UnsafeFileError, open_sources
 
 from .describe import describe as describe_expert
 from .llm import chat_model
@@ -411,6 +401,8 @@ def _list_sources(sources: list[tuple[str, object]], console: Console
         try:
             for record in source.iter_models():
                 listing[record.id] = (record, source)
+            for note in getattr(source, "notes", ()):  # files a source skipped, and why (a local folder's VAEs, ...)
+                console.print(f"  [dim]note[/] {escape(note)}")
         except (SourceError, OSError) as exc:
             failure = ListingFailure(spec, source.name, reason(exc))
             console.print(f"  [red]source failed[/] {escape(str(failure))}")

@@ -30,14 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from diffgraph.errors import DiffGraphError
-from diffgraph.families import (
-    FAMILIES,
-    MODEL_COMPONENTS,
-    UNKNOWN,
-    family_of,
-    label,
-    sd_families,
-)
+from diffgraph.families import FAMILIES, MODEL_COMPONENTS, UNKNOWN, family_of, label, sd_families
 from diffgraph.safetensors_header import InvalidHeader
 from diffgraph.safetensors_header import read_header as read_safetensors_header
 

@@ -13,13 +13,7 @@ from diffgraph.merger import stream
 from diffgraph.merger.a1111 import merger_steps, recipe_to_a1111
 from diffgraph.merger.merge import MergeError
 from diffgraph.merger.recipe import BASE, ExpertWeight, MergeRecipe
-from diffgraph.merger.stream import (
-    MergeStats,
-    lora_key_map,
-    merge_recipe_to_file,
-    read_recipe_metadata,
-    stream_merge,
-)
+from diffgraph.merger.stream import MergeStats, lora_key_map, merge_recipe_to_file, read_recipe_metadata, stream_merge
 from diffgraph.tools.sources.validate import validate_safetensors
 from safetensors.torch import load_file, save_file
 

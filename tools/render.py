@@ -12,13 +12,7 @@ from pathlib import Path
 
 from diffgraph.graph_store.store import GraphStore
 from diffgraph.merger.png import save_png
-from diffgraph.merger.recipe import (
-    STRENGTHS,
-    ExpertWeight,
-    MergeRecipe,
-    MergeRule,
-    with_trigger_words,
-)
+from diffgraph.merger.recipe import STRENGTHS, ExpertWeight, MergeRecipe, MergeRule, with_trigger_words
 from diffgraph.settings import get_settings
 
 from . import bases

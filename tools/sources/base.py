@@ -21,6 +21,9 @@ Since = datetime | date | str | None
 
 @runtime_checkable
 class Source(Protocol):
+    """A source may also have ``notes``: one line per file it listed no expert for, and why
+    (a local folder's VAEs, embeddings and copies), which the agent prints after listing."""
+
     name: str  # "civitai" | "hf" | "local": the ExpertRecord.source it yields
 
     def iter_models(self, *, since: Since = None) -> Iterator[ExpertRecord]:

@@ -27,13 +27,7 @@ from diffgraph.graph_store.records import ExpertFile
 from diffgraph.settings import get_settings
 
 from .errors import DownloadError, IntegrityError, InvalidSafetensors, UnsafeFileError
-from .http import (
-    RetryPolicy,
-    TransientStatus,
-    check_status,
-    describe_status,
-    retry_call,
-)
+from .http import RetryPolicy, TransientStatus, check_status, describe_status, retry_call
 from .validate import check_finite, looks_like_safetensors, validate_safetensors
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
