@@ -184,9 +184,10 @@ class ChatServices:
 
     def generate(self, prompt: str, seed: int = 0, folder: str = "chat/default", n: int | str = 1,
                  offline: bool = False, parent: int | None = None, change: str | None = None,
-                 base_model: str | None = None) -> dict:
+                 base_model: str | None = None, size: tuple[int, int] | None = None) -> dict:
         """ESA + planner + merge-and-render; the chat image record (see :meth:`_record`).
-        ``base_model`` (one request's choice, e.g. the API's ``model``) overrides the service's."""
+        ``base_model`` (one request's choice, e.g. the API's ``model``) overrides the service's;
+        ``size`` (width, height) is rendered within the base's range (default: its native size)."""
         prompt, notes = self.check_prompt(prompt)
         settings = replace(self.settings, llm_base_url=None) if offline else self.settings
         try:
@@ -195,7 +196,7 @@ class ChatServices:
             raise ChatError(reason(exc)) from None
         try:
             result = generate(prompt, seed=int(seed), out=self.image_path(folder, n, prompt),
-                              base_model=base_model, settings=settings, store=self.store)
+                              base_model=base_model, settings=settings, store=self.store, size=size)
         except EmptyPrompt as exc:
             raise ChatError(str(exc)) from None
         names = self._names([e.id for e in result.experts])

@@ -71,9 +71,11 @@ def expert_rows(experts: list[dict], digits: int = 3) -> list[tuple[str, str, st
 
 
 def generate(prompt: str, seed: int = 0, out: Path | None = None, base_model: str | None = None,
-             settings: Settings | None = None, store: GraphStore | None = None) -> Generation:
+             settings: Settings | None = None, store: GraphStore | None = None,
+             size: tuple[int, int] | None = None) -> Generation:
     """Select experts, plan coefficients, merge and render; returns what was done and why.
-    ``base_model`` None: DIFFGRAPH_BASE, else the graph's only base (tools.bases.choose_base)."""
+    ``base_model`` None: DIFFGRAPH_BASE, else the graph's only base (tools.bases.choose_base);
+    ``size`` (width, height) None: the base's native size (MergeEngine.fit_size)."""
 
     prompt = " ".join((prompt or "").split())
     if not prompt:
@@ -86,7 +88,7 @@ def generate(prompt: str, seed: int = 0, out: Path | None = None, base_model: st
         planner = Planner.for_home(settings.home, store, base_model)
 
         def renderer(p, base, s, picks, coefficients):
-            recipe = build_recipe(store, p, base, s, picks, coefficients)
+            recipe = build_recipe(store, p, base, s, picks, coefficients, size=size)
             explanation = {"experts": [{**pick, "coefficient": coefficients.get(pick["id"])} for pick in picks],
                            "planner": planner.name}
             return render_recipe(recipe, out, explanation)

@@ -39,6 +39,7 @@ from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import FileResponse, JSONResponse  # noqa: E402
 
 from diffgraph.errors import describe, reason  # noqa: E402
+from diffgraph.families import label  # noqa: E402
 from diffgraph.files import atomic_write_bytes  # noqa: E402
 from diffgraph.graph_store.status import graph_status
 from diffgraph.merger.png import RECIPE_KEY
@@ -238,6 +239,16 @@ class ImageAPI:
         except KeyError as exc:
             raise APIError(400, reason(exc), "model") from None
 
+    def model_cards(self) -> list[dict]:
+        """/v1/models' entries: each base's family name (what ``model`` takes), how people read
+        it, and how many active experts the graph holds of it."""
+        active = {}
+        for base, _kind, status, n in self.services.store.catalog.expert_counts():
+            if status == "active":
+                active[base] = active.get(base, 0) + n
+        return [{"id": name, "object": "model", "owned_by": "diffgraph",
+                 "diffgraph": {"label": label(name), "active_experts": active.get(name, 0)}} for name in self.models()]
+
     def models(self) -> list[str]:
         """The bases the graph holds experts of (the one it would use when it holds none)."""
         held = self.services.store.catalog.base_models()
@@ -252,9 +263,10 @@ class ImageAPI:
         base_seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little") % 1_000_000
         out = []
         for i in range(n):
-            image = self.services.generate(prompt, seed=base_seed + i, folder="api", n="img", base_model=base_model)
+            image = self.services.generate(prompt, seed=base_seed + i, folder="api", n="img", base_model=base_model,
+                                           size=size)
             path = Path(image["path"])
-            if size is not None:
+            if size is not None:  # rendered as near the request as the base allows; the answer has the size asked for
                 resize_in_place(path, size)
             self._remember(image["id"], path)
             out.append(image)
@@ -317,7 +329,7 @@ def create_app(settings: Settings | None = None, *, agent: ChatAgent | None = No
         base = str(request.base_url).rstrip("/")
         data = []
         for image in images:
-            item = {"revised_prompt": image["prompt"]}
+            item = {"revised_prompt": image["recipe"]["prompt"]}  # as rendered: with the LoRAs' trigger words
             if req["response_format"] == "b64_json":
                 item["b64_json"] = base64.b64encode(Path(image["path"]).read_bytes()).decode()
             else:
@@ -361,7 +373,7 @@ def create_app(settings: Settings | None = None, *, agent: ChatAgent | None = No
 
     @app.get("/v1/models")
     def models():
-        return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "diffgraph"} for name in api.models()]}
+        return {"object": "list", "data": api.model_cards()}
 
     @app.get("/healthz")
     def healthz():

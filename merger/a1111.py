@@ -122,6 +122,7 @@ def recipe_to_a1111(recipe: MergeRecipe, merged_name: str = MERGED_NAME) -> A111
     if anchors:
         comments.append(f"The recipe's 'base' anchor takes {_w(anchors[0])} of the LoRA softmax and adds nothing.")
     fields = [f"Steps: {recipe.steps}", f"Sampler: {A1111_SAMPLERS.get(recipe.scheduler, recipe.scheduler)}",
-              f"CFG scale: {recipe.guidance:g}", f"Seed: {recipe.seed}", f"Size: {recipe.width}x{recipe.height}",
+              f"CFG scale: {recipe.guidance:g}", f"Seed: {recipe.seed}",
+              *([f"Size: {recipe.width}x{recipe.height}"] if recipe.width and recipe.height else []),  # unrendered: unknown
               f"Model: {model}"]
     return A1111Prompt(prompt, recipe.negative_prompt, ", ".join(fields), comments, steps)

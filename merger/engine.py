@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import threading
 from collections import OrderedDict
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -184,8 +185,35 @@ class MergeEngine:
         return add_deltas(base, [(self.lora_delta(Path(e.path), e.sha256), w) for e, w in recipe.lora_weights()
                                  if e.name != BASE])
 
+    @property
+    def native_size(self) -> tuple[int, int]:
+        """(width, height) the base was trained at: its UNet's sample size in pixels (512 for
+        SD 1.5, 1024 for SDXL)."""
+        side = int(self.pipe.unet.config.sample_size) * int(self.pipe.vae_scale_factor)
+        return side, side
+
+    def fit_size(self, width: int | None, height: int | None) -> tuple[int, int]:
+        """The size to render for a requested one: the native size when none is asked for, else
+        the request with its aspect kept, scaled into half to twice the native area's sides and
+        rounded to the VAE's multiple (a UNet renders garbage far outside what it was trained on)."""
+        native_w, native_h = self.native_size
+        if not width and not height:
+            return native_w, native_h
+        width, height = width or height, height or width
+        low, high = native_w // 2, native_w * 2
+        scale = min(1.0, high / max(width, height)) if max(width, height) > high else max(1.0, low / min(width, height))
+        step = int(self.pipe.vae_scale_factor) * 2
+        return tuple(max(step, int(round(v * scale / step)) * step) for v in (width, height))
+
+    def sized(self, recipe: MergeRecipe) -> MergeRecipe:
+        """The recipe with the size it renders at written in (see :meth:`fit_size`)."""
+        width, height = self.fit_size(recipe.width, recipe.height)
+        return recipe if (recipe.width, recipe.height) == (width, height) else replace(recipe, width=width, height=height)
+
     def render(self, recipe: MergeRecipe) -> Image.Image:
-        """Merge (cached) and render one image; deterministic for a recipe on one machine."""
+        """Merge (cached) and render one image at the recipe's size (see :meth:`sized`);
+        deterministic for a recipe on one machine."""
+        recipe = self.sized(recipe)
         with self.lock:
             weights = self.weights(recipe)
             key = recipe.checkpoint_key() + repr([(e.name, e.sha256, w) for e, w in recipe.lora_weights()])
@@ -194,7 +222,7 @@ class MergeEngine:
                 self._loaded_key = key
             self._use_scheduler(recipe.scheduler)
             return render(self.pipe, [recipe.prompt], [recipe.seed], steps=recipe.steps, guidance=recipe.guidance,
-                          negative_prompt=recipe.negative_prompt)[0]
+                          negative_prompt=recipe.negative_prompt, width=recipe.width, height=recipe.height)[0]
 
     def _use_scheduler(self, name: str) -> None:
         if type(self.pipe.scheduler).__name__ == name:

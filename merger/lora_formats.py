@@ -490,6 +490,30 @@ def _bake_kohya_alpha(sd: dict[str, torch.Tensor], keep_alpha: bool) -> dict[str
     return out
 
 
+def _text_encoder_without_out_proj(sd: Mapping[str, torch.Tensor]) -> bool:
+    """A kohya file whose text-encoder modules include no out_proj: diffusers (0.42) converts its
+    text-encoder keys to the old ``to_q_lora`` naming and then cannot tell that naming's type
+    without a ``to_out_lora`` key ("Could not automatically infer state dict type"), so such a
+    file (trained on q/k/v only, as some trainers do) would never load."""
+    te = [k for k in sd if k.startswith(("lora_te_", "lora_te1_", "lora_te2_")) and k.endswith(".lora_down.weight")]
+    return bool(te) and not any("out_proj" in k for k in te)
+
+
+def _kohya_to_new_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A kohya file (alphas baked in) in diffusers' current naming, through diffusers' own
+    converters: its kohya converter, then the old-to-new text-encoder mapping and the UNet's
+    mapping to PEFT names, so the loader need not infer the naming."""
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
+    from diffusers.utils.state_dict_utils import (StateDictType, convert_state_dict_to_diffusers,
+                                                  convert_unet_state_dict_to_peft)
+
+    converted, _alphas = _convert_non_diffusers_lora_to_diffusers(dict(sd))  # it empties its input; alphas baked: none left
+    te = {k: v for k, v in converted.items() if k.startswith("text_encoder")}
+    unet = {k: v for k, v in converted.items() if not k.startswith("text_encoder")}
+    return {**convert_unet_state_dict_to_peft(unet),
+            **(convert_state_dict_to_diffusers(te, original_type=StateDictType.DIFFUSERS_OLD) if te else {})}
+
+
 def _alphas_misread(sd: Mapping[str, torch.Tensor]) -> bool:
     """Would diffusers give some module of this kohya file the wrong alpha? (see _bake_kohya_alpha)"""
     stems = [k[: -len(".lora_down.weight")] for k in sd if k.endswith(".lora_down.weight")]
@@ -577,6 +601,9 @@ def prepare_lora(state_dict: Mapping[str, torch.Tensor], family: str | None, *, 
         return PreparedLora(fmt, sd, _flux_convert(sd), unchanged=False)
     if _is_kohya(list(sd)) and _alphas_misread(sd):
         sd, changed = _bake_kohya_alpha(sd, keep_alpha=False), True
+    if _is_kohya(list(sd)) and _text_encoder_without_out_proj(sd):
+        baked = _bake_kohya_alpha(sd, keep_alpha=False)
+        return PreparedLora(fmt, baked, _kohya_to_new_diffusers(baked), unchanged=False)
     if not changed:
         return PreparedLora(fmt, dict(state_dict), dict(state_dict), unchanged=True)
     return PreparedLora(fmt, sd, sd, unchanged=False)

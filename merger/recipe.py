@@ -89,8 +89,8 @@ class MergeRecipe:
     guidance: float = 5.0
     scheduler: str = "DPMSolverMultistepScheduler"
     negative_prompt: str = ""
-    width: int = 32
-    height: int = 32
+    width: int | None = None  # None: the base's native size, filled in when it is rendered (MergeEngine.sized)
+    height: int | None = None
     temperature: float = 1.0  # of both softmaxes; 1.0 is the paper's rule
     lora_strength: float | None = None  # set: each LoRA at coefficient x this, no softmax (MergeRule)
 

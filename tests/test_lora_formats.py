@@ -189,6 +189,21 @@ def test_sd15_kohya_diffusers_peft_and_ldm(sd15, sd15_lora, tmp_path):
     assert_exact(sd15, W.ldm_kohya(both, ALPHA, RANK, "sd15"), tmp_path / "ldm.safetensors", "ldm-kohya")
 
 
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_kohya_text_encoder_modules_without_out_proj(family, sd15, sdxl, sd15_lora, sdxl_lora, tmp_path):
+    """Trainers that adapt only q/k/v of the text encoder write files diffusers cannot load as
+    they are ("Could not automatically infer state dict type": it tells its old text-encoder
+    naming by a to_out_lora key); they load through diffusers' converters, exactly."""
+    pipe, lora = (sd15, sd15_lora) if family == "sd15" else (sdxl, sdxl_lora)
+    tes = ("text_encoder",) if family == "sd15" else ("text_encoder", "text_encoder_2")
+    parts = _parts(lora, "unet", *tes)
+    for te in tes:
+        model, factors = parts[te]
+        parts[te] = (model, {m: f for m, f in factors.items() if "out_proj" not in m and "mlp" not in m})
+        assert parts[te][1]
+    assert_exact(pipe, W.kohya(parts, ALPHA, RANK, family), tmp_path / "qv.safetensors", "kohya")
+
+
 def test_sd15_lycoris_locon_loha_lokr(sd15, sd15_lora, tmp_path):
     # LoCon: conv/resnet layers too, conv_alpha (2) != alpha (8) and the attention modules in the
     # minority (diffusers 0.42 alone gives those the conv alpha), one 3x3 conv with a Tucker core

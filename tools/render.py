@@ -19,7 +19,8 @@ from . import bases
 
 
 def build_recipe(store: GraphStore, prompt: str, base_model: str, seed: int, picks: list[dict],
-                 coefficients: dict[str, float], rule: MergeRule = STRENGTHS) -> MergeRecipe:
+                 coefficients: dict[str, float], rule: MergeRule = STRENGTHS,
+                 size: tuple[int, int] | None = None) -> MergeRecipe:
     """A recipe from picks ({id, kind}) and coefficients, with each expert's local file,
     under a merge rule. The default, STRENGTHS (checkpoints: anchored softmax; each LoRA at its
     own strength), is the one under which merging the selected experts gained most in the mini
@@ -36,12 +37,16 @@ def build_recipe(store: GraphStore, prompt: str, base_model: str, seed: int, pic
         (ckpts if row.kind == "ckpt" else loras).append(entry)
         if row.kind == "lora":
             triggers.append(row.trigger_words)
-    return rule.recipe(base_model, with_trigger_words(prompt, triggers), seed, ckpts, loras)
+    sized = {} if size is None else {"width": size[0], "height": size[1]}  # else the base's native size
+    return rule.recipe(base_model, with_trigger_words(prompt, triggers), seed, ckpts, loras, **sized)
 
 
 def render_recipe(recipe: MergeRecipe, out: Path | None = None, explanation: dict | None = None) -> dict:
-    """Render on the base's engine and write the PNG (default: DIFFGRAPH_HOME/outputs/images)."""
-    image = bases.engine_for(recipe.base_model).render(recipe)
+    """Render on the base's engine and write the PNG (default: DIFFGRAPH_HOME/outputs/images);
+    the PNG's recipe holds the size it was rendered at."""
+    engine = bases.engine_for(recipe.base_model)
+    recipe = engine.sized(recipe)
+    image = engine.render(recipe)
     if out is None:
         digest = hashlib.sha256(recipe.to_json().encode()).hexdigest()[:10]
         out = get_settings().artifacts_dir / "images" / f"{time.strftime('%Y%m%d-%H%M%S')}-{digest}.png"

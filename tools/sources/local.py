@@ -71,7 +71,7 @@ class LocalFolderSource:
         if not self.root.is_dir():
             raise NotADirectoryError(f"local source: {self.root} is not a directory")
         self.notes: list[str] = []
-        self.hashed = 0  # files read to hash them in this process (the rest came from the cache)
+        self.hashed = 0  # files the last listing read to hash them (the rest came from the cache)
         self._hash_cache = Path(hash_cache) if hash_cache else None
         self._hashes: dict[tuple[str, int, int], str] = {}  # this process's, with or without the file
         self._skip = {p.resolve() for p in (configured_bases() if skip_paths is None else skip_paths)}
@@ -81,7 +81,7 @@ class LocalFolderSource:
         (modification time). Byte-identical copies are one record, named by the copy that has
         sidecars (the user's metadata), else by the first path in sorted order."""
         since = as_utc(since)
-        self.notes = []
+        self.notes, self.hashed = [], 0
         copies: dict[str, list[tuple[bool, ExpertRecord]]] = {}
         for path in sorted(self.root.rglob("*")):
             if path.suffix.lower() not in WEIGHT_SUFFIXES or not path.is_file() or _hidden(path, self.root):
@@ -94,6 +94,8 @@ class LocalFolderSource:
             if since is None or changed >= since:
                 record = self.record(path, changed)
                 copies.setdefault(record.version, []).append((any(p.is_file() for p in _sidecars(path)), record))
+        listed = sum(len(group) for group in copies.values())
+        self.notes.append(f"{listed} files listed, {self.hashed} of them read to hash them (the rest from the hash cache)")
         for group in copies.values():
             named = next((r for has_sidecars, r in group if has_sidecars), group[0][1])
             for _, other in group:
@@ -104,7 +106,8 @@ class LocalFolderSource:
 
     def _not_an_expert(self, path: Path) -> str | None:
         """What a file that is no expert is ("a VAE", ...), or None for a checkpoint or LoRA."""
-        if path.resolve() in self._skip:
+        resolved = path.resolve()
+        if any(resolved == base or resolved.is_relative_to(base) for base in self._skip):
             return "the configured base model"
         folder = next((NOT_EXPERT_FOLDERS[p.lower()] for p in path.relative_to(self.root).parent.parts
                        if p.lower() in NOT_EXPERT_FOLDERS), None)
@@ -197,9 +200,10 @@ class LocalFolderSource:
 
 
 def configured_bases() -> tuple[Path, ...]:
-    """The base-model files the user configured (DIFFGRAPH_BASE_<FAMILY>), which are not experts."""
+    """The base models the user configured (DIFFGRAPH_BASE_<FAMILY>: a single file or a
+    diffusers folder), which are not experts."""
     return tuple(Path(v).expanduser() for k, v in os.environ.items()
-                 if k.startswith("DIFFGRAPH_BASE_") and v and Path(v).expanduser().is_file())
+                 if k.startswith("DIFFGRAPH_BASE_") and v and Path(v).expanduser().exists())
 
 
 def _header_metadata(path: Path) -> dict[str, str]:

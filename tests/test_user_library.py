@@ -1,0 +1,167 @@
+"""End to end on a real user's setup, CPU-sized: an A1111-style model folder (support/tiny_world.py)
+over tiny SD 1.5 and SDXL bases with the real module names, scored by tiny stand-ins of the
+five real metric models (support/tiny_metrics.py). The real commands run on it: a GCA pass over
+``local:``, generate, the HTTP API and the A1111 export.
+
+What must hold: every SD 1.5 LoRA is one active sd15 expert however its base was spelled, the
+copy is a second file of its expert, the VAE, the embedding and the base folder are skipped
+with a note, the file declared "Pony" that holds SD 1.5 weights is refused with that reason,
+the SDXL LoRA waits for an SDXL base and becomes active once one is set; images of either
+base pick that base's experts, render at the base's size (or the one asked for), carry each
+chosen LoRA's trigger words in the prompt rendered, and export with the user's file names; an
+unchanged second pass hashes nothing."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import shutil
+
+import httpx
+import pytest
+from PIL import Image
+from rich.console import Console
+
+from diffgraph.agents.gca import run_pass
+from diffgraph.graph_store.store import GraphStore
+from diffgraph.settings import get_settings
+from support import tiny_world as T
+from support.serving import serving
+from support.tiny_metrics import build_metric_weights
+
+pytestmark = pytest.mark.browser  # a GCA pass (its homepage reads are off: read_pages=False)
+
+SD15_IDS = {f"local:models/{rel}" for rel, (family, _) in T.LIBRARY.items() if family == "sd15"}
+SDXL_ID = "local:models/Lora/xl/pony_glow.safetensors"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("user_library")
+    sd15 = T.base_folder("sd15", root / "webui" / "models" / "diffusers" / "tiny-sd15")  # inside the library, as ComfyUI keeps it
+    sdxl = T.base_folder("sdxl", root / "bases" / "tiny-sdxl")
+    T.a1111_library(root / "webui", sd15, sdxl)
+    metrics = build_metric_weights(root / "metrics")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DIFFGRAPH_HOME", str(root / "home"))
+        mp.setenv("DIFFGRAPH_BASE_SD15", str(root / "webui" / "models" / "diffusers" / "tiny-sd15"))
+        mp.delenv("DIFFGRAPH_BASE_SDXL", raising=False)
+        mp.delenv("DIFFGRAPH_BASE", raising=False)
+        mp.setenv("DIFFGRAPH_METRICS_DIR", str(metrics["wd"]))
+        mp.setenv("HF_HOME", str(metrics["hf_home"]))
+        mp.setenv("DIFFGRAPH_REFERENCE_PROMPTS", "2")
+        yield root, mp
+
+
+def _pass(root) -> str:
+    out = io.StringIO()
+    run_pass([f"local:{root / 'webui'}"], settings=get_settings(), console=Console(file=out, width=300), read_pages=False)
+    return out.getvalue()
+
+
+def _rows(root) -> dict:
+    with GraphStore.open(root / "home") as store:
+        return {r.id: r for r in store.catalog.list_experts()}
+
+
+@pytest.fixture(scope="module")
+def graph(world):
+    root, mp = world
+    first = _pass(root)
+    rows_before_sdxl = _rows(root)
+    second = _pass(root)  # nothing changed: nothing is hashed again, nothing is redone
+    mp.setenv("DIFFGRAPH_BASE_SDXL", str(root / "bases" / "tiny-sdxl"))
+    third = _pass(root)  # the SDXL base is configured now: its waiting expert is taken up
+    return root, rows_before_sdxl, _rows(root), (first, second, third)
+
+
+def test_the_library_becomes_one_expert_per_model_of_its_family(graph):
+    root, before, after, (first, second, third) = graph
+    assert set(before) == SD15_IDS | {SDXL_ID, "local:models/Lora/xl/not_really_pony.safetensors"}, first
+    for expert_id in SD15_IDS:
+        row = before[expert_id]
+        assert (row.status, row.base_model) == ("active", "sd15"), (expert_id, row.status, row.status_reason)
+    spellings = {i.rsplit("/", 1)[-1]: before[i].declared_base for i in SD15_IDS}
+    assert spellings == {"pixel_art.safetensors": "SD1",  # A1111's own words beat Civitai Helper's "SD 1.5"
+                         "ink_wash.safetensors": "SD1", "watercolor.safetensors": "SD 1.4",  # Lora-Manager's
+                         "sketch.safetensors": "sd_v1"}, spellings  # kohya's ss_base_model_version
+    pixel = before["local:models/Lora/styles/pixel_art.safetensors"]
+    assert [f.name for f in pixel.files] == ["pixel_art.safetensors", "pixel_art (1).safetensors"]
+    assert pixel.trigger_words == ["pxlart"] and pixel.name == "Pixel Art"
+    assert all(f.local_path and str(root / "webui") in f.local_path for f in pixel.files)  # used in place
+    for skipped, what in [*T.SKIPPED.items(), ("diffusers/tiny-sd15/unet/diffusion_pytorch_model.safetensors",
+                                              "the configured base model")]:
+        name = skipped.rsplit("/", 1)[-1]
+        assert re.search(rf"note.*{re.escape(name)}: {what}, not an expert; skipped", first), (name, first[-3000:])
+    assert re.search(r"note.*pixel_art \(1\)\.safetensors: the same bytes as models/Lora/styles/pixel_art\.safetensors",
+                     first)
+    liar = before["local:models/Lora/xl/not_really_pony.safetensors"]
+    assert (liar.status, liar.status_reason) == (
+        "rejected", "declared base model 'Pony' but not_really_pony.safetensors holds SD 1.5 weights")
+    waiting = before[SDXL_ID]
+    assert (waiting.status, waiting.base_model, waiting.declared_base) == ("rejected", "sdxl", "Pony")
+    assert "no base-model profile for 'Pony'" in waiting.status_reason and "DIFFGRAPH_BASE_SDXL" in waiting.status_reason
+    assert "0 of them read to hash them" in second and "GCA: 6 experts listed, 0 to process" in second, second[-2000:]
+    assert after[SDXL_ID].status == "active", (after[SDXL_ID].status_reason, third[-3000:])
+    assert {i: r for i, r in after.items() if i != SDXL_ID} == {i: r for i, r in before.items() if i != SDXL_ID}
+
+
+def test_generate_and_the_api_pick_the_bases_experts_with_their_trigger_words(graph):
+    from diffgraph.agents.chat import ChatAgent
+    from diffgraph.agents.generate import generate
+    from diffgraph.agents.server import create_app
+    from diffgraph.tools.export import a1111_prompt
+
+    root, _, rows, _ = graph
+    result = generate("pixel art of a castle, blocky sprites", seed=3, base_model="SD 1.5", out=root / "castle.png")
+    assert result.base_model == "sd15" and result.experts
+    chosen = [rows[e.id] for e in result.experts]
+    assert {r.base_model for r in chosen} == {"sd15"}
+    assert any(r.id.endswith("pixel_art.safetensors") for r in chosen), [r.id for r in chosen]
+    for row in chosen:
+        for word in row.trigger_words:
+            assert result.recipe["prompt"].count(word) == 1, (word, result.recipe["prompt"])
+    with Image.open(root / "castle.png") as image:
+        assert image.size == (64, 64)  # the tiny SD 1.5's native size (a real one: 512)
+    exported = a1111_prompt(root / "castle.png")
+    assert "Size: 64x64" in exported.parameters and "<lora:pixel_art:" in exported.prompt, exported
+
+    settings = get_settings()
+    with ChatAgent(settings, llm=None) as agent, serving(create_app(settings, agent=agent)) as url:
+        cards = {m["id"]: m for m in httpx.get(url + "/v1/models", timeout=30).json()["data"]}
+        assert {k: v["diffgraph"]["active_experts"] for k, v in cards.items()} == {"sd15": 4, "sdxl": 1}
+        answer = httpx.post(url + "/v1/images/generations", timeout=300, json={
+            "prompt": "a portrait with neon glow outlines", "model": "SDXL 1.0", "size": "96x96", "seed": 1, "response_format": "b64_json"})
+        assert answer.status_code == 200, answer.text
+        (item,) = answer.json()["data"]
+        with Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))) as image:
+            recipe = json.loads(image.info["diffgraph"])["recipe"]
+            assert image.size == (96, 96) and (recipe["width"], recipe["height"]) == (96, 96)  # rendered at that size
+        assert recipe["base_model"] == "sdxl" and [e["id"] for e in item["diffgraph"]["experts"]] == [SDXL_ID]
+        assert "glowpony" in item["revised_prompt"] and item["revised_prompt"] == recipe["prompt"]
+        wrong = httpx.post(url + "/v1/images/generations", timeout=60, json={"prompt": "a cat", "model": "flux-schnell"})
+        assert wrong.status_code == 400 and "\n" not in wrong.json()["error"]["message"]
+
+
+def test_the_pass_survives_the_library_changing_under_it(graph):
+    """A file edited after its expert was built is a new version at the next pass (hashed again,
+    alone); a folder the user deleted leaves its experts "removed", the rest untouched."""
+    root, _, rows, _ = graph
+    ink = root / "webui" / "models" / "Lora" / "ink_wash.safetensors"
+    saved = ink.read_bytes()
+    T.kohya_lora(T.pipeline("sd15"), "sd15", 77, ink)
+    try:
+        log = _pass(root)
+        after = _rows(root)
+        ink_row = after["local:models/Lora/ink_wash.safetensors"]
+        assert ink_row.version != rows["local:models/Lora/ink_wash.safetensors"].version and ink_row.status == "active", log
+        assert "1 of them read to hash them" in log
+    finally:
+        ink.write_bytes(saved)
+    shutil.rmtree(root / "webui" / "models" / "LyCORIS")
+    log = _pass(root)
+    after = _rows(root)
+    assert after["local:models/LyCORIS/watercolor.safetensors"].status == "removed", log  # swept, not deleted
+    assert all(r.status == "active" for i, r in after.items() if i in SD15_IDS and "LyCORIS" not in i)
