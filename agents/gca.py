@@ -35,7 +35,7 @@ from rich.markup import escape
 
 from diffgraph.errors import describe as describe_error
 from diffgraph.errors import one_line, reason
-from diffgraph.families import base_family
+from diffgraph.families import base_family, label
 from diffgraph.graph_store.reconcile import reconcile
 from diffgraph.graph_store.records import ExpertFile, ExpertRecord
 from diffgraph.graph_store.store import GraphStore
@@ -201,16 +201,38 @@ def _needs_work(ctx: Context, record: ExpertRecord) -> bool:
 
 
 def discover(state: GCAState, runtime: Runtime[Context]) -> dict:
+    """What this pass works on: every listed expert that is new, changed or due again, except
+    those of a base whose setup is incomplete (bases.check_ready: its weights, its metric
+    weights), which wait pending, with one line naming the setting to fix, instead of failing
+    at their first calibration."""
     ctx = runtime.context
     ids = list(ctx.listing)
     queue = [i for i in ids if _needs_work(ctx, ctx.listing[i][0])]
     for i in queue:
         ctx.store.upsert_expert(ctx.listing[i][0])
+    unready = _unready_bases({ctx.listing[i][0].base_model for i in queue})
+    for base, why in unready.items():
+        waiting = sum(ctx.listing[i][0].base_model == base for i in queue)
+        ctx.console.print(f"  [yellow]{waiting} {escape(label(base))} experts wait[/]: {escape(why)}")
+    queue = [i for i in queue if ctx.listing[i][0].base_model not in unready]
     _ensure_reference_prompts(ctx)
     ctx.console.print(f"GCA: {len(ids)} experts listed, {len(queue)} to process")
     return {"queue": queue, "listed": ids, "counts": {"listed": len(ids)}, "failures": [],
             "unswept": sorted({f.source for f in ctx.listing_failures}),
             "source_errors": [str(f) for f in ctx.listing_failures]}
+
+
+def _unready_bases(base_models: set[str]) -> dict[str, str]:
+    """{base: why} for the bases among ``base_models`` that have a profile but are not set up;
+    a base without a profile is left to fetch, which refuses its experts with the reason."""
+    unready = {}
+    for base in sorted(base_models):
+        if bases.has_profile(base):
+            try:
+                bases.check_ready(base)
+            except bases.BaseNotReady as exc:
+                unready[base] = str(exc)
+    return unready
 
 
 def next_expert(state: GCAState) -> dict:
@@ -312,8 +334,10 @@ def calibrate(state: GCAState, runtime: Runtime[Context]) -> dict:
         vectors = calibrate_experts([job], [p.text for p in prompts], CALIBRATION_SEEDS,
                                     ray_address=ctx.settings.ray_address, workers=ctx.settings.ray_workers,
                                     gpus_per_worker=ctx.settings.ray_gpus_per_worker)[0]
-    except MergeError as exc:
+    except MergeError as exc:  # the expert itself: it does not fit, or its weights are not finite
         return _fail(ctx, state, expert_id, "rejected", str(exc))
+    except Exception as exc:  # anything else (out of memory, a diffusers error) fails this expert alone, retried later
+        return _fail(ctx, state, expert_id, "failed", f"calibration failed: {describe_error(exc)}")
     return {"calibration": [[p.id, v] for p, v in zip(prompts, vectors)]}
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import re
 import shutil
 
@@ -61,8 +62,8 @@ def _pass(root) -> str:
     return out.getvalue()
 
 
-def _rows(root) -> dict:
-    with GraphStore.open(root / "home") as store:
+def _rows(home=None) -> dict:
+    with GraphStore.open(home or get_settings().home) as store:
         return {r.id: r for r in store.catalog.list_experts()}
 
 
@@ -70,11 +71,11 @@ def _rows(root) -> dict:
 def graph(world):
     root, mp = world
     first = _pass(root)
-    rows_before_sdxl = _rows(root)
+    rows_before_sdxl = _rows()
     second = _pass(root)  # nothing changed: nothing is hashed again, nothing is redone
     mp.setenv("DIFFGRAPH_BASE_SDXL", str(root / "bases" / "tiny-sdxl"))
     third = _pass(root)  # the SDXL base is configured now: its waiting expert is taken up
-    return root, rows_before_sdxl, _rows(root), (first, second, third)
+    return root, rows_before_sdxl, _rows(), (first, second, third)
 
 
 def test_the_library_becomes_one_expert_per_model_of_its_family(graph):
@@ -154,14 +155,46 @@ def test_the_pass_survives_the_library_changing_under_it(graph):
     T.kohya_lora(T.pipeline("sd15"), "sd15", 77, ink)
     try:
         log = _pass(root)
-        after = _rows(root)
+        after = _rows()
         ink_row = after["local:models/Lora/ink_wash.safetensors"]
         assert ink_row.version != rows["local:models/Lora/ink_wash.safetensors"].version and ink_row.status == "active", log
         assert "1 of them read to hash them" in log
     finally:
         ink.write_bytes(saved)
-    shutil.rmtree(root / "webui" / "models" / "LyCORIS")
-    log = _pass(root)
-    after = _rows(root)
+    lycoris = root / "webui" / "models" / "LyCORIS"
+    shutil.move(lycoris, root / "LyCORIS-away")
+    try:
+        log = _pass(root)
+    finally:
+        shutil.move(root / "LyCORIS-away", lycoris)
+    after = _rows()
     assert after["local:models/LyCORIS/watercolor.safetensors"].status == "removed", log  # swept, not deleted
     assert all(r.status == "active" for i, r in after.items() if i in SD15_IDS and "LyCORIS" not in i)
+
+
+def test_a_setup_mistake_is_one_line_before_any_work_and_the_experts_wait(world, tmp_path, monkeypatch):
+    """Metric weights missing, or the base setting naming another family's weights: the pass
+    says so in one line naming the setting, leaves the experts pending with no attempt counted
+    (so the next pass is not resumed into a crash), and works once the setting is fixed."""
+    root, _ = world
+    monkeypatch.setenv("DIFFGRAPH_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("DIFFGRAPH_BASE_SDXL", raising=False)
+    good_metrics, good_hf = os.environ["DIFFGRAPH_METRICS_DIR"], os.environ["HF_HOME"]
+    monkeypatch.setenv("DIFFGRAPH_METRICS_DIR", str(tmp_path / "no-metrics"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "no-hf"))
+    # the first pass still refuses the SDXL LoRA (no SDXL base) and the mis-declared file; the second has nothing else
+    for setting, expected, others in ((None, r"4 SD 1\.5 experts wait: The real metric suite is missing weights for 5 metric", 2),
+                                      ("sdxl", r"4 SD 1\.5 experts wait: DIFFGRAPH_BASE_SD15 names tiny-sdxl, which holds SDXL", 0)):
+        if setting:
+            monkeypatch.setenv("DIFFGRAPH_BASE_SD15", str(root / "bases" / "tiny-sdxl"))
+        log = _pass(root)
+        assert re.search(expected, log), log[-2000:]
+        assert f"GCA: 6 experts listed, {others} to process" in log, log[-2000:]
+        rows = _rows()
+        assert all((rows[i].status, rows[i].attempts) == ("pending", 0) for i in SD15_IDS), rows
+    monkeypatch.setenv("DIFFGRAPH_BASE_SD15", str(root / "webui" / "models" / "diffusers" / "tiny-sd15"))
+    monkeypatch.setenv("DIFFGRAPH_METRICS_DIR", good_metrics)
+    monkeypatch.setenv("HF_HOME", good_hf)
+    log = _pass(root)
+    rows = _rows()
+    assert all(rows[i].status == "active" for i in SD15_IDS), log[-3000:]

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from diffgraph.errors import DiffGraphError
+from diffgraph.errors import DiffGraphError, reason
 from diffgraph.families import family_of, label
+from diffgraph.merger.detect import BaseDetectionError, detect_base
 from diffgraph.merger.engine import MergeEngine
 from diffgraph.merger.real_pipelines import load_base
 from diffgraph.registry import Registry
@@ -36,6 +37,7 @@ class BaseProfile:
     default_planner: Callable[[], Path | None] = lambda: None  # a shipped planner checkpoint, if any
     sources: tuple[str, ...] = ()  # source specs that crawl this base's experts when none are named
     demo_prompts: tuple[str, ...] = ()  # what `diffgraph demo` answers on this base
+    check: Callable[[], None] = lambda: None  # raises what is not set up (cheaply: nothing is loaded)
 
 
 def _check_profile(obj: object) -> BaseProfile:
@@ -94,7 +96,22 @@ def _real_profile(family: str) -> BaseProfile:
         raise KeyError(f"{variable} points at {path}, which does not exist")
     return BaseProfile(family, _real_engine(family, path), _real_suite,
                        lambda n: _real_prompts()[:min(n, N_REAL_REFERENCES)], _real_training,
-                       demo_prompts=tuple(_real_training(4, 0)))
+                       demo_prompts=tuple(_real_training(4, 0)), check=lambda: _real_check(family, variable, path))
+
+
+def _real_check(family: str, variable: str, path: Path) -> None:
+    """The configured base holds weights of its family, and every metric weight is on disk."""
+    try:
+        found = detect_base(path)
+    except BaseDetectionError as exc:
+        raise BaseNotReady(f"{variable}: {reason(exc)}") from None
+    if found != family:
+        raise BaseNotReady(f"{variable} names {path.name}, which holds {label(found)} weights, not {label(family)}")
+    try:
+        get_suite("real", lazy=True)  # resolves every file, loads nothing
+    except FileNotFoundError as exc:  # MissingMetricWeights: its first line says what and where
+        raise BaseNotReady(f"{str(exc).split(chr(10), 1)[0]} Set DIFFGRAPH_METRICS_DIR to the folder that "
+                           "holds them (docs/real-models.md).") from None
 
 
 def profile(base_model: str) -> BaseProfile:
@@ -134,6 +151,22 @@ def choose_base(requested: str | None, held: list[str]) -> str:
     where = "the graph holds experts of" if held else "no experts yet, and the registered bases are"
     raise AmbiguousBase(f"{where} {len(candidates)} base models ({', '.join(candidates) or 'none'}): "
                         "choose one with --base-model, the API's model field or DIFFGRAPH_BASE")
+
+
+class BaseNotReady(DiffGraphError, RuntimeError):
+    """A base whose setup is incomplete (its weights or its metric weights), in one line naming
+    the setting to fix."""
+
+
+def check_ready(base_model: str) -> None:
+    """Raise BaseNotReady when ``base_model`` cannot be worked with as configured: no profile,
+    a base file of another family, metric weights missing. Cheap: nothing is loaded, so a
+    pass says so before it downloads or renders anything."""
+    try:
+        found = profile(base_model)
+    except KeyError as exc:
+        raise BaseNotReady(reason(exc)) from None
+    found.check()
 
 
 def has_profile(base_model: str) -> bool:

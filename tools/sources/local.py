@@ -13,8 +13,9 @@ whatever metadata sits beside each file. Who wins where they disagree, highest f
    (read without loading anything; diffgraph.merger.detect), or the folder name for pickles.
 
 Files that are not experts are skipped with a one-line note in :attr:`LocalFolderSource.notes`,
-not rejected: VAEs, textual-inversion embeddings, ControlNets, and the configured base models
-themselves (DIFFGRAPH_BASE_SD15 / _SDXL). Byte-identical copies are one expert, listed under the
+not rejected: VAEs, textual-inversion embeddings, ControlNets, the configured base models
+themselves (DIFFGRAPH_BASE_SD15 / _SDXL), and the component files of diffusers pipeline folders
+(ComfyUI's models/diffusers: a folder with a model_index.json). Byte-identical copies are one expert, listed under the
 first path with the others beside it. Files are used where they are (no copy into
 DIFFGRAPH_HOME), and their sha256 is cached by (path, size, mtime), so an unchanged pass over a
 large library reads no file twice. The version is the file's sha256, so editing a file in place
@@ -109,6 +110,8 @@ class LocalFolderSource:
         resolved = path.resolve()
         if any(resolved == base or resolved.is_relative_to(base) for base in self._skip):
             return "the configured base model"
+        if any((self.root / folder / "model_index.json").is_file() for folder in path.relative_to(self.root).parents):
+            return "a part of a diffusers pipeline folder (to use it as a base, point DIFFGRAPH_BASE_<FAMILY> at it)"
         folder = next((NOT_EXPERT_FOLDERS[p.lower()] for p in path.relative_to(self.root).parent.parts
                        if p.lower() in NOT_EXPERT_FOLDERS), None)
         if path.suffix.lower() != ".safetensors":
