@@ -30,7 +30,7 @@ from typing import Annotated, TypedDict
 
 from diffgraph.graph_store.status import graph_status
 from diffgraph.graph_store.store import GraphStore
-from diffgraph.merger.recipe import BASE, MergeRecipe
+from diffgraph.merger.recipe import BASE, MergeRecipe, with_trigger_words
 from diffgraph.tools import bases
 from diffgraph.tools.chat_tools import CHAT_TOOLS
 from diffgraph.tools.plugins import plugins
@@ -233,6 +233,9 @@ class ChatServices:
             raise ChatError(str(exc)) from None
         if edited.to_json() == recipe.to_json():
             raise ChatError("that refinement changes nothing in the recipe")
+        # the prompt rendered: the image's own, with the trigger words of the LoRAs it still has
+        triggers = [row.trigger_words for e in edited.loras if e.name != BASE and (row := self.store.catalog.get(e.name))]
+        edited = replace(edited, prompt=with_trigger_words(image["prompt"], triggers))
         experts = []
         for kind, pairs in (("ckpt", edited.checkpoint_weights()), ("lora", edited.lora_weights())):
             for entry, weight in pairs:
@@ -244,7 +247,7 @@ class ChatServices:
         explanation = {"experts": experts, "refined_from": image["id"], "change": edit.description}
         path = self.image_path(folder, n, edited.to_json())
         result = render_recipe(edited, path, explanation)
-        return self._record(n, result["path"], edited.prompt, edited.seed, result["recipe"], experts,
+        return self._record(n, result["path"], image["prompt"], edited.seed, result["recipe"], experts,
                             summary=image.get("summary", ""), components=image.get("components", []),
                             planner=image.get("planner", "") + " (then edited by hand)", brain=image.get("brain", ""),
                             notes=[], parent=image["n"], change=edit.description)

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from diffgraph.agents.cli import app
 from diffgraph.merger.png import read_recipe
-from diffgraph.merger.recipe import BASE
+from diffgraph.graph_store.store import GraphStore
+from diffgraph.merger.recipe import BASE, with_trigger_words
 
 
 def _run(monkeypatch, home, *args):
@@ -63,5 +64,9 @@ def test_offline_demo_answers_its_prompts(graph_home, tmp_path):
     result = run_demo(Settings(home=graph_home), tmp_path)
     assert result["base_model"] == "miniworld-sd"
     assert result["grid"].exists() and len(result["images"]) == 2 * len(DEMO_PROMPTS)
-    for path in result["images"]:
-        assert read_recipe(path).prompt in DEMO_PROMPTS
+    with GraphStore.open(graph_home) as store:
+        words = {r.id: r.trigger_words for r in store.catalog.list_experts()}
+    for path in result["images"]:  # each demo prompt, with the trigger words of the LoRAs it was rendered with
+        recipe = read_recipe(path)
+        asked = next(p for p in DEMO_PROMPTS if recipe.prompt.startswith(p))
+        assert recipe.prompt == with_trigger_words(asked, [words[e.name] for e in recipe.loras if e.name != BASE])

@@ -130,6 +130,13 @@ def test_generate_and_the_api_pick_the_bases_experts_with_their_trigger_words(gr
     assert "Size: 64x64" in exported.parameters and "<lora:pixel_art:" in exported.prompt, exported
 
     settings = get_settings()
+    with ChatAgent(settings, llm=None, base_model="SD 1.5") as agent:  # the chat, on the SD 1.5 base
+        reply = agent.send("pixel art of a castle, blocky sprites", thread="lib")
+        (image,) = reply.images
+        assert any(e["id"].endswith("pixel_art.safetensors") for e in image["experts"]), reply.text
+        assert "pxlart" in image["recipe"]["prompt"] and "pxlart" not in image["prompt"]
+        without = agent.send("without Pixel Art", thread="lib").images[0]  # a recipe edit: its trigger word goes too
+        assert without["prompt"] == image["prompt"] and "pxlart" not in without["recipe"]["prompt"], without
     with ChatAgent(settings, llm=None) as agent, serving(create_app(settings, agent=agent)) as url:
         cards = {m["id"]: m for m in httpx.get(url + "/v1/models", timeout=30).json()["data"]}
         assert {k: v["diffgraph"]["active_experts"] for k, v in cards.items()} == {"sd15": 4, "sdxl": 1}
