@@ -265,9 +265,13 @@ class ChatServices:
         for e in image["experts"]:
             acc = scores.get(e["id"])
             calibration = {k: round(v / acc["n"], 4) for k, v in acc["sums"].items()} if acc else {}
-            experts.append({**e, "calibration": calibration, "calibrated_prompts": acc["n"] if acc else 0})
+            row = self.store.catalog.get(e["id"])
+            experts.append({**e, "calibration": calibration, "calibrated_prompts": acc["n"] if acc else 0,
+                            "trigger_words": list(row.trigger_words) if row else [],
+                            "preferred_weight": row.preferred_weight if row else None})
         effective = image["recipe"].get("effective", {})
         return {"image": image["n"], "path": image["path"], "prompt": image["prompt"], "seed": image["seed"],
+                "rendered_prompt": image["recipe"].get("prompt", image["prompt"]),
                 "summary": image.get("summary"), "components": image.get("components"), "planner": image.get("planner"),
                 "brain": image.get("brain"), "experts": experts, "change": image.get("change"),
                 "refined_from": image.get("parent"), "notes": image.get("notes", []),
@@ -370,6 +374,8 @@ def describe_image(image: dict) -> str:
 
 def describe_explanation(info: dict) -> str:
     lines = [f"Image {info['image']} ({info['path']})", f"  prompt: {info['prompt'][:200]}  (seed {info['seed']})",
+             *([f"  rendered as: {info['rendered_prompt'][:300]}"] if info.get("rendered_prompt", info["prompt"])
+               != info["prompt"] else []),
              f"  summary: {info.get('summary') or '-'}; planner: {info.get('planner')}; brain: {info.get('brain')}"]
     if info.get("change"):
         lines.append(f"  refined from image {info['refined_from']}: {info['change']}")
@@ -377,8 +383,10 @@ def describe_explanation(info: dict) -> str:
         lines.append("  no experts: no expert's skills matched this prompt closely enough")
     for e in info["experts"]:
         cal = ", ".join(f"{k} {v:.3f}" for k, v in e["calibration"].items()) or "not calibrated"
+        usage = "".join([f"; trigger words: {', '.join(e['trigger_words'])}" if e.get("trigger_words") else "",
+                         f"; recommended weight {e['preferred_weight']:g}" if e.get("preferred_weight") else ""])
         lines.append(f"  - {e.get('name') or e['id']} [{e['id']}] {e['kind']}: coefficient {e['coefficient']:.3f} -> "
-                     f"weight {e['weight']:.3f}; why: {e.get('reason') or '-'}; calibration over "
+                     f"weight {e['weight']:.3f}{usage}; why: {e.get('reason') or '-'}; calibration over "
                      f"{e['calibrated_prompts']} reference prompts: {cal}")
     for k, v in (info.get("base_share") or {}).items():
         lines.append(f"  base model's share of the {k}: {v:.3f}")

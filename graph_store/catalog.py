@@ -44,7 +44,8 @@ from ..families import base_family
 from ..text_embedding import DIM
 from .records import ExpertFile, ExpertRecord, check_description
 
-SCHEMA_VERSION = 2  # 2: base_model is the family (diffgraph.families.base_family), declared_base the published name
+SCHEMA_VERSION = 2  # 2: base_model is the family (diffgraph.families.base_family), declared_base the
+#                     published name; preferred_weight
 STATUSES = ("pending", "active", "rejected", "failed", "removed")
 KINDS = ("ckpt", "lora")
 
@@ -77,6 +78,7 @@ CREATE TABLE IF NOT EXISTS experts (
     updated_at TEXT NOT NULL,
     attempts INTEGER NOT NULL,
     declared_base TEXT NOT NULL DEFAULT '',
+    preferred_weight DOUBLE PRECISION,
     UNIQUE (source, source_id)
 );
 CREATE INDEX IF NOT EXISTS experts_partition ON experts (base_model, kind, status);
@@ -112,7 +114,7 @@ CREATE TABLE IF NOT EXISTS runs (
 _EXPERT_COLUMNS = ("id", "source", "source_id", "version", "name", "kind", "base_model", "files", "license",
                    "trigger_words", "tags", "homepage_url", "source_description", "page_sha256", "description",
                    "description_text", "status", "status_reason", "published_at", "created_at", "updated_at",
-                   "attempts", "declared_base")
+                   "attempts", "declared_base", "preferred_weight")
 _JSON_COLUMNS = ("files", "license", "trigger_words", "tags", "description")
 
 
@@ -161,6 +163,7 @@ class ExpertRow:
     updated_at: str
     attempts: int
     declared_base: str = ""
+    preferred_weight: float | None = None
 
     def record(self) -> ExpertRecord:
         """The source-side view of this expert."""
@@ -168,7 +171,8 @@ class ExpertRow:
                             kind=self.kind, base_model=self.base_model, files=list(self.files),
                             homepage_url=self.homepage_url, trigger_words=list(self.trigger_words),
                             tags=list(self.tags), license=dict(self.license), published_at=self.published_at,
-                            source_description=self.source_description, declared_base=self.declared_base)
+                            source_description=self.source_description, declared_base=self.declared_base,
+                            preferred_weight=self.preferred_weight)
 
     def to_dict(self) -> dict:
         """The fields as plain JSON-able values (what asdict gives, without its recursive deep
@@ -322,9 +326,10 @@ class Catalog:
 
     def _migrate_to_family_names(self) -> None:
         """Schema 1 -> 2: base_model becomes the family and the published name moves to
-        declared_base, so experts of one family are found together however they were spelled.
+        declared_base (and preferred_weight is added, empty), so experts of one family are found together however they were spelled.
         The vectors follow at the next reconcile (their partition is the family's)."""
         self._exec("ALTER TABLE experts ADD COLUMN declared_base TEXT NOT NULL DEFAULT ''")
+        self._exec("ALTER TABLE experts ADD COLUMN preferred_weight DOUBLE PRECISION")
         for row in self._query("SELECT id, base_model FROM experts"):
             self._exec("UPDATE experts SET base_model = ?, declared_base = ? WHERE id = ?",
                        (base_family(row["base_model"]), row["base_model"], row["id"]))

@@ -50,6 +50,7 @@ class ExpertRecord:
     published_at: str | None = None  # ISO 8601
     source_description: str = ""  # the description text the API returned (untrusted)
     declared_base: str = ""  # the base model as published ("SD 1.5", "Pony"), kept for display
+    preferred_weight: float | None = None  # the LoRA weight its publisher or user recommends (A1111's "preferred weight")
 
     def __post_init__(self):
         # One vocabulary: ``base_model`` is the family every lookup uses, whatever the spelling.

@@ -60,6 +60,13 @@ class MergeRule:
     anchor: float | None = None
     lora_strength: float | None = None  # None: LoRA weights are a softmax like checkpoints
 
+    def lora_coefficient(self, weight: float) -> float | None:
+        """The coefficient that gives a LoRA ``weight`` (an A1111 <lora:name:weight>) under this
+        rule, clipped to (0, 1]; None under a softmax, where no coefficient means one weight."""
+        if self.lora_strength is None:
+            return None
+        return min(1.0, max(1e-3, weight / self.lora_strength))
+
     def recipe(self, base_model: str, prompt: str, seed: int, checkpoints: list[ExpertWeight],
                loras: list[ExpertWeight], **fields) -> "MergeRecipe":
         """A recipe of these experts under this rule: the anchor joins each softmax group that

@@ -90,7 +90,8 @@ def library(tmp_path, monkeypatch):
     shutil.copy(pixel, pixel.with_name("pixel_art_v2 (1).safetensors"))
     ink = _lora(root / "Lora" / "ink.safetensors", 2, {"ss_base_model_version": "sd_v1"})
     ink.with_suffix(".metadata.json").write_text(json.dumps({"model_name": "Ink Wash", "base_model": "SD 1.5",
-                                                             "civitai": {"trainedWords": ["inkwash"]}}))
+                                                             "civitai": {"trainedWords": ["inkwash"]},
+                                                             "usage_tips": json.dumps({"strength": 0.6})}))
     _lora(root / "LyCORIS" / "pony_thing.safetensors", 3).with_suffix(".civitai.info").write_text(
         json.dumps({"baseModel": "Pony", "model": {"type": "LoCon"}}))
     (root / "VAE").mkdir()
@@ -115,10 +116,10 @@ def test_a_user_library_lists_each_expert_once_with_its_users_own_metadata(libra
     assert [f.name for f in pixel.files] == ["pixel_art_v2.safetensors", "pixel_art_v2 (1).safetensors"]
     assert [f.primary for f in pixel.files] == [True, False] and len({f.sha256 for f in pixel.files}) == 1
     # the user's A1111 fields win over Civitai's; every spelling is its family
-    assert pixel.trigger_words == ["pxlart", "retro"] and pixel.name == "Pixel Art"
+    assert pixel.trigger_words == ["pxlart", "retro"] and pixel.name == "Pixel Art" and pixel.preferred_weight == 0.7
     assert (pixel.base_model, pixel.declared_base) == ("sd15", "SD1")
     ink = records["models/Lora/ink.safetensors"]
-    assert (ink.name, ink.trigger_words, ink.base_model) == ("Ink Wash", ["inkwash"], "sd15")
+    assert (ink.name, ink.trigger_words, ink.base_model, ink.preferred_weight) == ("Ink Wash", ["inkwash"], "sd15", 0.6)
     assert records["models/LyCORIS/pony_thing.safetensors"].base_model == "sdxl"
     notes = "\n".join(source.notes)
     for what in ("vae-ft-mse.safetensors: a VAE", "badhands.safetensors: a textual-inversion embedding",
@@ -167,6 +168,7 @@ def test_a_graph_of_the_old_schema_is_migrated_to_family_names(tmp_path):
     with db:
         db.execute("UPDATE experts SET base_model = declared_base")
         db.execute("ALTER TABLE experts DROP COLUMN declared_base")
+        db.execute("ALTER TABLE experts DROP COLUMN preferred_weight")
         db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     db.close()
     with GraphStore.open(home) as store:

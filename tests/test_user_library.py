@@ -124,6 +124,8 @@ def test_generate_and_the_api_pick_the_bases_experts_with_their_trigger_words(gr
     for row in chosen:
         for word in row.trigger_words:
             assert result.recipe["prompt"].count(word) == 1, (word, result.recipe["prompt"])
+    pixel = next(e for e in result.experts if e.id.endswith("pixel_art.safetensors"))
+    assert pixel.weight == pytest.approx(0.8)  # no trained planner: the user's A1111 "preferred weight"
     with Image.open(root / "castle.png") as image:
         assert image.size == (64, 64)  # the tiny SD 1.5's native size (a real one: 512)
     exported = a1111_prompt(root / "castle.png")
@@ -135,6 +137,9 @@ def test_generate_and_the_api_pick_the_bases_experts_with_their_trigger_words(gr
         (image,) = reply.images
         assert any(e["id"].endswith("pixel_art.safetensors") for e in image["experts"]), reply.text
         assert "pxlart" in image["recipe"]["prompt"] and "pxlart" not in image["prompt"]
+        explained = agent.send("explain", thread="lib").text
+        assert "rendered as: pixel art of a castle, blocky sprites" in explained and \
+            "trigger words: pxlart; recommended weight 0.8" in explained, explained
         without = agent.send("without Pixel Art", thread="lib").images[0]  # a recipe edit: its trigger word goes too
         assert without["prompt"] == image["prompt"] and "pxlart" not in without["recipe"]["prompt"], without
     with ChatAgent(settings, llm=None) as agent, serving(create_app(settings, agent=agent)) as url:

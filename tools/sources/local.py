@@ -3,12 +3,12 @@ models/LyCORIS, models/Stable-diffusion, models/checkpoints, models/loras, ...),
 whatever metadata sits beside each file. Who wins where they disagree, highest first:
 
 1. ``<name>.json`` with our own keys (kind, base_model, trigger_words, name, tags, license,
-   homepage_url, description);
-2. the same file as A1111 writes it ("sd version", "activation text", "description"): the
-   user's own words beat any hub's;
+   homepage_url, description, preferred_weight);
+2. the same file as A1111 writes it ("sd version", "activation text", "preferred weight",
+   "description"): the user's own words beat any hub's;
 3. ``<name>.civitai.info`` (Civitai Helper: the model-version JSON, with baseModel,
    trainedWords, modelId) and ``<name>.metadata.json`` (ComfyUI-Lora-Manager: model_name,
-   base_model, civitai.trainedWords, tags, modelDescription);
+   base_model, civitai.trainedWords, tags, modelDescription, usage_tips' strength);
 4. the file itself: kohya's ``ss_*`` metadata and the tensor names of its safetensors header
    (read without loading anything; diffgraph.merger.detect), or the folder name for pickles.
 
@@ -155,6 +155,8 @@ class LocalFolderSource:
             published_at=changed.isoformat(),
             source_description=str(own.get("description") or info.get("description")
                                    or manager.get("modelDescription") or ""),
+            preferred_weight=_weight(own.get("preferred_weight"), own.get("preferred weight"),
+                                     _usage_tips(manager).get("strength")),
         )
 
     def download(self, file: ExpertFile, store: ContentStore) -> Path:
@@ -217,6 +219,27 @@ def _header_metadata(path: Path) -> dict[str, str]:
         return dict(validate_safetensors(path).metadata)
     except InvalidSafetensors:
         return {}
+
+
+def _weight(*candidates) -> float | None:
+    """The first usable LoRA weight: a finite number in (0, 5]. A1111 writes 0 for "not set"."""
+    for value in candidates:
+        try:
+            weight = float(value)
+        except (TypeError, ValueError):
+            continue
+        if 0 < weight <= 5:
+            return weight
+    return None
+
+
+def _usage_tips(manager: dict) -> dict:
+    """ComfyUI-Lora-Manager's usage_tips: a JSON object in a string ({"strength": 0.8, ...})."""
+    try:
+        tips = json.loads(manager.get("usage_tips") or "{}")
+    except (TypeError, ValueError):
+        return {}
+    return tips if isinstance(tips, dict) else {}
 
 
 def _words(words) -> list[str]:
