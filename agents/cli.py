@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 import diffgraph
 from diffgraph.errors import reason
@@ -92,11 +93,30 @@ def demo(
 def info() -> None:
     """Show the settings in effect (from DIFFGRAPH_* environment variables) and the versions of
     the libraries that results depend on."""
+    import os
+
+    from diffgraph.families import lookup
+    from diffgraph.tools import bases
+
     s = get_settings()
-    for key in ("home", "base", "llm_base_url", "llm_model", "chroma_url", "db_url", "ray_address", "ray_workers",
-                "device", "allow_pickle"):
+    for key in ("home", "base", "llm_base_url", "llm_model", "llm_timeout", "llm_retries", "chroma_url", "db_url",
+                "ray_address", "ray_workers", "device", "allow_pickle"):
         value = getattr(s, key)
         console.print(f"[bold]{key}[/]: {value if value not in (None, '') else '[dim]unset[/]'}")
+    console.print(f"[bold]metrics_dir[/] (DIFFGRAPH_METRICS_DIR, the real metric suite's weights): "
+                  f"{os.environ.get('DIFFGRAPH_METRICS_DIR') or '[dim]unset[/]'}")
+    console.print("[bold]bases[/] (--base-model, the API's model, DIFFGRAPH_BASE):")
+    for name in bases.known():
+        family = lookup(name)
+        setting = f"DIFFGRAPH_BASE_{name.upper()}" if name in bases.REAL_FAMILIES else None
+        try:
+            bases.check_ready(name)
+            state = "[green]ready[/]"
+        except bases.BaseNotReady as exc:
+            state = f"[yellow]not ready[/]: {escape(str(exc))}"
+        written = f"; also written {', '.join(family.examples)}" if family and family.examples else ""
+        where = f"; {setting}={os.environ.get(setting) or 'unset'}" if setting else ""
+        console.print(f"  {name} ({family.label if family else name}): {state}{where}{written}")
     versions = library_versions()
     console.print("[bold]versions[/]: " + ", ".join(f"{name} {v or '[red]not installed[/]'}" for name, v in versions.items()))
 
@@ -256,8 +276,6 @@ def gca_run(
     Exit code 1 if a source could not be listed (after the others are crawled and stored):
     the graph is stale for that source, and cron, systemd or CI must notice.
     A rejected or failed expert is not an error: it is recorded with its reason and retried later."""
-    from rich.markup import escape
-
     from diffgraph.agents.gca import GCABusy, run_pass
 
     try:

@@ -8,7 +8,9 @@ from diffgraph.settings import Settings, get_settings
 
 
 def chat_model(settings: Settings | None = None, temperature: float = 0.0):
-    """ChatOpenAI for DIFFGRAPH_LLM_BASE_URL / _MODEL / _API_KEY, or None (offline brain)."""
+    """ChatOpenAI for DIFFGRAPH_LLM_BASE_URL / _MODEL / _API_KEY, or None (offline brain); each
+    request waits DIFFGRAPH_LLM_TIMEOUT seconds (a local model on a CPU can take minutes) and is
+    retried DIFFGRAPH_LLM_RETRIES times before the offline brain answers instead."""
     s = settings or get_settings()
     if not s.llm_base_url:
         return None
@@ -19,6 +21,6 @@ def chat_model(settings: Settings | None = None, temperature: float = 0.0):
         model=s.llm_model or "gpt-4o-mini",
         api_key=s.llm_api_key or "not-needed",
         temperature=temperature,
-        timeout=60,
-        max_retries=2,
+        timeout=s.llm_timeout,
+        max_retries=s.llm_retries,
     )

@@ -24,6 +24,7 @@ class Family:
     core: str = "unet"  # "unet" (Stable Diffusion) or "transformer" (FLUX)
     config_dir: str | None = None  # shipped configs under merger/configs; None: loading needs configs=
     spellings: tuple[str, ...] = ()  # published names meaning this family, as lower-case letters and digits
+    examples: tuple[str, ...] = ()  # how people write it, for help texts (each maps to this family)
     attention_in_first_down_block: bool = False
     attention_in_first_up_block: bool = False
 
@@ -38,10 +39,12 @@ class Family:
 
 
 SD15 = Family("sd15", "SD 1.5", ("unet", "vae", "text_encoder"), config_dir="sd15",
+              examples=("SD 1.5", "SD1.5", "SD 1.4", "SD1", "sd-v1-5", "Stable Diffusion 1.5"),
               attention_in_first_down_block=True)
 SDXL = Family("sdxl", "SDXL", ("unet", "vae", "text_encoder", "text_encoder_2"), config_dir="sdxl",
-              attention_in_first_up_block=True)
-FLUX = Family("flux", "FLUX.1", ("transformer", "vae"), core="transformer", config_dir="flux-dev")
+              examples=("SDXL 1.0", "SDXL", "Pony", "Illustrious", "NoobAI"), attention_in_first_up_block=True)
+FLUX = Family("flux", "FLUX.1", ("transformer", "vae"), core="transformer", config_dir="flux-dev",
+              examples=("Flux.1 D", "Flux.1 S", "black-forest-labs/FLUX.1-dev"))
 
 # Every component name a pipeline of any family may have, and the ones a LoRA adapts.
 MODEL_COMPONENTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2")

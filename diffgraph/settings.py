@@ -26,6 +26,8 @@ class Settings:
     llm_base_url: str | None = None
     llm_model: str | None = None
     llm_api_key: str | None = None
+    llm_timeout: float = 60.0  # seconds per LLM request
+    llm_retries: int = 2  # retries of a failed LLM request before the offline brain answers
     chroma_url: str | None = None
     db_url: str | None = None
     ray_address: str | None = None  # calibration fans out over this Ray cluster when set
@@ -60,6 +62,8 @@ def get_settings() -> Settings:
         llm_base_url=_env("LLM_BASE_URL"),
         llm_model=_env("LLM_MODEL"),
         llm_api_key=_env("LLM_API_KEY"),
+        llm_timeout=float(_env("LLM_TIMEOUT", "60")),
+        llm_retries=int(_env("LLM_RETRIES", "2")),
         chroma_url=_env("CHROMA_URL"),
         db_url=_env("DB_URL"),
         ray_address=_env("RAY_ADDRESS"),

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from diffgraph.families import base_family, display, variant
+from diffgraph.families import FAMILIES, base_family, display, variant
 from diffgraph.graph_store.records import ExpertRecord
 from diffgraph.graph_store.store import GraphStore
 from diffgraph.graph_store.vectors import partition_name
@@ -40,6 +40,12 @@ def test_pony_and_illustrious_are_sdxl_with_a_sub_label(declared):
     assert base_family(declared) == "sdxl"
     sub = variant(declared)
     assert display("sdxl", declared) == (f"SDXL ({sub})" if sub else "SDXL")
+
+
+def test_the_spellings_help_texts_show_are_their_familys():
+    shown = [(family.name, example) for family in FAMILIES.values() for example in family.examples]
+    assert len(shown) >= 12
+    assert all(base_family(example) == name for name, example in shown), shown
 
 
 @settings(max_examples=300, deadline=None)

@@ -24,7 +24,9 @@ import httpx
 import pytest
 from PIL import Image
 from rich.console import Console
+from typer.testing import CliRunner
 
+from diffgraph.agents.cli import app
 from diffgraph.agents.gca import run_pass
 from diffgraph.graph_store.store import GraphStore
 from diffgraph.settings import get_settings
@@ -106,6 +108,11 @@ def test_the_library_becomes_one_expert_per_model_of_its_family(graph):
     assert "no base-model profile for 'Pony'" in waiting.status_reason and "DIFFGRAPH_BASE_SDXL" in waiting.status_reason
     assert "0 of them read to hash them" in second and "GCA: 6 experts listed, 0 to process" in second, second[-2000:]
     assert after[SDXL_ID].status == "active", (after[SDXL_ID].status_reason, third[-3000:])
+    info = CliRunner().invoke(app, ["info"], env={"COLUMNS": "400"})
+    assert info.exit_code == 0, info.output
+    for line in ("sd15 (SD 1.5): ready; DIFFGRAPH_BASE_SD15=", "sdxl (SDXL): ready; DIFFGRAPH_BASE_SDXL=",
+                 "also written SDXL 1.0, SDXL, Pony"):
+        assert line in info.output, info.output
     assert {i: r for i, r in after.items() if i != SDXL_ID} == {i: r for i, r in before.items() if i != SDXL_ID}
 
 

@@ -169,6 +169,11 @@ def check_ready(base_model: str) -> None:
     found.check()
 
 
+def known() -> list[str]:
+    """Every base a command may name: the registered profiles and the real families."""
+    return sorted({*BASES.names(), *REAL_FAMILIES})
+
+
 def has_profile(base_model: str) -> bool:
     try:
         profile(base_model)
