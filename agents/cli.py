@@ -258,7 +258,7 @@ def planner_train(
 
     try:
         result = train_planner(base_model, steps=steps, prompts=prompts, seed=seed, console=console)
-    except KeyError as exc:  # no such base, or several and none named
+    except (KeyError, ValueError) as exc:  # no such base, several and none named, too few prompts
         _fail(reason(exc))
     h = result["history"]
     k = max(1, len(h) // 5)

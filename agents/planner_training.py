@@ -11,6 +11,7 @@ from dataclasses import asdict
 
 from rich.console import Console
 
+from diffgraph.errors import DiffGraphError
 from diffgraph.graph_store.store import GraphStore
 from diffgraph.merger.recipe import STRENGTHS
 from diffgraph.planner.checkpoint import save_planner
@@ -24,6 +25,32 @@ from .esa import select_experts
 from .llm import chat_model
 
 
+MIN_TRAIN, MIN_VALIDATION = 8, 4
+
+
+class PlannerTrainingError(DiffGraphError, ValueError):
+    """Training cannot start as asked (too few prompts for a training and a validation set)."""
+
+
+def split_prompts(training_prompts, n: int, seed: int, references: set[str]) -> tuple[list[str], list[str]]:
+    """(training prompts, validation prompts): disjoint, and both disjoint from the reference
+    prompts. Validation (where the best Beta-mean policy is picked) comes from another seed's
+    draw; a base whose pool is finite (a real base's shipped prompts) and used up by the
+    training draw has it split off instead, a fifth of it. Too small a pool is one line."""
+    train_set = list(dict.fromkeys(p for p in training_prompts(n, seed) if p not in references))
+    validation = [p for p in dict.fromkeys(training_prompts(n // 2, seed + 1_000))
+                  if p not in references and p not in set(train_set)]
+    if len(validation) < MIN_VALIDATION:
+        n_val = max(MIN_VALIDATION, len(train_set) // 5)
+        if len(train_set) - n_val < MIN_TRAIN:
+            raise PlannerTrainingError(
+                f"only {len(train_set)} training prompts (disjoint from the reference prompts) for this base: planner "
+                f"training needs at least {MIN_TRAIN + MIN_VALIDATION} ({MIN_TRAIN} to train on, {MIN_VALIDATION} to "
+                f"validate on); ask for more with --prompts or add prompts to the base's profile")
+        train_set, validation = train_set[:-n_val], train_set[-n_val:]
+    return train_set, validation
+
+
 def train_planner(base_model: str | None = None, steps: int = 60, prompts: int = 48, seed: int = 0,
                   settings: Settings | None = None, console: Console | None = None) -> dict:
     settings = settings or get_settings()
@@ -34,10 +61,7 @@ def train_planner(base_model: str | None = None, steps: int = 60, prompts: int =
         engine, suite = bases.engine_for(base_model), bases.suite_for(base_model)
         references = {p.text for p in store.catalog.reference_prompts()}
         profile = bases.profile(base_model)
-        train_set = [p for p in profile.training_prompts(prompts, seed) if p not in references]
-        # another seed's prompts, minus the training ones: where the best Beta-mean policy is picked
-        validation = [p for p in profile.training_prompts(prompts // 2, seed + 1_000)
-                      if p not in references and p not in set(train_set)]
+        train_set, validation = split_prompts(profile.training_prompts, prompts, seed, references)
         kinds: dict[str, list[dict]] = {}
 
         def select(prompt: str) -> list[str]:

@@ -185,3 +185,34 @@ def test_a_graph_of_the_old_schema_is_migrated_to_family_names(tmp_path):
         found = {h[0] for h in store.vectors.query(np.asarray(query), "lora", "SD 1.5", k=5)}
         assert found == {"civitai:0", "civitai:1"}  # one partition for the family, however it was spelled
         assert {h[0] for h in store.vectors.query(np.asarray(query), "lora", "sdxl", k=5)} == {"civitai:2"}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(min_value=0, max_value=80), st.integers(min_value=1, max_value=100), st.integers(0, 3))
+def test_planner_training_and_validation_prompts_are_disjoint_or_refused(pool_size, n, seed):
+    """A finite prompt pool (a real base's shipped prompts) that the training draw uses up gets
+    a validation set split off; too small a pool is refused in one line."""
+    import random
+
+    from diffgraph.agents.planner_training import MIN_TRAIN, MIN_VALIDATION, PlannerTrainingError, split_prompts
+
+    pool = [f"prompt {i}" for i in range(pool_size)]
+    references = set(pool[:3])
+
+    def draw(k, s):
+        shuffled = pool[:]
+        random.Random(s).shuffle(shuffled)
+        return shuffled[:k]
+
+    drawn = [p for p in draw(n, seed) if p not in references]
+    other = [p for p in draw(n // 2, seed + 1_000) if p not in references and p not in drawn]
+    try:
+        train, validation = split_prompts(draw, n, seed, references)
+    except PlannerTrainingError as exc:
+        assert "\n" not in str(exc) and f"only {len(drawn)} training prompts" in str(exc)
+        assert len(other) < MIN_VALIDATION and len(drawn) - max(MIN_VALIDATION, len(drawn) // 5) < MIN_TRAIN
+        return
+    assert not set(train) & set(validation) and not (set(train) | set(validation)) & references
+    assert len(validation) >= MIN_VALIDATION and train and set(train) <= set(drawn)
+    if len(other) < MIN_VALIDATION:  # the pool ran out: a fifth split off, the rest trains
+        assert len(train) >= MIN_TRAIN and sorted(train + validation) == sorted(drawn)
