@@ -43,6 +43,7 @@ from langgraph.graph.message import add_messages
 from langgraph.runtime import Runtime
 
 from diffgraph.errors import DiffGraphError, describe, reason
+from diffgraph.families import label
 from diffgraph.settings import Settings, get_settings
 
 from . import prompts, refine
@@ -69,6 +70,7 @@ Commands:
   add expert <URL or path>               crawl one expert (Civitai/HF model page, or a file/folder) into the graph
   start gca [<source> ...] [every 1h]    keep the graph current in the background (default: the base's own sources)
   stop gca                               stop the background run after its current pass
+  /base [NAME]                           the base this conversation renders with; switch it (e.g. /base SD 1.5)
   tools | tool <name> <text>             list plugin tools | call one with a text argument
 """ + refine.HELP
 
@@ -87,6 +89,7 @@ def _keep_images(old: list[dict] | None, new: list[dict] | None) -> list[dict]:
 class ChatState(TypedDict, total=False):
     messages: Annotated[list[AnyMessage], add_messages]
     images: Annotated[list[dict], _keep_images]
+    base_model: str  # the conversation's base, set with "/base NAME" (else the service's)
 
 
 @dataclass
@@ -220,7 +223,7 @@ class ChatServices:
         seed = image["seed"] if edit.seed is None else edit.seed
         if edit.prompt is not None and " ".join(edit.prompt.split()) != image["prompt"]:
             new = self.generate(edit.prompt, seed=seed, folder=folder, n=n, offline=offline, parent=image["n"],
-                                change=edit.description)
+                                change=edit.description, base_model=image["recipe"]["base_model"])
             if not (edit.less or edit.more or edit.remove or edit.keep_only is not None):
                 return new
             image = new
@@ -505,6 +508,8 @@ class ChatAgent:
         if not text:
             return Reply("Your message is empty: describe the image you want (e.g. 'a pink circle on a striped "
                          "white background'), or type 'help'.", thread, self.brain)
+        if re.fullmatch(r"/base(\s.*)?", text):
+            return self._switch_base(text[len("/base"):].strip(), thread)
         prefix = ""
         if len(text) > MAX_MESSAGE_CHARS:
             prefix = (f"(Your message had {len(text):,} characters; I read only the first {MAX_MESSAGE_CHARS:,}.)\n")
@@ -524,6 +529,27 @@ class ChatAgent:
         brain = answer.additional_kwargs.get("diffgraph_brain", self.brain) if answer is not None else self.brain
         images = [im for im in final.get("images", []) if im["n"] > before]
         return Reply(prefix + (_text(answer) if answer is not None else ""), thread, brain, images, tools)
+
+    def _switch_base(self, name: str, thread: str) -> Reply:
+        """"/base": which base this conversation renders with; "/base NAME" switches it (any
+        spelling of a family: "/base SD 1.5"). Kept with the thread, so it survives a restart."""
+        config = self._config(thread)
+        current = self.graph.get_state(config).values.get("base_model")
+        held = self.services.store.catalog.base_models()
+        if not name:
+            try:
+                shown = current or self.services.base_model
+            except KeyError as exc:
+                shown = f"none chosen ({reason(exc)})"
+            return Reply(f"This conversation renders with {shown}. The graph holds experts of: "
+                         f"{', '.join(held) or 'none yet'}. Switch with '/base NAME'.", thread, self.brain)
+        try:
+            chosen = bases.choose_base(name, held)
+        except KeyError as exc:
+            return Reply(f"Sorry: {reason(exc)}", thread, self.brain)
+        with self._lock_for(thread):
+            self.graph.update_state(config, {"base_model": chosen}, as_node="offline")
+        return Reply(f"This conversation now renders with {label(chosen)} ({chosen}).", thread, self.brain)
 
     def images(self, thread: str) -> list[dict]:
         return list(self.graph.get_state(self._config(thread)).values.get("images", []))
@@ -571,7 +597,8 @@ class ChatAgent:
 
     def generate_image(self, state: dict, config: RunnableConfig, prompt: str, seed: int | None) -> dict:
         n = self._next_n(state)
-        return self.services.generate(prompt, seed=n - 1 if seed is None else seed, folder=self._folder(config), n=n)
+        return self.services.generate(prompt, seed=n - 1 if seed is None else seed, folder=self._folder(config), n=n,
+                                      base_model=state.get("base_model"))
 
     def refine_image(self, state: dict, config: RunnableConfig, instruction: str, new_prompt: str | None,
                      seed: int | None, image: int | None) -> dict:
@@ -740,7 +767,8 @@ def _offline_dispatch(agent: ChatAgent, text: str, state: dict, config: Runnable
         return say(describe_image(image), image)
     prompt = _VERB_LEAD.sub("", raw).strip() or raw
     n = ChatAgent._next_n(state)
-    image = s.generate(prompt, seed=n - 1, folder=ChatAgent._folder(config), n=n, offline=offline_esa)
+    image = s.generate(prompt, seed=n - 1, folder=ChatAgent._folder(config), n=n, offline=offline_esa,
+                       base_model=state.get("base_model"))
     return say(describe_image(image), image)
 
 

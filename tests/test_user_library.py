@@ -139,7 +139,11 @@ def test_generate_and_the_api_pick_the_bases_experts_with_their_trigger_words(gr
     assert "Size: 64x64" in exported.parameters and "<lora:pixel_art:" in exported.prompt, exported
 
     settings = get_settings()
-    with ChatAgent(settings, llm=None, base_model="SD 1.5") as agent:  # the chat, on the SD 1.5 base
+    with ChatAgent(settings, llm=None) as agent:  # the chat: two bases held, so the conversation picks one
+        assert "choose one with --base-model" in agent.send("a castle", thread="lib").text
+        assert agent.send("/base flux-schnell", thread="lib").text.startswith("Sorry: no base-model profile")
+        assert agent.send("/base SD 1.5", thread="lib").text == "This conversation now renders with SD 1.5 (sd15)."
+        assert agent.send("/base", thread="lib").text.startswith("This conversation renders with sd15.")
         reply = agent.send("pixel art of a castle, blocky sprites", thread="lib")
         (image,) = reply.images
         assert any(e["id"].endswith("pixel_art.safetensors") for e in image["experts"]), reply.text
