@@ -433,6 +433,14 @@ def build_ui(agent: ChatAgent):
                 last["path"] if last else None, last["recipe"] if last else None,
                 [(im["path"], f"{im['n']}: {im['prompt'][:40]}") for im in images])
 
+    def pick_base(choice, history, thread):
+        """The base picker: "/base CHOICE" for this conversation, answered in it."""
+        thread = thread or f"web-{uuid.uuid4().hex[:10]}"
+        reply = agent.send(f"/base {choice}", thread) if choice else None
+        history = list(history or []) + ([{"role": "assistant", "content": reply.text}] if reply else [])
+        return history, thread
+
+    held = agent.services.store.catalog.base_models()
     brain = ("an LLM at " + str(agent.settings.llm_base_url)) if agent.brain == "llm" else \
         "the offline brain (no LLM configured)"
     with gr.Blocks(title="DiffGraph") as blocks:
@@ -450,6 +458,8 @@ def build_ui(agent: ChatAgent):
             with gr.Column(scale=4):
                 last_image = gr.Image(label="Last image", type="filepath", elem_id="last-image", height=256,
                                       interactive=False)
+                base = gr.Dropdown(choices=held, value=None, label="Base model (of the experts the graph holds)",
+                                   elem_id="base", interactive=len(held) > 1, allow_custom_value=False)
                 experts = gr.Markdown("*No image yet.*", elem_id="experts")
                 download = gr.File(label="PNG with its recipe", elem_id="download", interactive=False)
                 with gr.Accordion("Recipe", open=False):
@@ -458,6 +468,7 @@ def build_ui(agent: ChatAgent):
                              elem_id="gallery", interactive=False)
         outputs = [box, chatbot, thread, images, last_image, experts, download, recipe, gallery]
         inputs = [box, chatbot, thread, images]
+        base.change(pick_base, [base, chatbot, thread], [chatbot, thread])
         send.click(respond, inputs, outputs, concurrency_limit=4)
         box.submit(respond, inputs, outputs, concurrency_limit=4)
     return blocks

@@ -248,7 +248,14 @@ def load_components(path: str | Path, family: str | None = None, *, configs=None
     for comp in wanted:
         if comp not in cfgs:
             raise BaseLoadError(f"{path.name}: no config for its {comp}")
-        out[comp] = build_component(comp, cfgs[comp], parts[comp], dtype=dtype, source=path.name)
+        try:
+            out[comp] = build_component(comp, cfgs[comp], parts[comp], dtype=dtype, source=path.name)
+        except BaseLoadError as exc:
+            if configs is not None:
+                raise
+            # the shipped configs are the real model's: a file of other sizes is not loadable from them
+            raise BaseLoadError(f"{exc} (the shipped {label(family)} configs describe the released model; for a "
+                                "model of other sizes use its diffusers folder, which carries its configs)") from None
     return out
 
 

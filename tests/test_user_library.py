@@ -221,3 +221,21 @@ def test_a_setup_mistake_is_one_line_before_any_work_and_the_experts_wait(world,
     log = _pass(root)
     rows = _rows()
     assert all(rows[i].status == "active" for i in SD15_IDS), log[-3000:]
+
+
+def test_a_single_file_base_of_other_sizes_is_refused_in_one_line(tmp_path):
+    """A single file carries no configs: it is loaded with the released model's, so a file of
+    other widths (the tiny base here, a pruned or distilled model in the wild) is refused with
+    the first mismatch and what to use instead, before anything is rendered."""
+    from diffgraph.merger.ldm_keys import diffusers_to_ldm
+    from diffgraph.merger.real_pipelines import BaseLoadError, load_base
+    from safetensors.torch import save_file
+
+    pipe = T.pipeline("sd15")
+    state = {f"{c}.{k}": v for c in ("unet", "vae", "text_encoder") for k, v in getattr(pipe, c).state_dict().items()}
+    single = tmp_path / "tiny-sd15.safetensors"
+    save_file({k: v.contiguous() for k, v in diffusers_to_ldm(state, "sd15").items()}, str(single))
+    with pytest.raises(BaseLoadError) as refused:
+        load_base(single, "sd15")
+    message = str(refused.value)
+    assert "\n" not in message and "shape mismatch" in message and "use its diffusers folder" in message, message
