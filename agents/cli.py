@@ -100,7 +100,7 @@ def info() -> None:
 
     s = get_settings()
     for key in ("home", "base", "llm_base_url", "llm_model", "llm_timeout", "llm_retries", "chroma_url", "db_url",
-                "ray_address", "ray_workers", "device", "allow_pickle"):
+                "ray_address", "ray_workers", "device", "allow_pickle", "page_hosts"):
         value = getattr(s, key)
         console.print(f"[bold]{key}[/]: {value if value not in (None, '') else '[dim]unset[/]'}")
     console.print(f"[bold]metrics_dir[/] (DIFFGRAPH_METRICS_DIR, the real metric suite's weights): "

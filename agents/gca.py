@@ -443,6 +443,8 @@ def _run_status(source_errors: list[str], failures: list[ListingFailure], source
 
 
 def _allowed_hosts(sources) -> set[str]:
+    """The hosts of the sources' own sites; a homepage elsewhere (a local file's sidecar naming
+    civitai.com, say) is read only when DIFFGRAPH_PAGE_HOSTS lists its host, else it is a note."""
     hosts = set()
     for source in sources:
         url = getattr(source, "base_url", None)
@@ -471,7 +473,7 @@ def run_pass(specs: list[str], settings: Settings | None = None, console: Consol
                       reference_count=settings.reference_prompts)
         ctx.listing, ctx.listing_failures = _list_sources(opened, console)
         if read_pages:
-            ctx.reader = stack.enter_context(HomepageReader(_allowed_hosts(sources)))
+            ctx.reader = stack.enter_context(HomepageReader(_allowed_hosts(sources) | set(settings.page_hosts)))
         conn = sqlite3.connect(settings.home / "gca_checkpoints.sqlite", check_same_thread=False)
         stack.callback(conn.close)
         graph = build_graph(SqliteSaver(conn))

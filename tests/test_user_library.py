@@ -239,3 +239,33 @@ def test_a_single_file_base_of_other_sizes_is_refused_in_one_line(tmp_path):
         load_base(single, "sd15")
     message = str(refused.value)
     assert "\n" not in message and "shape mismatch" in message and "use its diffusers folder" in message, message
+
+
+def test_a_sidecars_homepage_is_read_only_from_a_host_the_user_allows(tmp_path, monkeypatch, artifacts_dir):
+    """A local LoRA whose A1111 JSON names a homepage: read (by Chromium) when DIFFGRAPH_PAGE_HOSTS
+    lists its host, else a note and the sidecar's own description; the expert is active either way."""
+    from starlette.applications import Starlette
+    from starlette.responses import HTMLResponse
+    from starlette.routing import Route
+
+    page = ("<html><body><h1>Tangerine Glow</h1><p>This LoRA paints warm tangerine orange light over any scene."
+            "</p></body></html>")
+    app = Starlette(routes=[Route("/models/7", lambda request: HTMLResponse(page))])
+    lib = tmp_path / "lib" / "models" / "Lora"
+    lib.mkdir(parents=True)
+    shutil.copy(artifacts_dir / "experts" / "tangerine.safetensors", lib / "tangerine.safetensors")
+    with serving(app) as url:
+        (lib / "tangerine.json").write_text(json.dumps({"description": "orange tones", "homepage_url": f"{url}/models/7",
+                                                         "sd version": "miniworld-sd"}))
+        for allowed, home in ((False, tmp_path / "home-a"), (True, tmp_path / "home-b")):
+            monkeypatch.setenv("DIFFGRAPH_HOME", str(home))
+            monkeypatch.setenv("DIFFGRAPH_REFERENCE_PROMPTS", "2")
+            monkeypatch.setenv("DIFFGRAPH_PAGE_HOSTS", url.removeprefix("http://") if allowed else "")
+            out = io.StringIO()
+            run_pass([f"local:{tmp_path / 'lib'}"], settings=get_settings(), console=Console(file=out, width=300))
+            (row,) = _rows(home).values()
+            assert row.status == "active", (row.status_reason, out.getvalue()[-2000:])
+            if allowed:
+                assert row.page_sha256 and "tangerine" in row.description_text.lower(), row.description_text
+            else:
+                assert row.page_sha256 is None and "homepage unreadable" in out.getvalue() and "not allowed" in out.getvalue()
