@@ -216,3 +216,22 @@ def test_planner_training_and_validation_prompts_are_disjoint_or_refused(pool_si
     assert len(validation) >= MIN_VALIDATION and train and set(train) <= set(drawn)
     if len(other) < MIN_VALIDATION:  # the pool ran out: a fifth split off, the rest trains
         assert len(train) >= MIN_TRAIN and sorted(train + validation) == sorted(drawn)
+
+
+def test_an_fp16_copy_of_an_fp32_file_is_one_expert_merged_from_the_fp32_file(tmp_path):
+    g = torch.Generator().manual_seed(4)
+    stem = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    full = {f"{stem}.lora_down.weight": torch.randn(4, 32, generator=g), f"{stem}.lora_up.weight": torch.randn(32, 4, generator=g)}
+    root = tmp_path / "models" / "Lora"
+    root.mkdir(parents=True)
+    save_file(full, str(root / "glow-fp32.safetensors"))
+    save_file({k: v.half() for k, v in full.items()}, str(root / "glow-fp16.safetensors"))
+    nudged = {k: v.half() for k, v in full.items()}
+    nudged[f"{stem}.lora_up.weight"][0, 0] += 1  # same layout, other values: another model
+    save_file(nudged, str(root / "other-fp16.safetensors"))
+    source = LocalFolderSource(tmp_path)
+    records = {r.source_id: r for r in source.iter_models()}
+    assert sorted(records) == ["models/Lora/glow-fp32.safetensors", "models/Lora/other-fp16.safetensors"]
+    assert [(f.name, f.primary) for f in records["models/Lora/glow-fp32.safetensors"].files] == [
+        ("glow-fp32.safetensors", True), ("glow-fp16.safetensors", False)]
+    assert any("glow-fp16.safetensors: the fp16 copy of models/Lora/glow-fp32.safetensors" in n for n in source.notes)

@@ -15,11 +15,14 @@ whatever metadata sits beside each file. Who wins where they disagree, highest f
 Files that are not experts are skipped with a one-line note in :attr:`LocalFolderSource.notes`,
 not rejected: VAEs, textual-inversion embeddings, ControlNets, the configured base models
 themselves (DIFFGRAPH_BASE_SD15 / _SDXL), and the component files of diffusers pipeline folders
-(ComfyUI's models/diffusers: a folder with a model_index.json). Byte-identical copies are one expert, listed under the
-first path with the others beside it. Files are used where they are (no copy into
-DIFFGRAPH_HOME), and their sha256 is cached by (path, size, mtime), so an unchanged pass over a
-large library reads no file twice. The version is the file's sha256, so editing a file in place
-makes a new version.
+(ComfyUI's models/diffusers: a folder with a model_index.json).
+
+One model is one expert: byte-identical copies are files of one expert (named by the copy with
+the user's sidecars), and an fp16 or bf16 copy of an fp32 file (the same tensors, rounded) is a
+file of the fp32 file's expert, which merges from the fp32 file. Files are used where they are
+(no copy into DIFFGRAPH_HOME), and their sha256 is cached by (path, size, mtime), so an
+unchanged pass over a large library reads no file twice. The version is the file's sha256, so
+editing a file in place makes a new version.
 """
 
 from __future__ import annotations
@@ -97,13 +100,42 @@ class LocalFolderSource:
                 copies.setdefault(record.version, []).append((any(p.is_file() for p in _sidecars(path)), record))
         listed = sum(len(group) for group in copies.values())
         self.notes.append(f"{listed} files listed, {self.hashed} of them read to hash them (the rest from the hash cache)")
+        experts = []
         for group in copies.values():
             named = next((r for has_sidecars, r in group if has_sidecars), group[0][1])
             for _, other in group:
                 if other is not named:
                     named.files.append(replace(other.files[0], primary=False))
                     self.notes.append(f"{other.source_id}: the same bytes as {named.source_id}; one expert")
-            yield named
+            experts.append(named)
+        yield from self._link_precision_variants(experts)
+
+    def _link_precision_variants(self, records: list[ExpertRecord]) -> list[ExpertRecord]:
+        """fp16 / bf16 copies of an fp32 file (same tensor names and shapes, the same values once
+        rounded) become files of the fp32 file's expert: it merges from the most precise one."""
+        by_layout: dict[tuple, list[tuple[ExpertRecord, dict]]] = {}
+        for record in records:
+            path = self._local_path(record.files[0].url)
+            header = _header(path)
+            if header is not None:
+                layout = (record.kind, tuple(sorted((k, tuple(v["shape"])) for k, v in header.items())))
+                by_layout.setdefault(layout, []).append((record, header))
+        merged: set[int] = set()
+        for group in by_layout.values():
+            full = [(r, h) for r, h in group if _float_dtypes(h) == {"F32"}]
+            for record, header in group:
+                half = _float_dtypes(header)
+                if half not in ({"F16"}, {"BF16"}):
+                    continue
+                twin = next((r for r, h in full if _same_values(self._local_path(r.files[0].url),
+                                                                self._local_path(record.files[0].url), header)), None)
+                if twin is not None:
+                    twin.files.extend(replace(f, primary=False) for f in record.files)
+                    merged.add(id(record))
+                    precision = {"F16": "fp16", "BF16": "bf16"}[next(iter(half))]
+                    self.notes.append(f"{record.source_id}: the {precision} copy of {twin.source_id}; "
+                                      "one expert, merged from the fp32 file")
+        return [r for r in records if id(r) not in merged]
 
     def _not_an_expert(self, path: Path) -> str | None:
         """What a file that is no expert is ("a VAE", ...), or None for a checkpoint or LoRA."""
@@ -209,6 +241,38 @@ def configured_bases() -> tuple[Path, ...]:
     diffusers folder), which are not experts."""
     return tuple(Path(v).expanduser() for k, v in os.environ.items()
                  if k.startswith("DIFFGRAPH_BASE_") and v and Path(v).expanduser().exists())
+
+
+def _header(path: Path) -> dict | None:
+    """The safetensors tensor table (name -> dtype, shape, offsets), None for other files."""
+    if path.suffix.lower() != ".safetensors":
+        return None
+    try:
+        return validate_safetensors(path).tensors
+    except InvalidSafetensors:
+        return None
+
+
+def _float_dtypes(header: dict) -> set[str]:
+    return {t["dtype"] for t in header.values() if t["dtype"] in ("F64", "F32", "BF16", "F16")}
+
+
+VARIANT_SAMPLE = 8  # tensors compared to call two files precision variants: cheap for a multi-GB checkpoint
+
+
+def _same_values(full: Path, half: Path, header: dict) -> bool:
+    """Whether ``half`` holds ``full``'s values rounded to its dtype, on a spread of tensors."""
+    import torch
+    from safetensors import safe_open
+
+    names = sorted(k for k, t in header.items() if t["dtype"] in ("BF16", "F16"))
+    sample = names[:: max(1, len(names) // VARIANT_SAMPLE)][:VARIANT_SAMPLE]
+    with safe_open(str(full), "pt") as a, safe_open(str(half), "pt") as b:
+        for name in sample:
+            small = b.get_tensor(name)
+            if not torch.equal(a.get_tensor(name).to(small.dtype), small):
+                return False
+    return bool(sample)
 
 
 def _header_metadata(path: Path) -> dict[str, str]:
