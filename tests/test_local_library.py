@@ -235,3 +235,28 @@ def test_an_fp16_copy_of_an_fp32_file_is_one_expert_merged_from_the_fp32_file(tm
     assert [(f.name, f.primary) for f in records["models/Lora/glow-fp32.safetensors"].files] == [
         ("glow-fp32.safetensors", True), ("glow-fp16.safetensors", False)]
     assert any("glow-fp16.safetensors: the fp16 copy of models/Lora/glow-fp32.safetensors" in n for n in source.notes)
+
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
+                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                     max_leaves=12)
+_KEYS = ["name", "kind", "base_model", "trigger_words", "tags", "license", "homepage_url", "description",
+         "preferred_weight", "sd version", "activation text", "preferred weight", "baseModel", "trainedWords",
+         "model", "modelId", "model_name", "civitai", "usage_tips", "modelDescription"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.dictionaries(st.sampled_from(_KEYS), _JSON, max_size=8) | _JSON, min_size=3, max_size=3))
+def test_any_sidecar_content_gives_a_clean_record_or_is_ignored(tmp_path_factory, sidecars):
+    """Whatever the three sidecars hold (any JSON, wrong types, NaN, nesting), listing never
+    fails and the record's fields have their types: the user's folder is not ours to trust."""
+    root = tmp_path_factory.mktemp("sidecars")
+    path = _lora(root / "Lora" / "x.safetensors", 1)
+    for suffix, content in zip((".civitai.info", ".json", ".metadata.json"), sidecars):
+        path.with_suffix(suffix).write_text(json.dumps(content))
+    (record,) = LocalFolderSource(root).iter_models()
+    assert isinstance(record.name, str) and record.kind in ("lora", "ckpt") and isinstance(record.base_model, str)
+    assert all(isinstance(w, str) and w == w.strip() and w for w in record.trigger_words)
+    assert all(isinstance(t, str) for t in record.tags) and isinstance(record.license, dict)
+    assert record.preferred_weight is None or 0 < record.preferred_weight <= 5
+    assert record.homepage_url is None or isinstance(record.homepage_url, str)

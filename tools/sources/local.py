@@ -115,11 +115,10 @@ class LocalFolderSource:
         rounded) become files of the fp32 file's expert: it merges from the most precise one."""
         by_layout: dict[tuple, list[tuple[ExpertRecord, dict]]] = {}
         for record in records:
-            path = self._local_path(record.files[0].url)
-            header = _header(path)
+            header = _safetensors_header(self._local_path(record.files[0].url))
             if header is not None:
-                layout = (record.kind, tuple(sorted((k, tuple(v["shape"])) for k, v in header.items())))
-                by_layout.setdefault(layout, []).append((record, header))
+                layout = (record.kind, tuple(sorted((k, tuple(v["shape"])) for k, v in header.tensors.items())))
+                by_layout.setdefault(layout, []).append((record, header.tensors))
         merged: set[int] = set()
         for group in by_layout.values():
             full = [(r, h) for r, h in group if _float_dtypes(h) == {"F32"}]
@@ -146,12 +145,10 @@ class LocalFolderSource:
             return "a part of a diffusers pipeline folder (to use it as a base, point DIFFGRAPH_BASE_<FAMILY> at it)"
         folder = next((NOT_EXPERT_FOLDERS[p.lower()] for p in path.relative_to(self.root).parent.parts
                        if p.lower() in NOT_EXPERT_FOLDERS), None)
-        if path.suffix.lower() != ".safetensors":
+        header = _safetensors_header(path)
+        if header is None:
             return folder
-        try:
-            keys = list(validate_safetensors(path).tensors)
-        except InvalidSafetensors:
-            return folder  # the store refuses it later, with the reason
+        keys = list(header.tensors)
         if keys and all(k in _EMBEDDING_KEYS or k.startswith("string_to_") for k in keys):
             return "a textual-inversion embedding"
         if any(k.startswith(("control_model.", "controlnet_")) for k in keys):
@@ -164,29 +161,28 @@ class LocalFolderSource:
         info, own, manager = (_read_json(p) for p in _sidecars(path))
         model = info.get("model") if isinstance(info.get("model"), dict) else {}
         manager_civitai = manager.get("civitai") if isinstance(manager.get("civitai"), dict) else {}
-        header = _header_metadata(path)
+        header = _safetensors_header(path)
+        metadata = header.metadata if header else {}
         a1111_base = own.get("sd version") if own.get("sd version") not in (None, "", "Unknown") else None
         words = (own.get("trigger_words") or _split(own.get("activation text")) or info.get("trainedWords")
                  or manager_civitai.get("trainedWords"))
         sha256 = self._sha256(path)
-        homepage = own.get("homepage_url") or (
+        homepage = _text(own.get("homepage_url")) or (
             f"https://civitai.com/models/{info['modelId']}" if str(info.get("modelId", "")).isdigit() else None)
-        declared = (own.get("base_model") or a1111_base or info.get("baseModel") or manager.get("base_model")
-                    or header.get("ss_base_model_version") or _detected_base(path))
+        declared = _text(own.get("base_model"), a1111_base, info.get("baseModel"), manager.get("base_model"),
+                         metadata.get("ss_base_model_version")) or _detected_base(path)
         return ExpertRecord(
             source=self.name, source_id=path.relative_to(self.root).as_posix(), version=sha256,
-            name=str(own.get("name") or model.get("name") or manager.get("model_name") or path.stem),
+            name=_text(own.get("name"), model.get("name"), manager.get("model_name")) or path.stem,
             kind=_kind(own.get("kind"), model.get("type"), path),
-            base_model=str(declared),
+            base_model=declared,
             files=[ExpertFile(name=path.name, url=path.as_uri(), sha256=sha256, size=path.stat().st_size)],
-            homepage_url=homepage,
+            homepage_url=homepage if homepage and homepage.startswith(("http://", "https://")) else None,
             trigger_words=_words(words),
-            tags=[str(t) for t in (own.get("tags") or manager.get("tags") or []) if isinstance(t, str)]
-            if isinstance(own.get("tags") or manager.get("tags") or [], list) else [],
+            tags=_words(own.get("tags") or manager.get("tags")),
             license=own.get("license") if isinstance(own.get("license"), dict) else {},
             published_at=changed.isoformat(),
-            source_description=str(own.get("description") or info.get("description")
-                                   or manager.get("modelDescription") or ""),
+            source_description=_text(own.get("description"), info.get("description"), manager.get("modelDescription")),
             preferred_weight=_weight(own.get("preferred_weight"), own.get("preferred weight"),
                                      _usage_tips(manager).get("strength")),
         )
@@ -243,12 +239,13 @@ def configured_bases() -> tuple[Path, ...]:
                  if k.startswith("DIFFGRAPH_BASE_") and v and Path(v).expanduser().exists())
 
 
-def _header(path: Path) -> dict | None:
-    """The safetensors tensor table (name -> dtype, shape, offsets), None for other files."""
+def _safetensors_header(path: Path):
+    """The checked safetensors header (tensors and ``__metadata__``, with kohya's ss_* keys),
+    None for a pickle or an unreadable file (which the store refuses later, with the reason)."""
     if path.suffix.lower() != ".safetensors":
         return None
     try:
-        return validate_safetensors(path).tensors
+        return validate_safetensors(path)
     except InvalidSafetensors:
         return None
 
@@ -275,14 +272,10 @@ def _same_values(full: Path, half: Path, header: dict) -> bool:
     return bool(sample)
 
 
-def _header_metadata(path: Path) -> dict[str, str]:
-    """The safetensors ``__metadata__`` (kohya's ss_* keys), {} when there is none or it is unreadable."""
-    if path.suffix.lower() != ".safetensors":
-        return {}
-    try:
-        return dict(validate_safetensors(path).metadata)
-    except InvalidSafetensors:
-        return {}
+def _text(*candidates) -> str:
+    """The first candidate that is a non-empty string, whitespace collapsed ("" if none is):
+    sidecars are the user's files, and a field of the wrong type is as good as absent."""
+    return next((" ".join(c.split()) for c in candidates if isinstance(c, str) and c.strip()), "")
 
 
 def _weight(*candidates) -> float | None:
@@ -298,16 +291,18 @@ def _weight(*candidates) -> float | None:
 
 
 def _usage_tips(manager: dict) -> dict:
-    """ComfyUI-Lora-Manager's usage_tips: a JSON object in a string ({"strength": 0.8, ...})."""
-    try:
-        tips = json.loads(manager.get("usage_tips") or "{}")
-    except (TypeError, ValueError):
-        return {}
+    """ComfyUI-Lora-Manager's usage_tips: a JSON object, usually in a string ({"strength": 0.8})."""
+    tips = manager.get("usage_tips")
+    if isinstance(tips, str):
+        try:
+            tips = json.loads(tips)
+        except ValueError:
+            return {}
     return tips if isinstance(tips, dict) else {}
 
 
 def _words(words) -> list[str]:
-    """Trigger words as a clean list: strings only, stripped, each once, in their order."""
+    """Trigger words (or tags) as a clean list: strings only, stripped, each once, in their order."""
     if not isinstance(words, list):
         return []
     return list(dict.fromkeys(w for w in (" ".join(str(x).split()) for x in words if isinstance(x, str)) if w))
