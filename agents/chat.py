@@ -28,15 +28,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, TypedDict
 
-from diffgraph.graph_store.status import graph_status
-from diffgraph.graph_store.store import GraphStore
-from diffgraph.merger.recipe import BASE, MergeRecipe, with_trigger_words
-from diffgraph.tools import bases
-from diffgraph.tools.chat_tools import CHAT_TOOLS
-from diffgraph.tools.plugins import plugins
-from diffgraph.tools.render import render_recipe
-from diffgraph.tools.sources import SourceError
-from diffgraph.tools.sources.spec import kinds
 from langchain_core.messages import AIMessage, AnyMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.runnables import RunnableConfig
 from langgraph.graph.message import add_messages
@@ -44,7 +35,16 @@ from langgraph.runtime import Runtime
 
 from diffgraph.errors import DiffGraphError, describe, reason
 from diffgraph.families import label
+from diffgraph.graph_store.status import graph_status
+from diffgraph.graph_store.store import GraphStore
+from diffgraph.merger.recipe import BASE, MergeRecipe, with_trigger_words
 from diffgraph.settings import Settings, get_settings
+from diffgraph.tools import bases
+from diffgraph.tools.chat_tools import CHAT_TOOLS
+from diffgraph.tools.plugins import plugins
+from diffgraph.tools.render import render_recipe
+from diffgraph.tools.sources import SourceError
+from diffgraph.tools.sources.spec import kinds
 
 from . import prompts, refine
 from .background import BACKGROUND, parse_interval

@@ -285,10 +285,13 @@ NO_PROFILE = "no base-model profile"  # how a rejection for a base nothing can r
 
 
 def _no_profile(declared: str) -> str:
+    """The rejection of an expert whose base has no profile, with what the profile lookup says
+    (for a real family: the setting to set)."""
     try:
         bases.profile(declared)
     except KeyError as exc:
-        return f"{NO_PROFILE} for {declared!r}: {exc}"
+        why = reason(exc)
+        return why if why.startswith(NO_PROFILE) else f"{NO_PROFILE} for {declared!r}: {why}"
     return f"{NO_PROFILE} for {declared!r}"
 
 

@@ -24,7 +24,6 @@ from diffgraph.tools.render import build_recipe
 from .esa import select_experts
 from .llm import chat_model
 
-
 MIN_TRAIN, MIN_VALIDATION = 8, 4
 
 

@@ -6,6 +6,10 @@ files offline, how publishers spell it, and the two structural facts base detect
 (merger/detect.py) needs to tell Stable Diffusion UNets apart: whether the first down block and
 the first up block have attention. Built in: SD 1.5, SDXL and FLUX.1. Other packages add a
 family through the ``diffgraph.families`` entry-point group, as the mini world adds its tiny SD.
+
+It is also the one vocabulary of base names: :func:`base_family` turns any published spelling
+("SD 1.5", "SD1", "Pony", "SDXL 1.0") into the family name the catalog, the vector partitions,
+retrieval and every command use, while the published name is kept for display.
 """
 
 from __future__ import annotations

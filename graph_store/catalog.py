@@ -326,8 +326,9 @@ class Catalog:
 
     def _migrate_to_family_names(self) -> None:
         """Schema 1 -> 2: base_model becomes the family and the published name moves to
-        declared_base (and preferred_weight is added, empty), so experts of one family are found together however they were spelled.
-        The vectors follow at the next reconcile (their partition is the family's)."""
+        declared_base (preferred_weight is added, empty), so experts of one family are found
+        together however they were spelled. GraphStore.open then moves the vectors to their
+        family's partitions (``migrated``)."""
         self._exec("ALTER TABLE experts ADD COLUMN declared_base TEXT NOT NULL DEFAULT ''")
         self._exec("ALTER TABLE experts ADD COLUMN preferred_weight DOUBLE PRECISION")
         for row in self._query("SELECT id, base_model FROM experts"):

@@ -504,8 +504,8 @@ def _kohya_to_new_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     converters: its kohya converter, then the old-to-new text-encoder mapping and the UNet's
     mapping to PEFT names, so the loader need not infer the naming."""
     from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
-    from diffusers.utils.state_dict_utils import (StateDictType, convert_state_dict_to_diffusers,
-                                                  convert_unet_state_dict_to_peft)
+    from diffusers.utils.state_dict_utils import StateDictType, convert_state_dict_to_diffusers
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 
     converted, _alphas = _convert_non_diffusers_lora_to_diffusers(dict(sd))  # it empties its input; alphas baked: none left
     te = {k: v for k, v in converted.items() if k.startswith("text_encoder")}

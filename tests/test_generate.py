@@ -11,8 +11,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from diffgraph.agents.cli import app
-from diffgraph.merger.png import read_recipe
 from diffgraph.graph_store.store import GraphStore
+from diffgraph.merger.png import read_recipe
 from diffgraph.merger.recipe import BASE, with_trigger_words
 
 

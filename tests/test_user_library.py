@@ -34,7 +34,7 @@ from support import tiny_world as T
 from support.serving import serving
 from support.tiny_metrics import build_metric_weights
 
-pytestmark = pytest.mark.browser  # a GCA pass (its homepage reads are off: read_pages=False)
+pytestmark = pytest.mark.browser  # GCA passes (Chromium reads a homepage in one of them)
 
 SD15_IDS = {f"local:models/{rel}" for rel, (family, _) in T.LIBRARY.items() if family == "sd15"}
 SDXL_ID = "local:models/Lora/xl/pony_glow.safetensors"
