@@ -72,7 +72,10 @@ def _rows(home=None) -> dict:
 @pytest.fixture(scope="module")
 def graph(world):
     root, mp = world
-    first = _pass(root)
+    run = CliRunner().invoke(app, ["gca", "run", "--source", f"local:{root / 'webui'}", "--no-browser"],
+                             env={"COLUMNS": "300"})  # the first pass through the command a user types
+    first = run.output
+    assert run.exit_code == 0, first[-3000:]
     rows_before_sdxl = _rows()
     second = _pass(root)  # nothing changed: nothing is hashed again, nothing is redone
     mp.setenv("DIFFGRAPH_BASE_SDXL", str(root / "bases" / "tiny-sdxl"))
@@ -167,6 +170,23 @@ def test_generate_and_the_api_pick_the_bases_experts_with_their_trigger_words(gr
         assert "glowpony" in item["revised_prompt"] and item["revised_prompt"] == recipe["prompt"]
         wrong = httpx.post(url + "/v1/images/generations", timeout=60, json={"prompt": "a cat", "model": "flux-schnell"})
         assert wrong.status_code == 400 and "\n" not in wrong.json()["error"]["message"]
+
+
+def test_planner_training_and_generate_through_the_commands(graph, tmp_path):
+    """`planner train` on the SD 1.5 base (training prompts of the real base, a validation set
+    split off them) writes the base's planner, which `generate` then uses."""
+    import json as json_module
+
+    trained = CliRunner().invoke(app, ["planner", "train", "--base-model", "SD 1.5", "--steps", "1", "--prompts", "30"],
+                                 env={"COLUMNS": "300"})
+    assert trained.exit_code == 0, trained.output[-3000:]
+    assert (get_settings().home / "planner" / "sd15" / "planner.json").is_file()
+    made = CliRunner().invoke(app, ["generate", "a heron by a river, ink wash painting", "--base-model", "sd15", "--json",
+                                    "--out", str(tmp_path / "heron.png")])
+    assert made.exit_code == 0, made.output[-3000:]
+    result = json_module.loads(made.output)
+    assert result["planner"].startswith("VGAE") and result["base_model"] == "sd15"
+    assert all(e["id"] in SD15_IDS for e in result["experts"]) and result["experts"], {k: result[k] for k in ("summary", "components", "notes")}
 
 
 def test_the_pass_survives_the_library_changing_under_it(graph):
