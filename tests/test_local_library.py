@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import sqlite3
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from diffgraph.graph_store.records import ExpertRecord
 from diffgraph.graph_store.store import GraphStore
 from diffgraph.graph_store.vectors import partition_name
 from diffgraph.merger.recipe import MAX_TRIGGER_WORDS, with_trigger_words
+from diffgraph.tools.sources import ContentStore, UnsafeFileError
 from diffgraph.tools.sources.local import LocalFolderSource
 
 SD15_SPELLINGS = ("SD 1.5", "SD1.5", "sd15", "SD 1.4", "SD1", "sd-v1-5", "Stable Diffusion 1.5", "sd_v1.5")
@@ -148,7 +150,7 @@ def test_an_unchanged_second_pass_rehashes_nothing_and_an_edit_is_seen(library):
 
 
 def test_files_are_used_in_place_and_a_changed_file_is_refused(library, tmp_path):
-    from diffgraph.tools.sources import ContentStore, IntegrityError
+    from diffgraph.tools.sources import IntegrityError
 
     root, cache = library
     source = LocalFolderSource(root, hash_cache=cache)
@@ -260,3 +262,37 @@ def test_any_sidecar_content_gives_a_clean_record_or_is_ignored(tmp_path_factory
     assert all(isinstance(t, str) for t in record.tags) and isinstance(record.license, dict)
     assert record.preferred_weight is None or 0 < record.preferred_weight <= 5
     assert record.homepage_url is None or isinstance(record.homepage_url, str)
+
+
+def test_a_comfyui_folder_lists_the_a1111_folders_its_extra_model_paths_names(tmp_path):
+    """ComfyUI users share an A1111 install through extra_model_paths.yaml: its checkpoint and
+    LoRA folders are listed too (VAEs and embeddings it names are not experts); a broken config
+    is ignored, not fatal."""
+    webui = tmp_path / "stable-diffusion-webui"
+    _lora(webui / "models" / "Lora" / "shared.safetensors", 5)
+    _lora(webui / "models" / "LyCORIS" / "lyco.safetensors", 6)
+    _lora(webui / "models" / "VAE-approx" / "skip.safetensors", 7)
+    comfy = tmp_path / "ComfyUI"
+    _lora(comfy / "models" / "loras" / "own.safetensors", 8)
+    (comfy / "extra_model_paths.yaml").write_text(
+        "a111:\n"
+        f"    base_path: {webui}\n"
+        "    checkpoints: models/Stable-diffusion\n"
+        "    loras: |\n"
+        "         models/Lora\n"
+        "         models/LyCORIS\n"
+        "    vae: models/VAE-approx\n"
+        "comfyui:\n"
+        "    base_path: .\n"
+        "    loras: models/loras\n")
+    source = LocalFolderSource(comfy)
+    ids = sorted(r.source_id for r in source.iter_models())
+    assert ids == sorted(["models/loras/own.safetensors", str(webui / "models/Lora/shared.safetensors"),
+                          str(webui / "models/LyCORIS/lyco.safetensors")]), ids
+    shared = next(r for r in source.iter_models() if r.source_id.endswith("shared.safetensors"))
+    assert source.download(shared.files[0], ContentStore(tmp_path / "store")) == webui / "models/Lora/shared.safetensors"
+    with pytest.raises(UnsafeFileError):  # a file outside every listed folder is still refused
+        source.download(replace(shared.files[0], url=(webui / "models/VAE-approx/skip.safetensors").as_uri()),
+                        ContentStore(tmp_path / "store"))
+    (comfy / "extra_model_paths.yaml").write_text("a111: [unclosed")
+    assert [r.source_id for r in LocalFolderSource(comfy).iter_models()] == ["models/loras/own.safetensors"]

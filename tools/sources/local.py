@@ -1,6 +1,7 @@
 """A local folder of expert files, as A1111, Forge and ComfyUI users keep them (models/Lora,
 models/LyCORIS, models/Stable-diffusion, models/checkpoints, models/loras, ...), read with
-whatever metadata sits beside each file. Who wins where they disagree, highest first:
+whatever metadata sits beside each file, and the checkpoint and LoRA folders a ComfyUI
+``extra_model_paths.yaml`` in it names. Who wins where they disagree, highest first:
 
 1. ``<name>.json`` with our own keys (kind, base_model, trigger_words, name, tags, license,
    homepage_url, description, preferred_weight);
@@ -74,6 +75,7 @@ class LocalFolderSource:
         self.root = Path(root).expanduser().absolute()
         if not self.root.is_dir():
             raise NotADirectoryError(f"local source: {self.root} is not a directory")
+        self.roots = [self.root, *extra_model_paths(self.root)]  # the folder, and what its ComfyUI config adds
         self.notes: list[str] = []
         self.hashed = 0  # files the last listing read to hash them (the rest came from the cache)
         self._hash_cache = Path(hash_cache) if hash_cache else None
@@ -87,12 +89,14 @@ class LocalFolderSource:
         since = as_utc(since)
         self.notes, self.hashed = [], 0
         copies: dict[str, list[tuple[bool, ExpertRecord]]] = {}
-        for path in sorted(self.root.rglob("*")):
-            if path.suffix.lower() not in WEIGHT_SUFFIXES or not path.is_file() or _hidden(path, self.root):
+        seen: set[Path] = set()
+        for root, path in ((root, path) for root in self.roots for path in sorted(root.rglob("*"))):
+            if path.suffix.lower() not in WEIGHT_SUFFIXES or not path.is_file() or _hidden(path, root) or path in seen:
                 continue
+            seen.add(path)  # a ComfyUI config may name a folder inside this one
             what = self._not_an_expert(path)
             if what:
-                self.notes.append(f"{path.relative_to(self.root)}: {what}, not an expert; skipped")
+                self.notes.append(f"{self._id(path)}: {what}, not an expert; skipped")
                 continue
             changed = max(_mtime(p) for p in (path, *_sidecars(path)) if p.is_file())
             if since is None or changed >= since:
@@ -141,9 +145,10 @@ class LocalFolderSource:
         resolved = path.resolve()
         if any(resolved == base or resolved.is_relative_to(base) for base in self._skip):
             return "the configured base model"
-        if any((self.root / folder / "model_index.json").is_file() for folder in path.relative_to(self.root).parents):
+        root = self._root_of(path)
+        if any((root / folder / "model_index.json").is_file() for folder in path.relative_to(root).parents):
             return "a part of a diffusers pipeline folder (to use it as a base, point DIFFGRAPH_BASE_<FAMILY> at it)"
-        folder = next((NOT_EXPERT_FOLDERS[p.lower()] for p in path.relative_to(self.root).parent.parts
+        folder = next((NOT_EXPERT_FOLDERS[p.lower()] for p in path.relative_to(root).parent.parts
                        if p.lower() in NOT_EXPERT_FOLDERS), None)
         header = _safetensors_header(path)
         if header is None:
@@ -172,7 +177,7 @@ class LocalFolderSource:
         declared = _text(own.get("base_model"), a1111_base, info.get("baseModel"), manager.get("base_model"),
                          metadata.get("ss_base_model_version")) or _detected_base(path)
         return ExpertRecord(
-            source=self.name, source_id=path.relative_to(self.root).as_posix(), version=sha256,
+            source=self.name, source_id=self._id(path), version=sha256,
             name=_text(own.get("name"), model.get("name"), manager.get("model_name")) or path.stem,
             kind=_kind(own.get("kind"), model.get("type"), path),
             base_model=declared,
@@ -201,9 +206,17 @@ class LocalFolderSource:
     def _local_path(self, url: str) -> Path:
         parts = urlsplit(url)
         path = Path(os.path.normpath(unquote(parts.path)))
-        if parts.scheme != "file" or not path.is_relative_to(self.root):
+        if parts.scheme != "file" or not any(path.is_relative_to(root) for root in self.roots):
             raise UnsafeFileError(f"local source: {url!r} is not a file under {self.root}")
         return path
+
+    def _root_of(self, path: Path) -> Path:
+        """The listed folder ``path`` lies under (the innermost, when they nest)."""
+        return max((root for root in self.roots if path.is_relative_to(root)), key=lambda root: len(root.parts))
+
+    def _id(self, path: Path) -> str:
+        """The expert's source id: its path under the folder, absolute for one a ComfyUI config adds."""
+        return path.relative_to(self.root).as_posix() if path.is_relative_to(self.root) else path.as_posix()
 
     def _sha256(self, path: Path) -> str:
         """The file's sha256, read once per (path, size, mtime)."""
@@ -230,6 +243,40 @@ class LocalFolderSource:
 
     def close(self) -> None:
         """Nothing to release; present for the Source interface."""
+
+
+EXPERT_PATH_KEYS = ("checkpoints", "loras")  # ComfyUI's model kinds that hold experts (vae, embeddings... do not)
+
+
+def extra_model_paths(root: Path) -> list[Path]:
+    """The checkpoint and LoRA folders a ComfyUI ``extra_model_paths.yaml`` in ``root`` adds
+    (an A1111 install shared with ComfyUI, say): each section's ``base_path`` (relative to the
+    file) joined with every line of its ``checkpoints`` and ``loras`` entries. A file that is
+    not such a config is ignored with a warning: it is the user's, not ours to fail on."""
+    config = root / "extra_model_paths.yaml"
+    if not config.is_file():
+        return []
+    import yaml
+
+    try:
+        sections = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+        if not isinstance(sections, dict):
+            raise ValueError("not a mapping of sections")
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        log.warning("local: ignoring %s: %s", config, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return []
+    folders = []
+    for section in sections.values():
+        if not isinstance(section, dict):
+            continue
+        base = Path(str(section.get("base_path") or ".")).expanduser()
+        base = base if base.is_absolute() else root / base
+        for key in EXPERT_PATH_KEYS:
+            for line in str(section.get(key) or "").splitlines():
+                folder = (base / line.strip()).expanduser().absolute() if line.strip() else None
+                if folder is not None and folder.is_dir() and folder not in folders:
+                    folders.append(folder)
+    return folders
 
 
 def configured_bases() -> tuple[Path, ...]:
