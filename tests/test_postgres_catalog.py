@@ -282,3 +282,28 @@ def test_postgres_catalog_and_chroma_server_from_settings(pg_url, tmp_path, monk
             assert graph_status(again)["vectors"] == 5 and len(again.catalog.list_experts()) == 6
         assert "No telemetry is configured" in log.read_text(errors="replace")
     assert not home.exists() or not any(home.iterdir())
+
+
+def test_a_schema_1_catalog_on_postgres_is_migrated_to_family_names(pg_url):
+    """The published base name of a schema-1 row becomes declared_base and its family the
+    base_model, on PostgreSQL as on SQLite (tests/test_local_library.py)."""
+    catalog = Catalog.open(pg_url)
+    for source_id, declared in (("a", "SD 1.5"), ("b", "Pony"), ("c", "Hunyuan 1")):
+        catalog.upsert_expert(record(source_id, base=declared))
+    catalog.close()
+    with psycopg.connect(pg_url, autocommit=True) as db:  # what schema 1 held
+        db.execute("UPDATE experts SET base_model = declared_base")
+        db.execute("ALTER TABLE experts DROP COLUMN declared_base")
+        db.execute("ALTER TABLE experts DROP COLUMN preferred_weight")
+        db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    catalog = Catalog.open(pg_url)
+    try:
+        assert catalog.migrated
+        rows = {r.source_id: (r.base_model, r.declared_base) for r in catalog.list_experts()}
+        assert rows == {"a": ("sd15", "SD 1.5"), "b": ("sdxl", "Pony"), "c": ("Hunyuan 1", "Hunyuan 1")}
+        assert [r.source_id for r in catalog.list_experts(base_model="SD1.5")] == ["a"]
+    finally:
+        catalog.close()
+    catalog = Catalog.open(pg_url)
+    assert not catalog.migrated  # once
+    catalog.close()

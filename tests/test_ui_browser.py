@@ -53,6 +53,8 @@ def test_prompt_image_experts_refinement(base_url):
             page.on("request", lambda r: requests.append(r.url))
             page.goto(base_url + "/", wait_until="load")
 
+            # the base picker: one base held here, so it shows it and offers no choice
+            expect(page.locator("#base")).to_contain_text("Base model")
             page.locator("#prompt textarea").fill(PROMPT)
             page.locator("#send").click()
             experts = page.locator("#experts")
