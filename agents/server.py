@@ -458,7 +458,8 @@ def build_ui(agent: ChatAgent):
             with gr.Column(scale=4):
                 last_image = gr.Image(label="Last image", type="filepath", elem_id="last-image", height=256,
                                       interactive=False)
-                base = gr.Dropdown(choices=held, value=None, label="Base model (of the experts the graph holds)",
+                base = gr.Dropdown(choices=held, value=held[0] if len(held) == 1 else None,
+                                   label="Base model (of the experts the graph holds)",
                                    elem_id="base", interactive=len(held) > 1, allow_custom_value=False)
                 experts = gr.Markdown("*No image yet.*", elem_id="experts")
                 download = gr.File(label="PNG with its recipe", elem_id="download", interactive=False)

@@ -55,6 +55,7 @@ def test_prompt_image_experts_refinement(base_url):
 
             # the base picker: one base held here, so it shows it and offers no choice
             expect(page.locator("#base")).to_contain_text("Base model")
+            expect(page.locator("#base input")).to_have_value("miniworld-sd")
             page.locator("#prompt textarea").fill(PROMPT)
             page.locator("#send").click()
             experts = page.locator("#experts")
