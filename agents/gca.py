@@ -18,6 +18,7 @@ run is recorded "partial" ("failed" if no source could be listed) with one line 
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import sqlite3
 import threading
@@ -339,8 +340,6 @@ def calibrate(state: GCAState, runtime: Runtime[Context]) -> dict:
                                     gpus_per_worker=ctx.settings.ray_gpus_per_worker)[0]
     except MergeError as exc:  # the expert itself: it does not fit, or its weights are not finite
         return _fail(ctx, state, expert_id, "rejected", str(exc))
-    except Exception as exc:  # anything else (out of memory, a diffusers error) fails this expert alone, retried later
-        return _fail(ctx, state, expert_id, "failed", f"calibration failed: {describe_error(exc)}")
     return {"calibration": [[p.id, v] for p, v in zip(prompts, vectors)]}
 
 
@@ -385,24 +384,46 @@ def after_read(state: GCAState) -> Literal["next", "describe"]:
     return "next" if state.get("current") is None else "describe"
 
 
+def after_describe(state: GCAState) -> Literal["next", "register"]:
+    return "next" if state.get("current") is None else "register"
+
+
+def after_register(state: GCAState) -> Literal["next", "calibrate"]:
+    return "next" if state.get("current") is None else "calibrate"
+
+
 def after_calibrate(state: GCAState) -> Literal["next", "commit"]:
     return "next" if state.get("current") is None else "commit"
+
+
+def per_expert(node):
+    """A node's work on the current expert, guarded: an exception the node did not expect (out
+    of memory, a diffusers or browser error, one with no message) fails that expert alone, in
+    one line with an attempt counted, so a later pass retries it, and the pass goes on."""
+
+    @functools.wraps(node)
+    def guarded(state: GCAState, runtime: Runtime[Context]) -> dict:
+        try:
+            return node(state, runtime)
+        except Exception as exc:
+            return _fail(runtime.context, state, state["current"], "failed",
+                         f"{node.__name__} failed: {describe_error(exc)}")
+    return guarded
 
 
 def build_graph(checkpointer=None):
     """The GCA, compiled; run it with ``invoke(..., context=Context(...))``."""
     g = StateGraph(GCAState, context_schema=Context)
-    for name, node in (("discover", discover), ("next", next_expert), ("fetch", fetch), ("read", read),
-                       ("describe", describe), ("register", register), ("calibrate", calibrate),
-                       ("commit", commit), ("sweep", sweep)):
+    for name, node in (("discover", discover), ("next", next_expert), ("sweep", sweep)):
         g.add_node(name, node)
+    for name, node in (("fetch", fetch), ("read", read), ("describe", describe), ("register", register),
+                       ("calibrate", calibrate), ("commit", commit)):
+        g.add_node(name, per_expert(node))
     g.add_edge(START, "discover")
     g.add_edge("discover", "next")
     for source, router in (("next", after_next), ("fetch", after_fetch), ("read", after_read),
-                           ("calibrate", after_calibrate)):
+                           ("describe", after_describe), ("register", after_register), ("calibrate", after_calibrate)):
         g.add_conditional_edges(source, router)
-    g.add_edge("describe", "register")
-    g.add_edge("register", "calibrate")
     g.add_edge("commit", "next")
     g.add_edge("sweep", END)
     return g.compile(checkpointer=checkpointer)

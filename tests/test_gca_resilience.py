@@ -1,0 +1,76 @@
+"""A pass never stalls on one expert: whatever a node raises for it (out of memory, a missing
+file, a plain RuntimeError, an exception with no message), that expert alone is failed with one
+line and an attempt counted, the others are built, the pass finishes, and the next pass retries
+it. The faults are injected into the pass's own steps (describe, calibrate) for one expert."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+
+import pytest
+from rich.console import Console
+
+from diffgraph.agents import gca
+from diffgraph.graph_store.store import GraphStore
+from diffgraph.settings import Settings
+
+EXPERTS = ("tangerine", "royal-purple")
+FAULTS = {
+    "out of memory": RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    "memory": MemoryError(),
+    "missing file": FileNotFoundError("[Errno 2] No such file or directory: 'ImageReward.pt'"),
+    "no message": Exception(""),
+    "multi-line": ValueError("first line\n  Traceback-like second line\n\n"),
+}
+
+
+@pytest.fixture
+def library(tmp_path, artifacts_dir):
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    for name in EXPERTS:
+        shutil.copy(artifacts_dir / "experts" / f"{name}.safetensors", lib / f"{name}.safetensors")
+        (lib / f"{name}.json").write_text(json.dumps({"kind": "lora", "base_model": "miniworld-sd",
+                                                      "description": f"the {name} look"}))
+    return lib
+
+
+def _pass(lib, home) -> tuple[dict, str]:
+    out = io.StringIO()
+    result = gca.run_pass([f"local:{lib}"], settings=Settings(home=home, reference_prompts=2),
+                          console=Console(file=out, width=300), read_pages=False)
+    return result, out.getvalue()
+
+
+@pytest.mark.parametrize("node", ["describe", "calibrate"])
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_a_fault_in_one_experts_step_fails_that_expert_alone(library, tmp_path, monkeypatch, node, fault):
+    victim = "local:tangerine.safetensors"
+    target = {"describe": "describe_expert", "calibrate": "calibrate_experts"}[node]
+    real = getattr(gca, target)
+
+    def faulty(*args, **kwargs):
+        expert = args[0].id if node == "describe" else args[0][0].name
+        if expert == victim:
+            raise FAULTS[fault]
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gca, target, faulty)
+    home = tmp_path / "home"
+    result, log = _pass(library, home)
+    with GraphStore.open(home) as store:
+        rows = {r.id: r for r in store.catalog.list_experts()}
+        run = store.catalog.last_run()
+    assert run["status"] == "completed", log[-2000:]
+    assert rows["local:royal-purple.safetensors"].status == "active", log[-2000:]
+    failed = rows[victim]
+    assert (failed.status, failed.attempts) == ("failed", 1), (failed.status, failed.status_reason)
+    assert failed.status_reason.startswith(f"{node} failed: {type(FAULTS[fault]).__name__}")
+    assert "\n" not in failed.status_reason and len(failed.status_reason) <= 300
+
+    monkeypatch.setattr(gca, target, real)  # the fault is gone: the next pass retries the expert and builds it
+    _, log = _pass(library, home)
+    with GraphStore.open(home) as store:
+        assert store.catalog.get(victim).status == "active", log[-2000:]
