@@ -268,20 +268,33 @@ def planner_train(
 
 @gca_app.command("run")
 def gca_run(
-    source: list[str] = typer.Option(..., "--source", help="civitai[:URL], hf[:URL], local:DIR, url:PAGE, file:PATH or a kind a plugin adds (repeatable)."),
+    source: list[str] = typer.Option(..., "--source", help="civitai[:URL][?SCOPE], hf[:URL][?SCOPE], local:DIR, url:PAGE, file:PATH or a kind a plugin adds (repeatable); SCOPE in the site's query words, e.g. civitai?types=LORA&baseModels=SD 1.5&sort=Most Downloaded&limit=500."),
     no_browser: bool = typer.Option(False, "--no-browser", help="Describe from API fields only (no Chromium)."),
+    limit: Optional[int] = typer.Option(None, min=1, help="At most this many experts from each Civitai / Hugging Face source."),
+    types: Optional[str] = typer.Option(None, help="Civitai model types, comma-separated (LORA,LoCon,Checkpoint)."),
+    base_models: Optional[str] = typer.Option(None, help="Civitai base models, comma-separated, as Civitai spells them (SD 1.5,SDXL 1.0,Pony)."),
+    sort: Optional[str] = typer.Option(None, help="Listing order: Civitai's (Newest, Most Downloaded, Highest Rated) or the Hub's (downloads, likes, lastModified)."),
+    nsfw: bool = typer.Option(False, "--nsfw", help="Also list models Civitai marks NSFW (default: SFW only)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List only: print how many experts, files and bytes the pass would fetch."),
 ) -> None:
     """One pass: discover, read homepages, describe, register, calibrate; resumes a killed pass.
 
     Exit code 1 if a source could not be listed (after the others are crawled and stored):
     the graph is stale for that source, and cron, systemd or CI must notice.
     A rejected or failed expert is not an error: it is recorded with its reason and retried later."""
-    from diffgraph.agents.gca import GCABusy, run_pass
+    from diffgraph.agents.gca import GCABusy, preview_pass, run_pass
+    from diffgraph.tools.sources.spec import parse_source_spec, with_scope
 
     try:
-        result = run_pass(source, console=console, read_pages=not no_browser)
-    except GCABusy as exc:
-        _fail(str(exc))
+        specs = [str(with_scope(parse_source_spec(s), limit=str(limit) if limit else None, types=types,
+                                baseModels=base_models, sort=sort, nsfw="true" if nsfw else None)) for s in source]
+        if dry_run:
+            for line in preview_pass(specs):
+                console.print(line)
+            return
+        result = run_pass(specs, console=console, read_pages=not no_browser)
+    except (GCABusy, ValueError) as exc:
+        _fail(reason(exc))
     console.print(result["counts"])
     for failure in result["failures"]:
         console.print(f"  [yellow]{failure}")

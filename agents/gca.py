@@ -478,6 +478,28 @@ def _allowed_hosts(sources) -> set[str]:
     return hosts
 
 
+def preview_pass(specs: list[str], settings: Settings | None = None) -> list[str]:
+    """What a pass over ``specs`` would fetch, listed and nothing else (`gca run --dry-run`): a
+    line per source and a total of experts, files and bytes (a file whose size its source does
+    not publish is counted apart)."""
+    settings = settings or get_settings()
+    lines, totals = [], [0, 0, 0, 0]
+    with ExitStack() as stack:
+        for spec in specs:
+            for source in stack.enter_context(open_sources(spec, hub_port=settings.hub_port, home=settings.home)):
+                records = list(source.iter_models())
+                files = [f for r in records for f in r.files]
+                sized = sum(f.size or 0 for f in files)
+                unsized = sum(f.size is None for f in files)
+                for i, n in enumerate((len(records), len(files), sized, unsized)):
+                    totals[i] += n
+                lines.append(f"{spec} ({source.name}): {len(records)} experts, {len(files)} files, {sized / 2**30:.2f} GiB"
+                             + (f" (+{unsized} files of unpublished size)" if unsized else ""))
+    lines.append(f"total: {totals[0]} experts, {totals[1]} files, {totals[2] / 2**30:.2f} GiB"
+                 + (f" (+{totals[3]} files of unpublished size)" if totals[3] else "") + "; nothing was fetched")
+    return lines
+
+
 def run_pass(specs: list[str], settings: Settings | None = None, console: Console | None = None,
              thread: str | None = None, read_pages: bool = True) -> dict:
     """One GCA pass over the given source specs; resumes an interrupted pass of the same thread.

@@ -99,7 +99,7 @@ def _files(root: Path) -> list[Path]:
 
 def test_civitai_lists_every_expert_once_across_pages(hub, civitai, manifest):
     before = _count(hub, "GET /api/v1/models?")
-    records = list(civitai.iter_models(limit=4))
+    records = list(civitai.iter_models(page_size=4))
     slugs = sorted(_civitai_slug(r) for r in records)
     assert slugs == _slugs("civitai", manifest)  # each exactly once
     assert _count(hub, "GET /api/v1/models?") - before == -(-len(slugs) // 4)
@@ -115,7 +115,7 @@ def test_civitai_lists_every_expert_once_across_pages(hub, civitai, manifest):
 
 
 def test_civitai_filters_by_type_and_base_model(civitai, manifest):
-    ckpts = sorted(_civitai_slug(r) for r in civitai.iter_models(types=("Checkpoint",), limit=2))
+    ckpts = sorted(_civitai_slug(r) for r in civitai.iter_models(types=("Checkpoint",), page_size=2))
     assert ckpts == _slugs("civitai", manifest, "ckpt")
     assert list(civitai.iter_models(base_models=["SDXL 1.0"])) == []
     assert len(list(civitai.iter_models(base_models=[manifest["base_model"]]))) == len(_slugs("civitai", manifest))
@@ -123,7 +123,7 @@ def test_civitai_filters_by_type_and_base_model(civitai, manifest):
 
 def test_hf_lists_every_repo_once_across_pages(hub, hf, manifest):
     before = _count(hub, "GET /api/models?")
-    records = list(hf.iter_models(limit=3))
+    records = list(hf.iter_models(page_size=3))
     assert sorted(_hf_slug(r) for r in records) == _slugs("hf", manifest)
     assert _count(hub, "GET /api/models?") - before == -(-len(records) // 3)
     shas = {e["slug"]: e["sha256"] for e in manifest["experts"]}
@@ -136,7 +136,7 @@ def test_hf_lists_every_repo_once_across_pages(hub, hf, manifest):
 
 
 def test_hf_filters_by_tag_and_base_model(hf, manifest):
-    assert sorted(_hf_slug(r) for r in hf.iter_models(filter_tags=("lora",), limit=2)) == _slugs("hf", manifest, "lora")
+    assert sorted(_hf_slug(r) for r in hf.iter_models(filter_tags=("lora",), page_size=2)) == _slugs("hf", manifest, "lora")
     assert list(hf.iter_models(base_model="stabilityai/sdxl")) == []
     assert len(list(hf.iter_models(base_model=manifest["base_model"]))) == len(_slugs("hf", manifest))
 
@@ -176,7 +176,7 @@ def test_retries_are_bounded_and_errors_are_one_line(hub, civitai):
         list(civitai.iter_models())
     before = _count(hub, "GET /api/v1/models?")
     with pytest.raises(ApiError, match="HTTP 400 Bad Request: limit must be an integer between 1 and 100"):
-        list(civitai.iter_models(limit=101))
+        list(civitai.iter_models(page_size=101))
     assert _count(hub, "GET /api/v1/models?") - before == 1  # a 4xx is not retried
     with pytest.raises(ValueError, match="TextualInversion not an expert type"):
         list(civitai.iter_models(types=("LORA", "TextualInversion")))
@@ -466,3 +466,41 @@ def test_miniworld_spec_crawls_the_bundled_hub_through_both_clients(artifacts_di
     assert len(ids) == len(set(ids)) == len(manifest["experts"])
     with pytest.raises(httpx.ConnectError):
         httpx.get(url + "/api/v1/models")  # the hub stopped with the block
+
+
+# ----------------------------------------------------------------------------- crawl scope
+
+
+def test_a_scoped_civitai_crawl_lists_exactly_what_its_filters_select(hub):
+    """`civitai?types=LORA&sort=Most Downloaded&limit=3`: the three most downloaded LoRAs, asked
+    of the API in its own words (SFW only unless told), and nothing else listed."""
+    from diffgraph.tools.sources.spec import open_sources
+
+    loras = [e for e in hub.experts("civitai") if e.spec.kind == "lora"]
+    expected = [str(e.model_id) for e in sorted(loras, key=lambda e: (-e.stats["downloads"], e.model_id))[:3]]
+    mark = len(hub.requests)
+    with open_sources(f"civitai:{hub.url}?types=LORA&sort=Most Downloaded&limit=3") as (source,):
+        records = list(source.iter_models())
+    assert [r.source_id for r in records] == expected and {r.kind for r in records} == {"lora"}
+    asked = [r for r in hub.requests[mark:] if r.startswith("GET /api/v1/models")]
+    assert asked and all("types=LORA" in r and "sort=Most+Downloaded" in r and "nsfw=false" in r for r in asked), asked
+    assert not [r for r in hub.requests[mark:] if "/download" in r]  # listing fetches no file
+
+
+def test_a_scoped_hub_crawl_and_a_dry_run_fetch_nothing_but_the_listing(hub, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from diffgraph.agents.cli import app
+    from diffgraph.tools.sources.spec import open_sources
+
+    with open_sources(f"hf:{hub.url}?limit=2") as (source,):
+        assert len(list(source.iter_models())) == 2
+    monkeypatch.setenv("DIFFGRAPH_HOME", str(tmp_path / "home"))
+    mark = len(hub.requests)
+    run = CliRunner().invoke(app, ["gca", "run", "--source", f"civitai:{hub.url}", "--types", "LORA", "--limit", "2",
+                                   "--dry-run"], env={"COLUMNS": "300"})
+    assert run.exit_code == 0, run.output
+    assert "2 experts, 2 files" in run.output and "nothing was fetched" in run.output, run.output
+    assert not [r for r in hub.requests[mark:] if "/download" in r] and not (tmp_path / "home" / "catalog.sqlite").exists()
+    bad = CliRunner().invoke(app, ["gca", "run", "--source", "civitai?colour=red", "--dry-run"])
+    assert bad.exit_code == 1 and "unknown scope colour" in bad.output and "Traceback" not in bad.output

@@ -66,3 +66,17 @@ def newest(*times: str | None) -> datetime | None:
             except ValueError:
                 continue
     return max(parsed, default=None)
+
+
+def scope_words(value: str | None) -> list[str]:
+    """A scope value's comma-separated words ("LORA,Checkpoint" -> ["LORA", "Checkpoint"])."""
+    return [w.strip() for w in (value or "").split(",") if w.strip()]
+
+
+def scope_limit(value: str | None) -> int | None:
+    """A scope's ``limit``: how many experts a listing yields at most (None: all)."""
+    if value in (None, ""):
+        return None
+    if not str(value).isdigit() or int(value) < 1:
+        raise ValueError(f"source scope: limit must be a whole number of at least 1, not {value!r}")
+    return int(value)

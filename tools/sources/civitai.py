@@ -17,7 +17,7 @@ from pathlib import Path
 
 from diffgraph.graph_store.records import ExpertFile, ExpertRecord
 
-from .base import Since, as_utc, newest
+from .base import Since, as_utc, newest, scope_limit, scope_words
 from .download import ContentStore
 from .errors import ApiError
 from .http import HubSource
@@ -39,18 +39,28 @@ class CivitaiSource(HubSource):
     default_url = DEFAULT_URL
     token_env = TOKEN_ENV
 
-    def iter_models(self, *, types: Iterable[str] = ("LORA", "Checkpoint"),
-                    base_models: Iterable[str] | None = None, since: Since = None,
-                    limit: int = 100) -> Iterator[ExpertRecord]:
+    def iter_models(self, *, types: Iterable[str] | None = None, base_models: Iterable[str] | None = None,
+                    since: Since = None, limit: int | None = None, page_size: int = 100) -> Iterator[ExpertRecord]:
         """Every model of the given Civitai ``types`` (and ``base_models``, if given) whose
-        newest matching version was published or updated at or after ``since``; ``limit`` is
-        the page size (Civitai allows at most 100)."""
-        types, bases, since = list(types), set(base_models or ()), as_utc(since)
+        newest matching version was published or updated at or after ``since``, at most
+        ``limit`` of them. Unset arguments come from the source's scope (its spec's
+        ``?types=LORA,Checkpoint&baseModels=SD 1.5&sort=Most Downloaded&period=AllTime&limit=500
+        &nsfw=false``); the defaults are LoRAs and checkpoints, newest first, SFW only."""
+        scope = self.scope
+        types = list(types) if types is not None else scope_words(scope.get("types")) or ["LORA", "Checkpoint"]
+        bases = set(base_models) if base_models is not None else set(scope_words(scope.get("baseModels")))
+        limit = limit if limit is not None else scope_limit(scope.get("limit"))
+        since = as_utc(since)
         if unknown := [t for t in types if t not in KINDS]:
             raise ValueError(f"civitai: {', '.join(unknown)} not an expert type; use {', '.join(KINDS)}")
-        params = [("limit", limit), ("sort", "Newest")]
+        params = [("limit", min(page_size, limit or page_size)), ("sort", scope.get("sort") or "Newest"),
+                  ("nsfw", scope.get("nsfw") or "false")]
+        params += [("period", scope["period"])] if scope.get("period") else []
         params += [("types", t) for t in types] + [("baseModels", b) for b in sorted(bases)]
+        yielded = 0
         for model in self._walk(params):
+            if limit is not None and yielded >= limit:
+                return
             try:
                 version = self._pick_version(model, bases, since) if model.get("type") in types else None
                 record = self.record(model, version) if version is not None else None
@@ -58,6 +68,7 @@ class CivitaiSource(HubSource):
                 log.warning("civitai: skipping a malformed model: %s: %s", type(exc).__name__, exc)
                 continue
             if record is not None:
+                yielded += 1
                 yield record
 
     def _walk(self, params: list) -> Iterator[dict]:

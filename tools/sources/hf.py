@@ -15,9 +15,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
 from urllib.parse import quote
 
+from diffgraph.families import base_family
 from diffgraph.graph_store.records import ExpertFile, ExpertRecord
 
-from .base import Since, as_utc, newest
+from .base import Since, as_utc, newest, scope_limit, scope_words
 from .download import PICKLE_SUFFIXES, ContentStore
 from .errors import ApiError
 from .http import HubSource
@@ -38,20 +39,33 @@ class HFSource(HubSource):
     default_url = DEFAULT_URL
     token_env = TOKEN_ENV
 
-    def iter_models(self, *, filter_tags: Iterable[str] = ("text-to-image",), base_model: str | None = None,
-                    since: Since = None, limit: int = 100) -> Iterator[ExpertRecord]:
+    def iter_models(self, *, filter_tags: Iterable[str] | None = None, base_model: str | None = None,
+                    since: Since = None, limit: int | None = None, page_size: int = 100) -> Iterator[ExpertRecord]:
         """Every repo carrying all ``filter_tags`` (and fine-tuned from ``base_model``, if
-        given) last modified at or after ``since``, with at least one weights file; ``limit``
-        is the page size."""
+        given) last modified at or after ``since``, with at least one weights file, at most
+        ``limit`` of them. Unset arguments come from the source's scope (its spec's
+        ``?filter=lora&library=diffusers&base_model=...&sort=downloads&limit=...``); the
+        default is text-to-image repos, most recently modified first."""
+        scope = self.scope
+        tags = list(filter_tags) if filter_tags is not None else scope_words(scope.get("filter")) or ["text-to-image"]
+        tags += scope_words(scope.get("library"))
+        base_model = base_model or scope.get("base_model") or None
+        limit = limit if limit is not None else scope_limit(scope.get("limit"))
+        sort = scope.get("sort") or "lastModified"
         since = as_utc(since)
-        tags = [*filter_tags, *([f"base_model:{base_model}"] if base_model else [])]
+        tags = [*tags, *([f"base_model:{base_model}"] if base_model else [])]
         params = [("filter", t) for t in tags] + [
-            ("sort", "lastModified"), ("direction", "-1"), ("limit", limit),
+            ("sort", sort), ("direction", "-1"), ("limit", min(page_size, limit or page_size)),
             ("expand", "lastModified"), ("expand", "sha")]
+        yielded = 0
         for item in self._walk(params):
+            if limit is not None and yielded >= limit:
+                return
             listed = newest(item.get("lastModified"))
             if since is not None and listed is not None and listed < since:
-                return  # newest first: every later repo is older still
+                if sort == "lastModified":
+                    return  # newest first: every later repo is older still
+                continue
             repo_id = str(item.get("id", ""))
             if not _REPO_ID.fullmatch(repo_id) or ".." in repo_id:
                 log.warning("hf: skipping a repo with an unusable id %r", repo_id)
@@ -65,9 +79,10 @@ class HFSource(HubSource):
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
                 log.warning("hf: skipping malformed model info of %s: %s: %s", repo_id, type(exc).__name__, exc)
                 continue
-            if base_model and record.base_model != base_model:
+            if base_model and record.base_model != base_family(base_model):
                 continue
             if record.files:
+                yielded += 1
                 yield record
 
     def _walk(self, params: list) -> Iterator[dict]:

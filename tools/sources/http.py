@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
@@ -215,9 +215,10 @@ class HubSource:
     token_env = ""
 
     def __init__(self, base_url: str | None = None, *, token: str | None = None,
-                 retry: RetryPolicy | None = None):
+                 retry: RetryPolicy | None = None, scope: Mapping[str, str] | None = None):
         token = os.environ.get(self.token_env) if token is None else token
         self.api = Api(self.name, base_url or self.default_url, token=token, retry=retry)
+        self.scope = dict(scope or {})  # what to list, in the site's own query words (see spec.SCOPES)
 
     @property
     def base_url(self) -> str:

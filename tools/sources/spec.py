@@ -11,10 +11,12 @@ kind may start and stop a server,
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import parse_qsl, urlencode
 
 import httpx
 
@@ -36,17 +38,50 @@ def kinds() -> list[str]:
     return [*BUILT_IN, *SOURCE_KINDS.names()]
 
 
+# What a crawl of each hub lists, in the hub's own query words (after "?" in a spec).
+SCOPES = {"civitai": ("types", "baseModels", "sort", "period", "limit", "nsfw"),
+          "hf": ("filter", "library", "base_model", "sort", "limit")}
+
+
 @dataclass(frozen=True)
 class SourceSpec:
     kind: str  # one of kinds()
     location: str | None = None  # base URL, folder, or whatever a registered kind takes
+    scope: tuple[tuple[str, str], ...] = ()  # civitai / hf: what to list (SCOPES), e.g. (("types", "LORA"),)
 
     def __str__(self) -> str:
-        return f"{self.kind}:{self.location}" if self.location else self.kind
+        text = f"{self.kind}:{self.location}" if self.location else self.kind
+        return f"{text}?{urlencode(self.scope)}" if self.scope else text
 
 
 def parse_source_spec(text: str) -> SourceSpec:
-    """Parse a spec; raise ValueError with a one-line message saying what is accepted."""
+    """Parse a spec; raise ValueError with a one-line message saying what is accepted. A
+    Civitai or Hugging Face spec may end in a scope, in the site's own query words:
+    ``civitai?types=LORA&baseModels=SD 1.5,SDXL 1.0&sort=Most Downloaded&limit=500``."""
+    kind = re.split(r"[:?]", text.strip(), maxsplit=1)[0].lower()
+    if kind not in SCOPES:  # a url: or file: spec keeps its "?" (a model page's query, a file name)
+        return _parse_head(text)
+    head, _, query = text.strip().partition("?")
+    spec = _parse_head(head)
+    if not query:
+        return spec
+    scope = parse_qsl(query, keep_blank_values=False, separator="&")
+    unknown = sorted({k for k, _ in scope} - set(SCOPES[spec.kind]))
+    if unknown:
+        raise ValueError(f"source {text!r}: unknown scope {', '.join(unknown)}; {spec.kind} takes "
+                         f"{', '.join(SCOPES[spec.kind])}")
+    return SourceSpec(spec.kind, spec.location, tuple(scope))
+
+
+def with_scope(spec: SourceSpec, **fields: str | None) -> SourceSpec:
+    """``spec`` with the scope fields given (command-line flags) set, over the spec's own."""
+    given = {k: v for k, v in fields.items() if v is not None and k in SCOPES.get(spec.kind, ())}
+    if not given:
+        return spec
+    return SourceSpec(spec.kind, spec.location, tuple({**dict(spec.scope), **given}.items()))
+
+
+def _parse_head(text: str) -> SourceSpec:
     kind, sep, location = text.strip().partition(":")
     kind, location = kind.lower(), location.strip() or None
     usage = "expected civitai[:URL], hf[:URL], local:DIR, url:MODEL_PAGE, file:PATH" + "".join(
@@ -81,9 +116,9 @@ def open_sources(spec: str | SourceSpec, *, retry: RetryPolicy | None = None, hu
     spec = parse_source_spec(spec) if isinstance(spec, str) else spec
     with ExitStack() as stack:
         if spec.kind == "civitai":
-            sources: list[Source] = [CivitaiSource(spec.location, retry=retry)]
+            sources: list[Source] = [CivitaiSource(spec.location, retry=retry, scope=dict(spec.scope))]
         elif spec.kind == "hf":
-            sources = [HFSource(spec.location, retry=retry)]
+            sources = [HFSource(spec.location, retry=retry, scope=dict(spec.scope))]
         elif spec.kind == "local":
             sources = [LocalFolderSource(spec.location, hash_cache=home / LOCAL_HASHES if home else None)]
         elif spec.kind in ("url", "file"):
