@@ -504,3 +504,21 @@ def test_a_scoped_hub_crawl_and_a_dry_run_fetch_nothing_but_the_listing(hub, tmp
     assert not [r for r in hub.requests[mark:] if "/download" in r] and not (tmp_path / "home" / "catalog.sqlite").exists()
     bad = CliRunner().invoke(app, ["gca", "run", "--source", "civitai?colour=red", "--dry-run"])
     assert bad.exit_code == 1 and "unknown scope colour" in bad.output and "Traceback" not in bad.output
+
+
+def test_the_public_site_is_listed_only_up_to_a_limit_unless_the_user_sets_one(hub):
+    """An unscoped crawl of the real Civitai would list 100,000+ models: the public site gets a
+    limit by default, with a note; a scope's or the flag's limit replaces it."""
+
+    class PublicCivitai(CivitaiSource):  # the hub standing in for civitai.com
+        default_url = hub.url
+
+    source = PublicCivitai(None, token="", retry=FAST)
+    source.PUBLIC_LIMIT = 2
+    try:
+        assert len(list(source.iter_models())) == 2
+        assert source.notes and "listing at most 2 experts of the public site" in source.notes[0]
+        source.scope = {"limit": "3"}
+        assert len(list(source.iter_models())) == 3
+    finally:
+        source.close()

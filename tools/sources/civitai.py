@@ -49,7 +49,7 @@ class CivitaiSource(HubSource):
         scope = self.scope
         types = list(types) if types is not None else scope_words(scope.get("types")) or ["LORA", "Checkpoint"]
         bases = set(base_models) if base_models is not None else set(scope_words(scope.get("baseModels")))
-        limit = limit if limit is not None else scope_limit(scope.get("limit"))
+        limit = self.listing_limit(limit if limit is not None else scope_limit(scope.get("limit")))
         since = as_utc(since)
         if unknown := [t for t in types if t not in KINDS]:
             raise ValueError(f"civitai: {', '.join(unknown)} not an expert type; use {', '.join(KINDS)}")

@@ -50,7 +50,7 @@ class HFSource(HubSource):
         tags = list(filter_tags) if filter_tags is not None else scope_words(scope.get("filter")) or ["text-to-image"]
         tags += scope_words(scope.get("library"))
         base_model = base_model or scope.get("base_model") or None
-        limit = limit if limit is not None else scope_limit(scope.get("limit"))
+        limit = self.listing_limit(limit if limit is not None else scope_limit(scope.get("limit")))
         sort = scope.get("sort") or "lastModified"
         since = as_utc(since)
         tags = [*tags, *([f"base_model:{base_model}"] if base_model else [])]

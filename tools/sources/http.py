@@ -219,6 +219,18 @@ class HubSource:
         token = os.environ.get(self.token_env) if token is None else token
         self.api = Api(self.name, base_url or self.default_url, token=token, retry=retry)
         self.scope = dict(scope or {})  # what to list, in the site's own query words (see spec.SCOPES)
+        self.notes: list[str] = []  # what the agent should tell the user about this listing
+
+    PUBLIC_LIMIT = 100  # experts a listing of the public site yields unless the scope says otherwise
+
+    def listing_limit(self, limit: int | None) -> int | None:
+        """``limit``, or on the public site (100,000+ models) PUBLIC_LIMIT with a note saying so:
+        nothing downloads the whole of Civitai or the Hub by accident."""
+        if limit is None and self.base_url.rstrip("/") == self.default_url.rstrip("/"):
+            self.notes.append(f"{self.name}: listing at most {self.PUBLIC_LIMIT} experts of the public site "
+                              "(set ?limit= in the source or --limit; --dry-run shows what a pass would fetch)")
+            return self.PUBLIC_LIMIT
+        return limit
 
     @property
     def base_url(self) -> str:
