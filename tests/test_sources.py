@@ -522,3 +522,19 @@ def test_the_public_site_is_listed_only_up_to_a_limit_unless_the_user_sets_one(h
         assert len(list(source.iter_models())) == 3
     finally:
         source.close()
+
+
+def test_a_civitai_version_is_one_model_file_the_primary_one(fake):
+    """Civitai versions list their fp16 and fp32 files, pruned copies and training data side by
+    side; the expert is one model: its primary model file, and nothing else is fetched."""
+    def entry(name, kind, primary, size_kb):
+        return {"id": len(name), "name": name, "type": kind, "primary": primary, "sizeKB": size_kb,
+                "downloadUrl": f"{fake.url}/files/{name}", "hashes": {"SHA256": "AB" * 32}}
+
+    fake.civitai.append({"id": 7, "name": "Glow", "type": "LORA", "modelVersions": [{
+        "id": 70, "baseModel": "SD 1.5", "publishedAt": "2024-05-01T00:00:00Z", "trainedWords": ["glow"],
+        "files": [entry("glow_fp32.safetensors", "Model", False, 144000.0),
+                  entry("glow_fp16.safetensors", "Model", True, 72000.0),
+                  entry("glow_dataset.zip", "Training Data", False, 900000.0)]}]})
+    (record,) = CivitaiSource(fake.url, token="", retry=FAST).iter_models()
+    assert [(f.name, f.primary, f.sha256) for f in record.files] == [("glow_fp16.safetensors", True, "ab" * 32)]

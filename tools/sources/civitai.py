@@ -111,7 +111,7 @@ class CivitaiSource(HubSource):
             source=self.name, source_id=str(model_id), version=str(version["id"]),
             name=str(model.get("name") or model_id), kind=KINDS[model["type"]],
             base_model=str(version.get("baseModel") or "unknown"),
-            files=[_file(f) for f in version.get("files") or [] if f.get("type", "Model") in MODEL_FILE_TYPES],
+            files=_primary_file(version.get("files") or []),
             homepage_url=f"{self.base_url}/models/{model_id}/{_slug(str(model.get('name', '')))}",
             trigger_words=[w for w in version.get("trainedWords") or [] if isinstance(w, str)],
             tags=[t["name"] if isinstance(t, dict) else str(t) for t in model.get("tags") or []],
@@ -125,6 +125,17 @@ class CivitaiSource(HubSource):
 
     def close(self) -> None:
         self.api.close()
+
+
+def _primary_file(files: list) -> list[ExpertFile]:
+    """The version's one model file: the one Civitai marks primary, else its first model file.
+    A version's other files are other precisions, pruned copies, training data or configs: the
+    expert is one model, merged from one file, and nothing else is downloaded."""
+    if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
+        raise TypeError("a version's files must be a list of objects")  # a malformed model: skipped
+    models = [f for f in files if f.get("type", "Model") in MODEL_FILE_TYPES]
+    chosen = next((f for f in models if f.get("primary")), models[0] if models else None)
+    return [_file(chosen)] if chosen is not None else []
 
 
 def _file(f: dict) -> ExpertFile:
