@@ -304,6 +304,25 @@ def gca_run(
         raise typer.Exit(1)
 
 
+@gca_app.command("retry")
+def gca_retry(
+    expert_ids: Optional[list[str]] = typer.Argument(None, help="Expert ids (as `graph status` lists them)."),
+    every: bool = typer.Option(False, "--all", help="Every failed or rejected expert, quarantined ones included."),
+) -> None:
+    """Send failed (quarantined ones too) and rejected experts back to pending: the next pass works on them again."""
+    from diffgraph.graph_store.store import GraphStore
+
+    if not expert_ids and not every:
+        _fail("name the experts to retry, or --all")
+    try:
+        with GraphStore.from_settings() as store:
+            done = store.retry(None if every else expert_ids)
+    except KeyError as exc:
+        _fail(reason(exc))
+    console.print(f"{len(done)} experts back to pending" + (f": {', '.join(done)}" if done else "")
+                  + "; the next `gca run` works on them")
+
+
 @gca_app.command("watch")
 def gca_watch(
     source: list[str] = typer.Option(..., "--source", help="Source spec(s), as for `gca run`."),

@@ -37,6 +37,7 @@ from rich.markup import escape
 from diffgraph.errors import describe as describe_error
 from diffgraph.errors import one_line, reason
 from diffgraph.families import base_family, label
+from diffgraph.graph_store.catalog import MAX_ATTEMPTS
 from diffgraph.graph_store.reconcile import reconcile
 from diffgraph.graph_store.records import ExpertFile, ExpertRecord
 from diffgraph.graph_store.store import GraphStore
@@ -52,7 +53,6 @@ from diffgraph.tools.sources import ContentStore, IntegrityError, SourceError, U
 from .describe import describe as describe_expert
 from .llm import chat_model
 
-MAX_ATTEMPTS = 3  # a failed expert is retried on later passes, up to this many times
 N_CANDIDATES = 300
 CALIBRATION_SEEDS = (0,)
 

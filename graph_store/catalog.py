@@ -47,6 +47,7 @@ from .records import ExpertFile, ExpertRecord, check_description
 SCHEMA_VERSION = 2  # 2: base_model is the family (diffgraph.families.base_family), declared_base the
 #                     published name; preferred_weight
 STATUSES = ("pending", "active", "rejected", "failed", "removed")
+MAX_ATTEMPTS = 3  # a failed expert is retried on later passes up to this many times, then quarantined
 KINDS = ("ckpt", "lora")
 
 SCHEMA = f"""
@@ -476,6 +477,21 @@ class Catalog:
             attempts = old.attempts + 1 if status == "failed" else old.attempts
             self._update(expert_id, status=status, status_reason=None if reason is None else one_line(reason, 500), attempts=attempts)
 
+    def retry(self, expert_ids: Iterable[str] | None = None) -> list[str]:
+        """Send failed and rejected experts (``expert_ids``, or all of them) back to pending with
+        their attempts reset, so the next pass works on them again (`gca retry`); returns their ids."""
+        chosen = [f["id"] for f in self.failures()] if expert_ids is None else list(expert_ids)
+        done = []
+        with self.transaction():
+            for expert_id in chosen:
+                row = self.get(expert_id)
+                if row is None:
+                    raise KeyError(f"no expert {expert_id!r} in the catalog")
+                if row.status in ("failed", "rejected"):
+                    self._update(expert_id, status="pending", status_reason="retry asked for", attempts=0)
+                    done.append(expert_id)
+        return done
+
     def set_description(self, expert_id: str, description: dict, text: str, page_sha256: str | None) -> None:
         """Store the structured skill description, the text that gets embedded, and the hash of the
         homepage text it was written from."""
@@ -539,7 +555,8 @@ class Catalog:
         rows = self._query("SELECT id, name, status, status_reason, attempts FROM experts "
                            f"WHERE status IN ({', '.join('?' for _ in statuses)}) ORDER BY id", statuses)
         return [{"id": r["id"], "name": r["name"], "status": r["status"], "reason": r["status_reason"],
-                 "attempts": r["attempts"]} for r in rows]
+                 "attempts": r["attempts"], "quarantined": r["status"] == "failed" and r["attempts"] >= MAX_ATTEMPTS}
+                for r in rows]
 
     # ---- reference prompts ---------------------------------------------------------------------
     # Their embeddings are stored here as JSON text rather than in Chroma: they are few (N_r is in

@@ -67,6 +67,7 @@ def render_status(status: dict) -> Group:
         for column in ("id", "name", "status", "attempts", "reason"):
             failures.add_column(column, overflow="fold")
         for f in status["failures"]:
-            failures.add_row(f["id"], f["name"], f["status"], str(f["attempts"]), f["reason"] or "")
+            shown = "failed, quarantined (gca retry)" if f.get("quarantined") else f["status"]
+            failures.add_row(f["id"], f["name"], shown, str(f["attempts"]), f["reason"] or "")
         parts.append(failures)
     return Group(*parts)

@@ -97,6 +97,13 @@ class GraphStore:
         self.catalog.set_status(expert_id, status, reason)
         self.vectors.set_status(expert_id, status)
 
+    def retry(self, expert_ids: list[str] | None = None) -> list[str]:
+        """Failed and rejected experts back to pending (Catalog.retry), their vectors' status too."""
+        done = self.catalog.retry(expert_ids)
+        for expert_id in done:
+            self.vectors.set_status(expert_id, "pending")
+        return done
+
     def set_reference_prompts(self, texts: list[str]) -> list[int]:
         """Store the reference set (see Catalog.set_reference_prompts), embedding only the prompts
         not stored yet, so that an agent may call this on every pass at no cost."""

@@ -74,3 +74,40 @@ def test_a_fault_in_one_experts_step_fails_that_expert_alone(library, tmp_path, 
     _, log = _pass(library, home)
     with GraphStore.open(home) as store:
         assert store.catalog.get(victim).status == "active", log[-2000:]
+
+
+def test_an_expert_failing_every_pass_is_quarantined_until_retried(library, tmp_path, monkeypatch):
+    """After MAX_ATTEMPTS failed passes an expert is left alone (graph status says quarantined);
+    `gca retry ID` sends it back, and the next pass builds it."""
+    from typer.testing import CliRunner
+
+    from diffgraph.agents.cli import app
+    from diffgraph.graph_store.catalog import MAX_ATTEMPTS
+
+    victim = "local:tangerine.safetensors"
+    real = gca.describe_expert
+
+    def faulty(record, *args, **kwargs):
+        if record.id == victim:
+            raise RuntimeError("the browser crashed")
+        return real(record, *args, **kwargs)
+
+    monkeypatch.setattr(gca, "describe_expert", faulty)
+    home = tmp_path / "home"
+    for _ in range(MAX_ATTEMPTS + 1):
+        _, log = _pass(library, home)
+    with GraphStore.open(home) as store:
+        row = store.catalog.get(victim)
+        (failure,) = [f for f in store.catalog.failures() if f["id"] == victim]
+    assert (row.status, row.attempts) == ("failed", MAX_ATTEMPTS) and failure["quarantined"]  # the last pass left it
+    monkeypatch.setenv("DIFFGRAPH_HOME", str(home))
+    status = CliRunner().invoke(app, ["graph", "status"], env={"COLUMNS": "300"})
+    assert "quarantined (gca retry)" in status.output, status.output
+    monkeypatch.setattr(gca, "describe_expert", real)
+    retried = CliRunner().invoke(app, ["gca", "retry", victim])
+    assert retried.exit_code == 0 and "1 experts back to pending" in retried.output, retried.output
+    _pass(library, home)
+    with GraphStore.open(home) as store:
+        assert store.catalog.get(victim).status == "active"
+    unknown = CliRunner().invoke(app, ["gca", "retry", "local:nope"])
+    assert unknown.exit_code == 1 and "no expert 'local:nope'" in unknown.output
