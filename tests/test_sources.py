@@ -16,6 +16,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.numpy import save, save_file
 from support.fake_site import FakeSite
 from support.serving import serving as serve
@@ -538,3 +540,20 @@ def test_a_civitai_version_is_one_model_file_the_primary_one(fake):
                   entry("glow_dataset.zip", "Training Data", False, 900000.0)]}]})
     (record,) = CivitaiSource(fake.url, token="", retry=FAST).iter_models()
     assert [(f.name, f.primary, f.sha256) for f in record.files] == [("glow_fp16.safetensors", True, "ab" * 32)]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(st.text(max_size=60),
+                 st.builds(lambda kind, q: f"{kind}?{q}", st.sampled_from(["civitai", "hf", "CIVITAI", "local:/x", "url:http://a"]),
+                           st.text(max_size=40))))
+def test_any_spec_text_parses_or_is_refused_in_one_line(text):
+    """Whatever is typed after --source: a spec that prints back as a spec parsing to itself,
+    or a ValueError of one line; nothing else escapes."""
+    from diffgraph.tools.sources.spec import parse_source_spec
+
+    try:
+        spec = parse_source_spec(text)
+    except ValueError as exc:
+        assert "\n" not in str(exc).strip() or "\n" in text
+        return
+    assert parse_source_spec(str(spec)) == spec
