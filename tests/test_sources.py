@@ -557,3 +557,15 @@ def test_any_spec_text_parses_or_is_refused_in_one_line(text):
         assert "\n" not in str(exc).strip() or "\n" in text
         return
     assert parse_source_spec(str(spec)) == spec
+
+
+def test_a_hub_repo_is_one_expert_file_not_its_epochs_and_checkpoints(fake):
+    """Trainers push every epoch and their checkpoints beside the final LoRA: the expert is the
+    file diffusers' trainers name pytorch_lora_weights.safetensors (else the first top-level one)."""
+    data = _tiny_safetensors()
+    fake.publish_hf("someone/glow", {"lora_epoch5.safetensors": data + b" ", "pytorch_lora_weights.safetensors": data,
+                                     "checkpoint-500/pytorch_lora_weights.safetensors": data + b"  "})
+    fake.publish_hf("someone/epochs", {"glow-e1.safetensors": data, "glow-e2.safetensors": data + b" "})
+    records = {r.source_id: r for r in HFSource(fake.url, token="", retry=FAST).iter_models()}
+    assert [f.name for f in records["someone/glow"].files] == ["pytorch_lora_weights.safetensors"]
+    assert [f.name for f in records["someone/epochs"].files] == ["glow-e1.safetensors"]

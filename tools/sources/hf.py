@@ -148,8 +148,15 @@ def _weight_files(siblings: list[dict]) -> list[dict]:
     return safetensors or [s for s in named if PurePosixPath(s["rfilename"]).suffix.lower() in PICKLE_SUFFIXES]
 
 
+DIFFUSERS_LORA = "pytorch_lora_weights.safetensors"  # the name diffusers' trainers save a LoRA under
+
+
 def _with_primary(files: list[dict]) -> list[tuple[dict, bool]]:
-    """Top-level files are the expert; files in folders (a diffusers layout) are parts of it,
-    all primary only when nothing sits at the top level."""
-    top = {id(s) for s in files if "/" not in s["rfilename"]}
-    return [(s, id(s) in top or not top) for s in files]
+    """The expert's file: one top-level weights file (diffusers' LoRA name first, else the
+    first listed), since a repo's other top-level files are other epochs or precisions of it.
+    A repo with none at the top level is a diffusers layout, whose files are all its parts."""
+    top = [s for s in files if "/" not in s["rfilename"]]
+    if not top:
+        return [(s, True) for s in files]
+    chosen = next((s for s in top if PurePosixPath(s["rfilename"]).name == DIFFUSERS_LORA), top[0])
+    return [(chosen, True)]
