@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import json
 import os
 import sqlite3
 import threading
@@ -37,6 +38,7 @@ from rich.markup import escape
 from diffgraph.errors import describe as describe_error
 from diffgraph.errors import one_line, reason
 from diffgraph.families import base_family, label
+from diffgraph.files import atomic_write_text
 from diffgraph.graph_store.catalog import MAX_ATTEMPTS
 from diffgraph.graph_store.reconcile import reconcile
 from diffgraph.graph_store.records import ExpertFile, ExpertRecord
@@ -58,17 +60,23 @@ CALIBRATION_SEEDS = (0,)
 
 
 class GCAState(TypedDict, total=False):
+    """What each checkpoint holds: a cursor into the pass's work list, not the list itself
+    (which lives in a file of its own, see :func:`work_path`), and the current expert's
+    intermediate results, so a checkpoint stays the same size whatever the catalogue's."""
+
     run_id: int
-    queue: list[str]  # expert ids still to process in this pass
+    cursor: int  # how many entries of the pass's queue next_expert has taken
     current: str | None
     page: dict | None
     registration: dict | None
     calibration: list | None
-    listed: list[str]  # every id the sources listed (for the removal sweep)
     unswept: list[str]  # source names whose listing failed: the sweep spares their experts
     source_errors: list[str]  # one line per source whose listing failed
     counts: dict
-    failures: list[str]
+    failures: list[str]  # the first MAX_FAILURES_SHOWN one-line failures (all are in the catalog)
+
+
+MAX_FAILURES_SHOWN = 100
 
 
 class GCABusy(RuntimeError):
@@ -100,6 +108,23 @@ class Context:
     llm: object | None = None
     console: Console = field(default_factory=Console)
     reference_count: int = 12
+    work: dict | None = None  # the pass's work list, read once from work_path
+
+
+def work_path(home: Path, run_id: int) -> Path:
+    """The work list of a pass (the queue and every listed id, JSON), written once when the
+    pass starts (a resumed pass picks up where its cursor was) and removed when the next pass
+    starts."""
+    return home / "gca_work" / f"run-{run_id}.json"
+
+
+def _work(ctx: Context, state: GCAState) -> dict:
+    """The pass's work list; empty (nothing queued, nothing known listed) if its file is gone,
+    so a resumed pass without one processes and sweeps nothing rather than everything."""
+    if ctx.work is None:
+        path = work_path(ctx.settings.home, state["run_id"])
+        ctx.work = json.loads(path.read_text()) if path.is_file() else {"queue": [], "listed": None}
+    return ctx.work
 
 
 class RunLock:
@@ -172,7 +197,8 @@ def _fail(ctx: Context, state: GCAState, expert_id: str, status: str, reason: st
     ctx.console.print(f"  [red]{status}[/] {expert_id}: {reason}")
     counts = dict(state.get("counts", {}))
     counts[status] = counts.get(status, 0) + 1
-    return {"current": None, "counts": counts, "failures": [*state.get("failures", []), f"{expert_id}: {reason}"]}
+    return {"current": None, "counts": counts,
+            "failures": [*state.get("failures", []), f"{expert_id}: {reason}"][:MAX_FAILURES_SHOWN]}
 
 
 def _skip_unlisted(ctx: Context, expert_id: str) -> dict:
@@ -217,8 +243,10 @@ def discover(state: GCAState, runtime: Runtime[Context]) -> dict:
         ctx.console.print(f"  [yellow]{waiting} {escape(label(base))} experts wait[/]: {escape(why)}")
     queue = [i for i in queue if ctx.listing[i][0].base_model not in unready]
     _ensure_reference_prompts(ctx)
+    ctx.work = {"queue": queue, "listed": ids}
+    atomic_write_text(work_path(ctx.settings.home, state["run_id"]), json.dumps(ctx.work))
     ctx.console.print(f"GCA: {len(ids)} experts listed, {len(queue)} to process")
-    return {"queue": queue, "listed": ids, "counts": {"listed": len(ids)}, "failures": [],
+    return {"cursor": 0, "counts": {"listed": len(ids)}, "failures": [],
             "unswept": sorted({f.source for f in ctx.listing_failures}),
             "source_errors": [str(f) for f in ctx.listing_failures]}
 
@@ -236,10 +264,11 @@ def _unready_bases(base_models: set[str]) -> dict[str, str]:
     return unready
 
 
-def next_expert(state: GCAState) -> dict:
-    queue = list(state.get("queue", []))
-    current = queue.pop(0) if queue else None
-    return {"queue": queue, "current": current, "page": None, "registration": None, "calibration": None}
+def next_expert(state: GCAState, runtime: Runtime[Context]) -> dict:
+    queue, cursor = _work(runtime.context, state)["queue"], state.get("cursor", 0)
+    current = queue[cursor] if cursor < len(queue) else None
+    return {"cursor": cursor + (current is not None), "current": current, "page": None, "registration": None,
+            "calibration": None}
 
 
 def fetch(state: GCAState, runtime: Runtime[Context]) -> dict:
@@ -362,7 +391,11 @@ def sweep(state: GCAState, runtime: Runtime[Context]) -> dict:
     site's experts (one URL or path) sweeps nothing, nor does one whose listing failed; rows carry
     only the source's name, so all sources of that name are spared."""
     ctx = runtime.context
-    listed = set(state.get("listed", []))
+    listed = _work(ctx, state)["listed"]
+    if listed is None:  # the work list is gone: what was listed is unknown, so nothing is swept
+        ctx.console.print("  [yellow]note[/] the pass's work list is gone; nothing swept")
+        return {"counts": {**state.get("counts", {}), "removed": 0}}
+    listed = set(listed)
     source_names = {s.name for s in ctx.sources if getattr(s, "sweeps", True)} - set(state.get("unswept", []))
     removed = 0
     for row in ctx.store.catalog.list_experts():
@@ -531,6 +564,9 @@ def run_pass(specs: list[str], settings: Settings | None = None, console: Consol
         resuming = bool(snapshot.tasks)
         recover_interrupted_runs(store, lock, snapshot.values.get("run_id") if resuming else None,
                                  private_catalog=settings.db_url is None, console=console)
+        if not resuming:  # work lists of passes that will never resume (this store's lock is ours)
+            for stale in (settings.home / "gca_work").glob("run-*.json"):
+                stale.unlink(missing_ok=True)
         run_id = snapshot.values.get("run_id") if resuming else store.catalog.start_run("+".join(specs))
         lock.record(run_id)
         console.print(f"GCA run {run_id} ({'resuming' if resuming else 'new'}; brain: {'llm' if ctx.llm else 'offline'})")
