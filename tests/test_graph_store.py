@@ -299,7 +299,8 @@ def test_graph_status_counts_and_renders(graph):
         (3, {"edges": 5, "experts": 3}, 5)
     assert status["last_run"]["status"] == "ok" and status["last_run"]["counts"] == {"new": 6}
     assert status["failures"] == [{"id": "civitai:3", "name": "expert 3", "status": "failed",
-                                   "reason": "render failed: out of memory", "attempts": 1}]
+                                   "reason": "render failed: out of memory", "attempts": 1,
+                                   "quarantined": False}]  # 1 of MAX_ATTEMPTS: retried by the next pass
     json.dumps(status)  # the --json output
     console = Console(record=True, width=200)
     console.print(render_status(status))
