@@ -80,6 +80,7 @@ class LocalFolderSource:
         self.hashed = 0  # files the last listing read to hash them (the rest came from the cache)
         self._hash_cache = Path(hash_cache) if hash_cache else None
         self._hashes: dict[tuple[str, int, int], str] = {}  # this process's, with or without the file
+        self._headers: dict[Path, object] = {}  # each file's header, read once per listing
         self._skip = {p.resolve() for p in (configured_bases() if skip_paths is None else skip_paths)}
 
     def iter_models(self, *, since: Since = None) -> Iterator[ExpertRecord]:
@@ -87,7 +88,7 @@ class LocalFolderSource:
         (modification time). Byte-identical copies are one record, named by the copy that has
         sidecars (the user's metadata), else by the first path in sorted order."""
         since = as_utc(since)
-        self.notes, self.hashed = [], 0
+        self.notes, self.hashed, self._headers = [], 0, {}
         copies: dict[str, list[tuple[bool, ExpertRecord]]] = {}
         seen: set[Path] = set()
         for root, path in ((root, path) for root in self.roots for path in sorted(root.rglob("*"))):
@@ -119,7 +120,7 @@ class LocalFolderSource:
         rounded) become files of the fp32 file's expert: it merges from the most precise one."""
         by_layout: dict[tuple, list[tuple[ExpertRecord, dict]]] = {}
         for record in records:
-            header = _safetensors_header(self._local_path(record.files[0].url))
+            header = self._header(self._local_path(record.files[0].url))
             if header is not None:
                 layout = (record.kind, tuple(sorted((k, tuple(v["shape"])) for k, v in header.tensors.items())))
                 by_layout.setdefault(layout, []).append((record, header.tensors))
@@ -150,7 +151,7 @@ class LocalFolderSource:
             return "a part of a diffusers pipeline folder (to use it as a base, point DIFFGRAPH_BASE_<FAMILY> at it)"
         folder = next((NOT_EXPERT_FOLDERS[p.lower()] for p in path.relative_to(root).parent.parts
                        if p.lower() in NOT_EXPERT_FOLDERS), None)
-        header = _safetensors_header(path)
+        header = self._header(path)
         if header is None:
             return folder
         keys = list(header.tensors)
@@ -166,7 +167,7 @@ class LocalFolderSource:
         info, own, manager = (_read_json(p) for p in _sidecars(path))
         model = info.get("model") if isinstance(info.get("model"), dict) else {}
         manager_civitai = manager.get("civitai") if isinstance(manager.get("civitai"), dict) else {}
-        header = _safetensors_header(path)
+        header = self._header(path)
         metadata = header.metadata if header else {}
         a1111_base = own.get("sd version") if own.get("sd version") not in (None, "", "Unknown") else None
         words = (own.get("trigger_words") or _split(own.get("activation text")) or info.get("trainedWords")
@@ -179,7 +180,7 @@ class LocalFolderSource:
         return ExpertRecord(
             source=self.name, source_id=self._id(path), version=sha256,
             name=_text(own.get("name"), model.get("name"), manager.get("model_name")) or path.stem,
-            kind=_kind(own.get("kind"), model.get("type"), path),
+            kind=_kind(own.get("kind"), model.get("type"), path, header),
             base_model=declared,
             files=[ExpertFile(name=path.name, url=path.as_uri(), sha256=sha256, size=path.stat().st_size)],
             homepage_url=homepage if homepage and homepage.startswith(("http://", "https://")) else None,
@@ -209,6 +210,13 @@ class LocalFolderSource:
         if parts.scheme != "file" or not any(path.is_relative_to(root) for root in self.roots):
             raise UnsafeFileError(f"local source: {url!r} is not a file under {self.root}")
         return path
+
+    def _header(self, path: Path):
+        """The file's checked safetensors header (None for a pickle or an unreadable file), read
+        once per listing: kind, base, non-expert and precision checks all look at it."""
+        if path not in self._headers:
+            self._headers[path] = _safetensors_header(path)
+        return self._headers[path]
 
     def _root_of(self, path: Path) -> Path:
         """The listed folder ``path`` lies under (the innermost, when they nest)."""
@@ -361,21 +369,19 @@ def _sidecars(path: Path) -> tuple[Path, Path, Path]:
     return path.with_suffix(".civitai.info"), path.with_suffix(".json"), path.with_suffix(".metadata.json")
 
 
-def _kind(own: str | None, civitai_type: str | None, path: Path) -> str:
-    """Our sidecar's kind, else Civitai's model type, else what the file shows: LoRA if the
-    tensor names say so (kohya lora_*, PEFT lora_A/B, LyCORIS hada/lokr) or, for pickle files
-    and unreadable headers, if the folder is a LoRA folder."""
+def _kind(own: str | None, civitai_type: str | None, path: Path, header) -> str:
+    """Our sidecar's kind, else Civitai's model type, else what the file shows (its ``header``):
+    LoRA if the tensor names say so (kohya lora_*, PEFT lora_A/B, LyCORIS hada/lokr) or, for
+    pickle files and unreadable headers, if the folder is a LoRA folder."""
     if own in ("lora", "ckpt"):
         return own
     if isinstance(civitai_type, str) and civitai_type in CIVITAI_KINDS:
         return CIVITAI_KINDS[civitai_type]
+    if header is not None:
+        return "lora" if any(_LORA_KEY.search(k) for k in header.tensors) else "ckpt"
     if path.suffix.lower() == ".safetensors":
-        try:
-            header = validate_safetensors(path)
-        except InvalidSafetensors as exc:
-            log.warning("local: %s (kind guessed from its folder; the store will refuse it)", exc)
-        else:
-            return "lora" if any(_LORA_KEY.search(k) for k in header.tensors) else "ckpt"
+        log.warning("local: %s is not a valid safetensors file (kind guessed from its folder; the store "
+                    "will refuse it)", path.name)
     return "lora" if {p.lower() for p in path.parent.parts} & LORA_FOLDERS else "ckpt"
 
 
