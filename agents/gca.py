@@ -5,10 +5,16 @@
 
 One pass crawls the configured sources, and each new or changed expert is downloaded and
 checked, its homepage read, its skill described and embedded (registration), then rendered
-on the reference prompts and scored (calibration) before it becomes active. The state holds
-only ids and small dicts; records are looked up in this process's fresh listing, so a resumed
-run uses the sources' current URLs. Every store write is idempotent, so a node re-run after a
-kill duplicates nothing; the SQLite checkpointer (durability "sync") makes the kill resumable.
+on the reference prompts and scored (calibration) before it becomes active.
+
+The listing is streamed: ``next`` pages through the sources as it needs experts
+(:class:`Listing`), so the first expert is being fetched while a catalogue of 100,000 models
+is still being listed, and what the pass has listed and taken is written to the catalog's work
+list as it goes. The state holds a cursor and the current expert, never the listing, so a
+checkpoint is the same size whatever the catalogue's; old checkpoints of the pass's thread are
+pruned to the last DIFFGRAPH_GCA_CHECKPOINTS. Every store write is idempotent, so a node re-run
+after a kill duplicates nothing; the SQLite checkpointer (durability "sync") makes the kill
+resumable, and a resumed pass lists again from the start, passing over what it has taken.
 
 A source whose listing fails (a dead endpoint, a refused answer, an unreadable folder) does not
 end the pass: the other sources are crawled, nothing of that source's name is swept, and the
@@ -19,10 +25,11 @@ from __future__ import annotations
 
 import fcntl
 import functools
-import json
 import os
 import sqlite3
 import threading
+from collections import Counter, deque
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +45,6 @@ from rich.markup import escape
 from diffgraph.errors import describe as describe_error
 from diffgraph.errors import one_line, reason
 from diffgraph.families import base_family, label
-from diffgraph.files import atomic_write_text
 from diffgraph.graph_store.catalog import MAX_ATTEMPTS
 from diffgraph.graph_store.reconcile import reconcile
 from diffgraph.graph_store.records import ExpertFile, ExpertRecord
@@ -50,7 +56,14 @@ from diffgraph.text_embedding import embed
 from diffgraph.tools import bases
 from diffgraph.tools.browser import HomepageReader, PageError, PageReading
 from diffgraph.tools.calibrate import CalibrationJob, calibrate_experts, select_reference_prompts
-from diffgraph.tools.sources import ContentStore, IntegrityError, SourceError, UnsafeFileError, open_sources
+from diffgraph.tools.sources import (
+    ContentStore,
+    DownloadError,
+    IntegrityError,
+    SourceError,
+    UnsafeFileError,
+    open_sources,
+)
 
 from .describe import describe as describe_expert
 from .llm import chat_model
@@ -60,13 +73,14 @@ CALIBRATION_SEEDS = (0,)
 
 
 class GCAState(TypedDict, total=False):
-    """What each checkpoint holds: a cursor into the pass's work list, not the list itself
-    (which lives in a file of its own, see :func:`work_path`), and the current expert's
-    intermediate results, so a checkpoint stays the same size whatever the catalogue's."""
+    """What each checkpoint holds: counters, the current expert and its intermediate results,
+    never the listing (the catalog's work list has it), so a checkpoint stays the same size
+    whatever the catalogue's."""
 
     run_id: int
-    cursor: int  # how many entries of the pass's queue next_expert has taken
+    cursor: int  # how many experts next_expert has taken for work in this pass
     current: str | None
+    source: int | None  # the current expert's source: its index in the pass's (spec, source) pairs
     page: dict | None
     registration: dict | None
     calibration: list | None
@@ -95,36 +109,67 @@ class ListingFailure:
         return f"{self.spec}: listing failed: {self.reason}"
 
 
+LISTING_BATCH = 200  # listed experts looked up and marked in the catalog together
+
+
+class Listing:
+    """The pass's sources, listed lazily in order, one page at a time as ``next`` asks for
+    experts. A failure (SourceError: a dead or refusing API; OSError: an unreadable folder) is
+    that source's alone: it is recorded in ``failures``, the records it listed before are kept,
+    and the next source is listed."""
+
+    def __init__(self, sources: list[tuple[str, object]], console: Console):
+        self.sources, self.console = sources, console
+        self.failures: list[ListingFailure] = []
+        self._records = self._walk()
+
+    def _walk(self) -> Iterator[tuple[int, ExpertRecord]]:
+        for index, (spec, source) in enumerate(self.sources):
+            try:
+                for record in source.iter_models():
+                    yield index, record
+                for note in getattr(source, "notes", ()):  # files a source skipped, and why (a local folder's VAEs, ...)
+                    self.console.print(f"  [dim]note[/] {escape(note)}")
+            except (SourceError, OSError) as exc:
+                failure = ListingFailure(spec, source.name, reason(exc))
+                self.console.print(f"  [red]source failed[/] {escape(str(failure))}")
+                self.failures.append(failure)
+
+    def batch(self, n: int = LISTING_BATCH) -> list[tuple[int, ExpertRecord]]:
+        """The next ``n`` listed (source index, record) pairs; empty once every source is listed."""
+        out = []
+        for item in self._records:
+            out.append(item)
+            if len(out) == n:
+                break
+        return out
+
+
 @dataclass
 class Context:
-    """What the nodes use but the checkpoint must not hold: live clients and models."""
+    """What the nodes use but the checkpoint must not hold: live clients and models, and the
+    pass's listing as far as it has been read."""
 
     store: GraphStore
     settings: Settings
-    sources: list
-    listing: dict[str, tuple[ExpertRecord, object]] = field(default_factory=dict)  # id -> (record, source)
-    listing_failures: list[ListingFailure] = field(default_factory=list)
+    sources: list[tuple[str, object]]  # (spec, source) pairs, in the order given to the pass
+    listing: Listing | None = None
     reader: object | None = None
     llm: object | None = None
     console: Console = field(default_factory=Console)
     reference_count: int = 12
-    work: dict | None = None  # the pass's work list, read once from work_path
+    ahead: deque = field(default_factory=deque)  # (source index, record) listed and due, not yet taken
+    taken: set[str] | None = None  # ids taken for work by this pass (read once on resume)
+    seen: set[str] = field(default_factory=set)  # ids triaged by this process
+    unready: dict[str, str | None] = field(default_factory=dict)  # base -> why it is not set up (None: ready)
+    waiting: Counter = field(default_factory=Counter)  # base -> experts left pending because it is not ready
+    refused: Counter = field(default_factory=Counter)  # reason -> experts rejected without a step
+    checkpointer: SqliteSaver | None = None  # pruned as the pass goes (settings.gca_checkpoints)
+    thread: str = ""
 
-
-def work_path(home: Path, run_id: int) -> Path:
-    """The work list of a pass (the queue and every listed id, JSON), written once when the
-    pass starts (a resumed pass picks up where its cursor was) and removed when the next pass
-    starts."""
-    return home / "gca_work" / f"run-{run_id}.json"
-
-
-def _work(ctx: Context, state: GCAState) -> dict:
-    """The pass's work list; empty (nothing queued, nothing known listed) if its file is gone,
-    so a resumed pass without one processes and sweeps nothing rather than everything."""
-    if ctx.work is None:
-        path = work_path(ctx.settings.home, state["run_id"])
-        ctx.work = json.loads(path.read_text()) if path.is_file() else {"queue": [], "listed": None}
-    return ctx.work
+    @property
+    def listing_failures(self) -> list[ListingFailure]:
+        return self.listing.failures if self.listing else []
 
 
 class RunLock:
@@ -201,74 +246,122 @@ def _fail(ctx: Context, state: GCAState, expert_id: str, status: str, reason: st
             "failures": [*state.get("failures", []), f"{expert_id}: {reason}"][:MAX_FAILURES_SHOWN]}
 
 
-def _skip_unlisted(ctx: Context, expert_id: str) -> dict:
-    """A queued expert that this process's listing lacks (a resumed pass whose source cannot be
-    listed now, or that no longer publishes it) is left as it is for a later pass: failing it
-    would count an attempt against the expert for its source's fault."""
-    ctx.console.print(f"  [yellow]skipped[/] {expert_id}: not listed by its source in this run; left for a later pass")
-    return {"current": None}
-
-
 def _record(ctx: Context, expert_id: str) -> ExpertRecord:
-    """The expert's record from this process's listing or, on a pass resumed past its download
-    while its source cannot be listed, the one the catalog holds."""
-    listed = ctx.listing.get(expert_id)
-    return listed[0] if listed else ctx.store.catalog.get(expert_id).record()
+    """The current expert's record, as ``next`` (or ``fetch``, filling in its base) stored it."""
+    return ctx.store.catalog.get(expert_id).record()
 
 
-def _needs_work(ctx: Context, record: ExpertRecord) -> bool:
-    row = ctx.store.catalog.get(record.id)
-    if row is None or row.version != record.version:
+def _skip(ctx: Context, state: GCAState, expert_id: str, reason: str) -> dict:
+    """An expert whose file cannot be downloaded now is left pending with the reason and no
+    attempt counted: a login wall, an early-access window, a deleted version or a dead host is
+    not the expert's fault, and the next pass tries again."""
+    reason = one_line(reason)
+    ctx.store.set_status(expert_id, "pending", f"skipped: {reason}")
+    ctx.console.print(f"  [yellow]skipped[/] {escape(expert_id)}: {escape(reason)}; tried again next pass")
+    counts = dict(state.get("counts", {}))
+    counts["skipped"] = counts.get("skipped", 0) + 1
+    return {"current": None, "counts": counts,
+            "failures": [*state.get("failures", []), f"{expert_id}: skipped: {reason}"][:MAX_FAILURES_SHOWN]}
+
+
+def _needs_work(known: tuple | None, record: ExpertRecord) -> bool:
+    """Whether a listed expert is new, changed or due again; ``known`` is its work state in the
+    catalog (Catalog.work_states), None for an expert never seen."""
+    if known is None or known[0] != record.version:
         return True
-    if row.status == "failed":
-        return row.attempts < MAX_ATTEMPTS
-    if row.status == "rejected" and (row.status_reason or "").startswith(NO_PROFILE):
-        return bases.has_profile(row.base_model)  # the user has configured that base since
-    return row.status in ("pending", "removed")
+    _, status, why, attempts, base_model = known
+    if status == "failed":
+        return attempts < MAX_ATTEMPTS
+    if status == "rejected" and (why or "").startswith(NO_PROFILE):
+        return bases.has_profile(base_model)  # the user has configured that base since
+    return status in ("pending", "removed")
 
 
 def discover(state: GCAState, runtime: Runtime[Context]) -> dict:
-    """What this pass works on: every listed expert that is new, changed or due again, except
-    those of a base whose setup is incomplete (bases.check_ready: its weights, its metric
-    weights), which wait pending, with one line naming the setting to fix, instead of failing
-    at their first calibration."""
-    ctx = runtime.context
-    ids = list(ctx.listing)
-    queue = [i for i in ids if _needs_work(ctx, ctx.listing[i][0])]
-    for i in queue:
-        ctx.store.upsert_expert(ctx.listing[i][0])
-    unready = _unready_bases({ctx.listing[i][0].base_model for i in queue})
-    for base, why in unready.items():
-        waiting = sum(ctx.listing[i][0].base_model == base for i in queue)
-        ctx.console.print(f"  [yellow]{waiting} {escape(label(base))} experts wait[/]: {escape(why)}")
-    queue = [i for i in queue if ctx.listing[i][0].base_model not in unready]
-    _ensure_reference_prompts(ctx)
-    ctx.work = {"queue": queue, "listed": ids}
-    atomic_write_text(work_path(ctx.settings.home, state["run_id"]), json.dumps(ctx.work))
-    ctx.console.print(f"GCA: {len(ids)} experts listed, {len(queue)} to process")
-    return {"cursor": 0, "counts": {"listed": len(ids)}, "failures": [],
-            "unswept": sorted({f.source for f in ctx.listing_failures}),
-            "source_errors": [str(f) for f in ctx.listing_failures]}
+    """The pass begins: nothing is listed yet (``next`` streams the listing)."""
+    return {"cursor": 0, "counts": {}, "failures": [], "unswept": [], "source_errors": []}
 
 
-def _unready_bases(base_models: set[str]) -> dict[str, str]:
-    """{base: why} for the bases among ``base_models`` that have a profile but are not set up;
-    a base without a profile is left to fetch, which refuses its experts with the reason."""
-    unready = {}
-    for base in sorted(base_models):
-        if bases.has_profile(base):
-            try:
-                bases.check_ready(base)
-            except bases.BaseNotReady as exc:
-                unready[base] = str(exc)
-    return unready
+def _base_unready(ctx: Context, base: str) -> str | None:
+    """Why a base with a profile is not set up (bases.check_ready: its weights, its metric
+    weights), checked once per pass; None when it is ready."""
+    if base not in ctx.unready:
+        try:
+            bases.check_ready(base)
+            ctx.unready[base] = None
+        except bases.BaseNotReady as exc:
+            ctx.unready[base] = str(exc)
+    return ctx.unready[base]
+
+
+def _triage(ctx: Context, run_id: int, batch: list[tuple[int, ExpertRecord]]) -> None:
+    """Mark a batch of listed experts in the work list and queue the ones due. Two kinds are
+    settled here, without a step of their own: a remote expert of a base with no profile is
+    rejected before anything is downloaded (a later pass looks again once the base is
+    configured), and one of a base whose setup is incomplete waits pending, with one line naming
+    the setting to fix, instead of failing at its first calibration. Local files are always
+    fetched: their tensors may tell another base than their sidecar."""
+    records = [r for _, r in batch]
+    ctx.store.catalog.mark_listed(run_id, [r.id for r in records])
+    known = ctx.store.catalog.work_states([r.id for r in records])
+    with ctx.store.catalog.transaction():
+        for index, record in batch:
+            if record.id in ctx.seen or record.id in ctx.taken or not _needs_work(known.get(record.id), record):
+                continue  # listed twice (a page boundary shifting under a live sort), done, or not due
+            ctx.seen.add(record.id)
+            local = all(f.url.startswith("file:") for f in record.files)
+            if record.base_model != "unknown" and not local and not bases.has_profile(record.base_model):
+                why = _no_profile(record.declared_base)
+                if ctx.store.upsert_expert(record) == "inserted":  # no vector to relabel
+                    ctx.store.catalog.set_status(record.id, "rejected", why)
+                else:
+                    ctx.store.set_status(record.id, "rejected", why)
+                ctx.refused[why] += 1
+            elif bases.has_profile(record.base_model) and _base_unready(ctx, record.base_model):
+                ctx.store.upsert_expert(record)
+                ctx.waiting[record.base_model] += 1
+            else:
+                ctx.ahead.append((index, record))
+
+
+def _listing_done(ctx: Context, state: GCAState) -> dict:
+    """The last expert is taken: say what the pass listed and settled without a step."""
+    for base, n in sorted(ctx.waiting.items()):
+        ctx.console.print(f"  [yellow]{n} {escape(label(base))} experts wait[/]: {escape(ctx.unready[base])}")
+    refused = [f"{n} experts rejected: {why}" for why, n in sorted(ctx.refused.items())]
+    for line in refused:
+        ctx.console.print(f"  [red]rejected[/] {escape(line)}")
+    counts = dict(state.get("counts", {}))
+    if ctx.refused:
+        counts["rejected"] = counts.get("rejected", 0) + sum(ctx.refused.values())
+    listed = ctx.store.catalog.listed_count(state["run_id"])
+    ctx.console.print(f"GCA: {listed} experts listed, {state.get('cursor', 0)} to process")
+    failures = ctx.listing_failures
+    return {"current": None, "source": None, "counts": counts,
+            "failures": [*state.get("failures", []), *refused][:MAX_FAILURES_SHOWN],
+            "unswept": sorted({*state.get("unswept", []), *(f.source for f in failures)}),
+            "source_errors": list(dict.fromkeys([*state.get("source_errors", []), *map(str, failures)]))}
 
 
 def next_expert(state: GCAState, runtime: Runtime[Context]) -> dict:
-    queue, cursor = _work(runtime.context, state)["queue"], state.get("cursor", 0)
-    current = queue[cursor] if cursor < len(queue) else None
-    return {"cursor": cursor + (current is not None), "current": current, "page": None, "registration": None,
-            "calibration": None}
+    """Take the next listed expert that is due, listing further as needed."""
+    ctx, run_id = runtime.context, state["run_id"]
+    if ctx.taken is None:
+        ctx.taken = ctx.store.catalog.taken(run_id, state.get("cursor", 0))
+    cleared = {"page": None, "registration": None, "calibration": None}
+    while not ctx.ahead:
+        batch = ctx.listing.batch()
+        if not batch:
+            return {**cleared, **_listing_done(ctx, state)}
+        _triage(ctx, run_id, batch)
+    index, record = ctx.ahead.popleft()
+    cursor = state.get("cursor", 0)
+    ctx.store.upsert_expert(record)
+    ctx.store.catalog.mark_taken(run_id, record.id, cursor)
+    ctx.taken.add(record.id)
+    _ensure_reference_prompts(ctx, record.base_model)
+    _prune_checkpoints(ctx)
+    return {**cleared, "cursor": cursor + 1, "current": record.id, "source": index}
 
 
 def fetch(state: GCAState, runtime: Runtime[Context]) -> dict:
@@ -278,21 +371,19 @@ def fetch(state: GCAState, runtime: Runtime[Context]) -> dict:
     a base without one is refused before its download; local files are read where they are, so
     they are always looked at first."""
     ctx, expert_id = runtime.context, state["current"]
-    if expert_id not in ctx.listing:
-        return _skip_unlisted(ctx, expert_id)
-    record, source = ctx.listing[expert_id]
-    local = all(f.url.startswith("file:") for f in record.files)
-    if record.base_model != "unknown" and not local and not bases.has_profile(record.base_model):
-        return _fail(ctx, state, expert_id, "rejected", _no_profile(record.declared_base))
+    record, source = _record(ctx, expert_id), ctx.sources[state["source"]][1]
     store = ContentStore(ctx.settings.home, allow_pickle=ctx.settings.allow_pickle)
     files: list[ExpertFile] = []
     try:
         for f in record.files:
             path = source.download(f, store)
             files.append(store.as_safetensors(ExpertFile(**{**f.__dict__, "local_path": str(path)})))
+    except (IntegrityError, UnsafeFileError) as exc:  # bad bytes: the expert's own fault
+        return _fail(ctx, state, expert_id, "rejected", str(exc))
+    except DownloadError as exc:  # the file cannot be had now (login, early access, gone, a dead host, a full store)
+        return _skip(ctx, state, expert_id, str(exc))
     except SourceError as exc:
-        rejected = isinstance(exc, (IntegrityError, UnsafeFileError))  # bad bytes, not a bad connection
-        return _fail(ctx, state, expert_id, "rejected" if rejected else "failed", str(exc))
+        return _fail(ctx, state, expert_id, "failed", str(exc))
     if not any(f.name.endswith(".safetensors") for f in files):
         return _fail(ctx, state, expert_id, "rejected", "no weights file (.safetensors, or a pickle when opted in)")
     try:
@@ -302,7 +393,6 @@ def fetch(state: GCAState, runtime: Runtime[Context]) -> dict:
         return _fail(ctx, state, expert_id, "rejected", str(exc))
     if base_family(base) != record.base_model:
         record = ExpertRecord.from_dict({**record.to_dict(), "base_model": base})
-        ctx.listing[expert_id] = (record, source)
         ctx.store.upsert_expert(record)
     if not bases.has_profile(record.base_model):
         return _fail(ctx, state, expert_id, "rejected", _no_profile(record.declared_base if record.base_model != "unknown"
@@ -390,19 +480,13 @@ def sweep(state: GCAState, runtime: Runtime[Context]) -> dict:
     """Experts gone from their source are marked removed. A source that lists only some of its
     site's experts (one URL or path) sweeps nothing, nor does one whose listing failed; rows carry
     only the source's name, so all sources of that name are spared."""
-    ctx = runtime.context
-    listed = _work(ctx, state)["listed"]
-    if listed is None:  # the work list is gone: what was listed is unknown, so nothing is swept
-        ctx.console.print("  [yellow]note[/] the pass's work list is gone; nothing swept")
-        return {"counts": {**state.get("counts", {}), "removed": 0}}
-    listed = set(listed)
-    source_names = {s.name for s in ctx.sources if getattr(s, "sweeps", True)} - set(state.get("unswept", []))
-    removed = 0
-    for row in ctx.store.catalog.list_experts():
-        if row.source in source_names and row.id not in listed and row.status != "removed":
-            ctx.store.set_status(row.id, "removed", "no longer published by its source")
-            removed += 1
-    return {"counts": {**state.get("counts", {}), "removed": removed}}
+    ctx, run_id = runtime.context, state["run_id"]
+    source_names = {s.name for _, s in ctx.sources if getattr(s, "sweeps", True)} - set(state.get("unswept", []))
+    gone = ctx.store.catalog.unlisted(run_id, source_names)
+    for expert_id in gone:
+        ctx.store.set_status(expert_id, "removed", "no longer published by its source")
+    counts = {"listed": ctx.store.catalog.listed_count(run_id), **state.get("counts", {})}
+    return {"counts": {**counts, "removed": len(gone)}}
 
 
 def after_next(state: GCAState) -> Literal["fetch", "sweep"]:
@@ -462,33 +546,26 @@ def build_graph(checkpointer=None):
     return g.compile(checkpointer=checkpointer)
 
 
-def _ensure_reference_prompts(ctx: Context) -> None:
-    """Choose the reference prompts once per store (paper's diversity recipe)."""
-    if ctx.store.catalog.reference_prompts():
-        return
-    base_models = {rec.base_model for rec, _ in ctx.listing.values() if bases.has_profile(rec.base_model)}
-    candidates = [p for b in sorted(base_models) for p in bases.profile(b).reference_candidates(N_CANDIDATES)]
-    if candidates:
+def _ensure_reference_prompts(ctx: Context, base: str) -> None:
+    """Choose the reference prompts once per store (paper's diversity recipe), from the
+    candidates of the base of the first expert taken that has a profile."""
+    if bases.has_profile(base) and not ctx.store.catalog.reference_prompts():
+        candidates = bases.profile(base).reference_candidates(N_CANDIDATES)
         ctx.store.set_reference_prompts(select_reference_prompts(candidates, ctx.reference_count, embed))
 
 
-def _list_sources(sources: list[tuple[str, object]], console: Console
-                  ) -> tuple[dict[str, tuple[ExpertRecord, object]], list[ListingFailure]]:
-    """Every record the (spec, source) pairs list, and the sources whose listing failed. A failure
-    (SourceError: a dead or refusing API; OSError: an unreadable folder) is that source's alone:
-    the others are still listed, and its records listed before the failure are kept, each whole."""
-    listing, failures = {}, []
-    for spec, source in sources:
-        try:
-            for record in source.iter_models():
-                listing[record.id] = (record, source)
-            for note in getattr(source, "notes", ()):  # files a source skipped, and why (a local folder's VAEs, ...)
-                console.print(f"  [dim]note[/] {escape(note)}")
-        except (SourceError, OSError) as exc:
-            failure = ListingFailure(spec, source.name, reason(exc))
-            console.print(f"  [red]source failed[/] {escape(str(failure))}")
-            failures.append(failure)
-    return listing, failures
+def _prune_checkpoints(ctx: Context) -> None:
+    """Keep the last ``settings.gca_checkpoints`` checkpoints of the pass's thread (0 keeps all):
+    a resumed pass needs only the latest, so older ones would make the database grow with every
+    expert. Checkpoint ids are time-ordered (uuid6), so the newest are the largest."""
+    keep, saver = ctx.settings.gca_checkpoints, ctx.checkpointer
+    if not keep or saver is None:
+        return
+    with saver.cursor() as cur:  # the saver's own lock and transaction
+        for table in ("writes", "checkpoints"):
+            cur.execute(f"DELETE FROM {table} WHERE thread_id = ? AND checkpoint_id < (SELECT MIN(checkpoint_id) FROM "
+                        "(SELECT checkpoint_id FROM checkpoints WHERE thread_id = ? ORDER BY checkpoint_id DESC LIMIT ?))",
+                        (ctx.thread, ctx.thread, keep))
 
 
 def _run_status(source_errors: list[str], failures: list[ListingFailure], sources: list) -> str:
@@ -547,15 +624,15 @@ def run_pass(specs: list[str], settings: Settings | None = None, console: Consol
         store = stack.enter_context(GraphStore.open(settings.home, db_url=settings.db_url, chroma_url=settings.chroma_url))
         opened = [(spec, source) for spec in specs
                   for source in stack.enter_context(open_sources(spec, hub_port=settings.hub_port, home=settings.home))]
-        sources = [s for _, s in opened]
-        ctx = Context(store=store, settings=settings, sources=sources, console=console, llm=chat_model(settings),
-                      reference_count=settings.reference_prompts)
-        ctx.listing, ctx.listing_failures = _list_sources(opened, console)
-        if read_pages:
-            ctx.reader = stack.enter_context(HomepageReader(_allowed_hosts(sources) | set(settings.page_hosts)))
         conn = sqlite3.connect(settings.home / "gca_checkpoints.sqlite", check_same_thread=False)
         stack.callback(conn.close)
-        graph = build_graph(SqliteSaver(conn))
+        saver = SqliteSaver(conn)
+        ctx = Context(store=store, settings=settings, sources=opened, listing=Listing(opened, console), console=console,
+                      llm=chat_model(settings), reference_count=settings.reference_prompts, checkpointer=saver,
+                      thread=thread)
+        if read_pages:
+            ctx.reader = stack.enter_context(HomepageReader(_allowed_hosts(s for _, s in opened) | set(settings.page_hosts)))
+        graph = build_graph(saver)
         config = {"configurable": {"thread_id": thread}, "recursion_limit": 100_000}
         snapshot = graph.get_state(config)
         # Not `snapshot.next`: it leaves out a task whose writes were saved before the kill but whose
@@ -564,9 +641,7 @@ def run_pass(specs: list[str], settings: Settings | None = None, console: Consol
         resuming = bool(snapshot.tasks)
         recover_interrupted_runs(store, lock, snapshot.values.get("run_id") if resuming else None,
                                  private_catalog=settings.db_url is None, console=console)
-        if not resuming:  # work lists of passes that will never resume (this store's lock is ours)
-            for stale in (settings.home / "gca_work").glob("run-*.json"):
-                stale.unlink(missing_ok=True)
+        store.catalog.drop_stale_work()  # work lists of passes that will never resume
         run_id = snapshot.values.get("run_id") if resuming else store.catalog.start_run("+".join(specs))
         lock.record(run_id)
         console.print(f"GCA run {run_id} ({'resuming' if resuming else 'new'}; brain: {'llm' if ctx.llm else 'offline'})")
@@ -574,7 +649,7 @@ def run_pass(specs: list[str], settings: Settings | None = None, console: Consol
         counts = final.get("counts", {})
         # the sources that failed when the pass began (its listing decided the queue) and now
         source_errors = list(dict.fromkeys([*final.get("source_errors", []), *map(str, ctx.listing_failures)]))
-        store.catalog.finish_run(run_id, _run_status(source_errors, ctx.listing_failures, sources), counts,
+        store.catalog.finish_run(run_id, _run_status(source_errors, ctx.listing_failures, opened), counts,
                                  "; ".join([*source_errors, *final.get("failures", [])])[:2000] or None)
         lock.record(None)
         return {"run_id": run_id, "counts": counts, "failures": final.get("failures", []),

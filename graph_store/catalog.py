@@ -100,6 +100,14 @@ CREATE TABLE IF NOT EXISTS calibration (
     PRIMARY KEY (expert_id, prompt_id)
 );
 CREATE INDEX IF NOT EXISTS calibration_prompt ON calibration (prompt_id);
+-- what each GCA pass has listed (seq NULL) and taken for work (seq: the order taken): the sweep
+-- and a resumed pass read it, and a finished pass's rows are deleted
+CREATE TABLE IF NOT EXISTS gca_work (
+    run_id INTEGER NOT NULL,
+    expert_id TEXT NOT NULL,
+    seq INTEGER,
+    PRIMARY KEY (run_id, expert_id)
+);
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY,
     source_spec TEXT NOT NULL,
@@ -682,11 +690,68 @@ class Catalog:
             return run_id
 
     def finish_run(self, run_id: int, status: str, counts: dict, error: str | None = None) -> None:
+        """Record how the run ended; its work list is dropped (a finished pass never resumes)."""
         with self.transaction():
+            self._exec("DELETE FROM gca_work WHERE run_id = ?", (run_id,))
             cur = self._exec("UPDATE runs SET finished_at = ?, status = ?, counts = ?, error = ? WHERE id = ?",
                                      (utcnow(), status, _dumps(counts), None if error is None else one_line(error, 2000), run_id))
             if cur.rowcount != 1:
                 raise KeyError(f"no run {run_id}")
+
+    # ---- a pass's work list ---------------------------------------------------------------------
+    # A pass streams its sources' listings, so what it has seen and taken is written as it goes,
+    # one row per listed expert, instead of riding in every checkpoint of the pass.
+
+    def mark_listed(self, run_id: int, expert_ids: Iterable[str]) -> None:
+        """Record that this pass's sources list these experts (idempotent: a resumed pass lists
+        again from the start)."""
+        with self.transaction():
+            for expert_id in expert_ids:
+                self._exec("INSERT INTO gca_work (run_id, expert_id) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                           (run_id, expert_id))
+
+    def mark_taken(self, run_id: int, expert_id: str, seq: int) -> None:
+        """Record that the pass took this (listed) expert for work, as its ``seq``-th."""
+        with self.transaction():
+            self._exec("INSERT INTO gca_work (run_id, expert_id, seq) VALUES (?, ?, ?) "
+                       "ON CONFLICT (run_id, expert_id) DO UPDATE SET seq = excluded.seq", (run_id, expert_id, seq))
+
+    def taken(self, run_id: int, before: int) -> set[str]:
+        """The experts this pass took for work as one of its first ``before`` (its checkpointed
+        cursor), which a resumed pass does not take again. A mark at or past the cursor was made
+        by a step whose checkpoint a kill prevented: that expert was not taken."""
+        return {r["expert_id"] for r in self._query("SELECT expert_id FROM gca_work WHERE run_id = ? AND seq < ?",
+                                                     (run_id, before))}
+
+    def listed_count(self, run_id: int) -> int:
+        return self._query("SELECT COUNT(*) AS n FROM gca_work WHERE run_id = ?", (run_id,))[0]["n"]
+
+    def unlisted(self, run_id: int, sources: Iterable[str]) -> list[str]:
+        """Experts of these sources, not removed, that this pass has not listed: what its sweep removes."""
+        sources = sorted(set(sources))
+        if not sources:
+            return []
+        rows = self._query(f"SELECT id FROM experts WHERE source IN ({', '.join('?' for _ in sources)}) "
+                           "AND status != 'removed' AND NOT EXISTS (SELECT 1 FROM gca_work WHERE "
+                           "gca_work.run_id = ? AND gca_work.expert_id = experts.id) ORDER BY id", [*sources, run_id])
+        return [r["id"] for r in rows]
+
+    def drop_stale_work(self) -> None:
+        """Delete the work lists of runs that are no longer running (killed, then marked interrupted)."""
+        with self.transaction():
+            self._exec("DELETE FROM gca_work WHERE run_id NOT IN (SELECT id FROM runs WHERE status = 'running')")
+
+    def work_states(self, expert_ids: list[str]) -> dict[str, tuple[str, str, str | None, int, str]]:
+        """{id: (version, status, status_reason, attempts, base_model)} of the known ones among
+        ``expert_ids``, without decoding whole rows: a pass asks this of every listed expert."""
+        out = {}
+        for start in range(0, len(expert_ids), 500):
+            chunk = expert_ids[start:start + 500]
+            rows = self._query("SELECT id, version, status, status_reason, attempts, base_model FROM experts "
+                               f"WHERE id IN ({', '.join('?' for _ in chunk)})", chunk)
+            out.update({r["id"]: (r["version"], r["status"], r["status_reason"], r["attempts"], r["base_model"])
+                        for r in rows})
+        return out
 
     def get_run(self, run_id: int) -> dict | None:
         rows = self._query("SELECT * FROM runs WHERE id = ?", (int(run_id),))

@@ -657,10 +657,10 @@ def test_a_dead_source_is_reported_and_the_other_sources_are_still_crawled(bad, 
 @pytest.mark.parametrize("resume_at", ["fetch", "read"])
 def test_a_pass_resumed_while_a_source_is_dead_finishes_and_removes_nothing(world, dead_url, tmp_path, resume_at):
     """The baseline pass cut back to just before its Civitai expert's ``resume_at`` step (as a
-    kill there leaves it), then resumed while Civitai's endpoint is dead. Before the download,
-    the expert is left as it was for a later pass (its source's fault is not its own); after
-    it, the pass goes on from the record the catalog holds. Either way the Hub's expert is
-    processed, nothing is swept, and the run is recorded partial."""
+    kill there leaves it), then resumed while Civitai's endpoint is dead. The pass goes on from
+    the record the catalog holds (its file is in the store already, so the dead host is not
+    asked for it), the Hub's expert is processed, nothing is swept, and the run is recorded
+    partial."""
     home, before, thread, cut, _ = _cut_back(
         world, tmp_path, lambda h: h.next == (resume_at,) and h.values["current"].startswith("civitai:"),
         drop_cut_writes=True)  # the cut step never ran
@@ -675,12 +675,9 @@ def test_a_pass_resumed_while_a_source_is_dead_finishes_and_removes_nothing(worl
     assert result["counts"]["removed"] == 0 and len(result["source_errors"]) == 1, log
     assert result["source_errors"][0].startswith(f"civitai:{dead_url}: listing failed: "), result["source_errors"]
     assert all(row["status"] == "active" for row in after.rows.values())
-    if resume_at == "fetch":
-        assert f"skipped {civitai_id}: not listed by its source in this run" in _flat(log)
-        assert_only(before, after, hf_id)
-    else:
-        assert after.rows[civitai_id]["description"] == before.rows[civitai_id]["description"]
-        assert after.edges[civitai_id] == before.edges[civitai_id]
+    assert f"active {civitai_id}" in _flat(log)
+    assert after.rows[civitai_id]["description"] == before.rows[civitai_id]["description"]
+    assert after.edges[civitai_id] == before.edges[civitai_id]
     with GraphStore.open(home) as store:
         assert store.catalog.last_run()["status"] == "partial"
     assert _clean(home)
