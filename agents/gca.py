@@ -45,7 +45,7 @@ from rich.markup import escape
 from diffgraph.errors import describe as describe_error
 from diffgraph.errors import one_line, reason
 from diffgraph.families import base_family, label
-from diffgraph.graph_store.catalog import MAX_ATTEMPTS
+from diffgraph.graph_store.catalog import MAX_ATTEMPTS, SAME_FILE
 from diffgraph.graph_store.reconcile import reconcile
 from diffgraph.graph_store.records import ExpertFile, ExpertRecord
 from diffgraph.graph_store.store import GraphStore
@@ -274,6 +274,8 @@ def _needs_work(known: tuple | None, record: ExpertRecord) -> bool:
         return attempts < MAX_ATTEMPTS
     if status == "rejected" and (why or "").startswith(NO_PROFILE):
         return bases.has_profile(base_model)  # the user has configured that base since
+    if status == "removed" and (why or "").startswith(SAME_FILE):
+        return False  # merged into the expert holding its file; a new version is looked at again
     return status in ("pending", "removed")
 
 
@@ -372,6 +374,9 @@ def fetch(state: GCAState, runtime: Runtime[Context]) -> dict:
     they are always looked at first."""
     ctx, expert_id = runtime.context, state["current"]
     record, source = _record(ctx, expert_id), ctx.sources[state["source"]][1]
+    local = all(f.url.startswith("file:") for f in record.files)
+    if not local and (twin := _twin(ctx, expert_id, record.files)):
+        return _same_file(ctx, state, expert_id, twin)
     store = ContentStore(ctx.settings.home, allow_pickle=ctx.settings.allow_pickle)
     files: list[ExpertFile] = []
     try:
@@ -386,6 +391,8 @@ def fetch(state: GCAState, runtime: Runtime[Context]) -> dict:
         return _fail(ctx, state, expert_id, "failed", str(exc))
     if not any(f.name.endswith(".safetensors") for f in files):
         return _fail(ctx, state, expert_id, "rejected", "no weights file (.safetensors, or a pickle when opted in)")
+    if twin := _twin(ctx, expert_id, files):  # the same bytes, whatever this copy's sidecar says
+        return _same_file(ctx, state, expert_id, twin)
     try:
         base = reconcile_base(record.declared_base,
                               {f.name: Path(f.local_path) for f in files if f.name.endswith(".safetensors")})
@@ -399,6 +406,25 @@ def fetch(state: GCAState, runtime: Runtime[Context]) -> dict:
                                                                     else "unknown (the files do not tell)"))
     ctx.store.catalog.set_files(expert_id, files)
     return {}
+
+
+def _twin(ctx: Context, expert_id: str, files: list[ExpertFile]) -> str | None:
+    """Another active or pending expert holding a verified file with one of these sha256s."""
+    return next((i for i in ctx.store.catalog.holders(f.sha256 for f in files if f.sha256) if i != expert_id), None)
+
+
+def _same_file(ctx: Context, state: GCAState, expert_id: str, twin: str) -> dict:
+    """An expert whose verified file another expert already holds (a re-upload, a Hub mirror of
+    a Civitai model, the user's own copy) is that expert offered by another source: it is kept
+    in the catalog as a source of ``twin`` (status removed, with the reason) and is not
+    described or calibrated again. Only verified files hold a hash (Catalog.holders), so a remote
+    expert publishing the hash of a file already stored is merged before any download: the
+    bytes it would serve must be those bytes, or its download would be refused."""
+    ctx.store.set_status(expert_id, "removed", f"{SAME_FILE} {twin}: one expert, another source")
+    ctx.console.print(f"  [cyan]merged[/] {escape(expert_id)} into {escape(twin)}: the same file")
+    counts = dict(state.get("counts", {}))
+    counts["merged"] = counts.get("merged", 0) + 1
+    return {"current": None, "counts": counts}
 
 
 NO_PROFILE = "no base-model profile"  # how a rejection for a base nothing can render begins: retried once one exists

@@ -49,6 +49,7 @@ SCHEMA_VERSION = 2  # 2: base_model is the family (diffgraph.families.base_famil
 STATUSES = ("pending", "active", "rejected", "failed", "removed")
 MAX_ATTEMPTS = 3  # a failed expert is retried on later passes up to this many times, then quarantined
 KINDS = ("ckpt", "lora")
+SAME_FILE = "the same file as"  # how the reason of an expert merged into the one holding its file begins
 
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (
@@ -100,6 +101,14 @@ CREATE TABLE IF NOT EXISTS calibration (
     PRIMARY KEY (expert_id, prompt_id)
 );
 CREATE INDEX IF NOT EXISTS calibration_prompt ON calibration (prompt_id);
+-- the verified sha256 of each expert's stored files: one file offered by several sources (a
+-- Civitai upload, its Hugging Face mirror, a user's local copy) is found as one
+CREATE TABLE IF NOT EXISTS expert_files (
+    sha256 TEXT NOT NULL,
+    expert_id TEXT NOT NULL REFERENCES experts (id) ON DELETE CASCADE,
+    PRIMARY KEY (sha256, expert_id)
+);
+CREATE INDEX IF NOT EXISTS expert_files_expert ON expert_files (expert_id);
 -- what each GCA pass has listed (seq NULL) and taken for work (seq: the order taken): the sweep
 -- and a resumed pass read it, and a finished pass's rows are deleted
 CREATE TABLE IF NOT EXISTS gca_work (
@@ -328,6 +337,8 @@ class Catalog:
                     catalog._migrate_to_family_names()
                 elif int(version) != SCHEMA_VERSION:
                     raise RuntimeError(f"catalog {name} has schema version {version}; this code reads {SCHEMA_VERSION}")
+                if catalog._meta("expert_files_indexed") is None:
+                    catalog._index_files()
         except BaseException:
             conn.close()
             raise
@@ -345,6 +356,12 @@ class Catalog:
                        (base_family(row["base_model"]), row["base_model"], row["id"]))
         self._set_meta("schema_version", str(SCHEMA_VERSION))
         self.migrated = True
+
+    def _index_files(self) -> None:
+        """Fill expert_files from the files of a catalog written before it existed."""
+        for row in self._rows(self._query("SELECT * FROM experts")):
+            self._index(row.id, row.files)
+        self._set_meta("expert_files_indexed", "1")
 
     def close(self) -> None:
         self._conn.close()
@@ -456,6 +473,7 @@ class Catalog:
                                         status_reason=f"new version {record.version} replaces {old.version}",
                                         attempts=0, updated_at=now))
                 self._exec("DELETE FROM calibration WHERE expert_id = ?", (record.id,))
+                self._exec("DELETE FROM expert_files WHERE expert_id = ?", (record.id,))
                 return "replaced"
             known = {(f.name, f.sha256): f.local_path for f in old.files}
             files = [f if f.local_path else replace(f, local_path=known.get((f.name, f.sha256)))
@@ -509,11 +527,39 @@ class Catalog:
                      page_sha256=page_sha256)
 
     def set_files(self, expert_id: str, files: list[ExpertFile]) -> None:
-        self._update(expert_id, files=list(files))
+        """The expert's files as stored (``local_path`` set: verified against their sha256)."""
+        with self.transaction():
+            self._update(expert_id, files=list(files))
+            self._index(expert_id, files)
+
+    def _index(self, expert_id: str, files: list[ExpertFile]) -> None:
+        """expert_files for one expert: the sha256 of each file it has stored."""
+        self._exec("DELETE FROM expert_files WHERE expert_id = ?", (expert_id,))
+        for sha256 in sorted({f.sha256.lower() for f in files if f.local_path and f.sha256}):
+            self._exec("INSERT INTO expert_files (sha256, expert_id) VALUES (?, ?)", (sha256, expert_id))
+
+    def holders(self, sha256s: Iterable[str], statuses: Iterable[str] = ("active", "pending")) -> list[str]:
+        """The experts in ``statuses`` holding a stored file with one of these sha256s, by id."""
+        hashes, statuses = sorted({h.lower() for h in sha256s}), list(statuses)
+        if not hashes:
+            return []
+        rows = self._query(f"SELECT DISTINCT e.id FROM expert_files f JOIN experts e ON e.id = f.expert_id WHERE "
+                           f"f.sha256 IN ({', '.join('?' for _ in hashes)}) AND e.status IN "
+                           f"({', '.join('?' for _ in statuses)}) ORDER BY e.id", [*hashes, *statuses])
+        return [r["id"] for r in rows]
+
+    def merged(self) -> list[dict]:
+        """Experts merged into another that holds the same file (status removed, reason beginning
+        with SAME_FILE): {"id", "name", "reason"}, by id, for `graph status`."""
+        rows = self._query("SELECT id, name, status_reason FROM experts WHERE status = 'removed' AND "
+                           "status_reason LIKE ? ORDER BY id", (SAME_FILE + "%",))
+        return [{"id": r["id"], "name": r["name"], "reason": r["status_reason"]} for r in rows]
 
     def restore_expert(self, row: ExpertRow) -> None:
         """Write a row exactly as given (used by graph import)."""
-        self._write_row(row)
+        with self.transaction():
+            self._write_row(row)
+            self._index(row.id, row.files)
 
     def get(self, expert_id: str) -> ExpertRow | None:
         rows = self._query("SELECT * FROM experts WHERE id = ?", (expert_id,))

@@ -18,7 +18,8 @@ FAILURE_STATUSES = ("failed", "rejected")
 
 def graph_status(store: GraphStore) -> dict:
     """Experts by (base model, kind) and status, reference prompts, calibration edges, vectors,
-    the last GCA run and every failed or rejected expert with its reason."""
+    the last GCA run, every failed or rejected expert with its reason, and the experts merged
+    into another because they are the same file from another source."""
     by_status = {s: 0 for s in STATUSES}
     partitions: dict[tuple[str, str], dict] = {}
     for base_model, kind, status, n in store.catalog.expert_counts():
@@ -37,6 +38,7 @@ def graph_status(store: GraphStore) -> dict:
         "vectors": store.vectors.count(),
         "last_run": store.catalog.last_run(),
         "failures": failures,  # sorted by id
+        "merged": store.catalog.merged(),  # experts that are another's file from another source
     }
 
 
@@ -70,4 +72,11 @@ def render_status(status: dict) -> Group:
             shown = "failed, quarantined (gca retry)" if f.get("quarantined") else f["status"]
             failures.add_row(f["id"], f["name"], shown, str(f["attempts"]), f["reason"] or "")
         parts.append(failures)
+    if status["merged"]:
+        merged = Table(title="Merged: the same file from another source")
+        for column in ("id", "name", "merged into"):
+            merged.add_column(column, overflow="fold")
+        for m in status["merged"]:
+            merged.add_row(m["id"], m["name"], m["reason"] or "")
+        parts.append(merged)
     return Group(*parts)

@@ -84,8 +84,9 @@ def published(artifacts_dir) -> dict[str, tuple]:
 
 
 def _settings(home: Path) -> Settings:
-    """Offline brain (no LLM), embedded stores under ``home``, N_r reference prompts."""
-    return Settings(home=Path(home), reference_prompts=N_R)
+    """Offline brain (no LLM), embedded stores under ``home``, N_r reference prompts, and every
+    checkpoint kept (the cut-back cases rewind a finished pass's history)."""
+    return Settings(home=Path(home), reference_prompts=N_R, gca_checkpoints=0)
 
 
 def _specs(url: str) -> list[str]:
@@ -734,3 +735,42 @@ def test_an_opted_in_pickle_becomes_a_safetensors_expert_and_a_code_payload_is_r
         assert hashlib.sha256(Path(stored.local_path).read_bytes()).hexdigest() == stored.sha256
         loaded = load_file(stored.local_path)
         assert set(loaded) == set(tensors) and all(torch.equal(loaded[k], v) for k, v in tensors.items())
+
+
+def test_the_same_file_from_several_sources_is_one_expert(published, artifacts_dir, tmp_path):
+    """A re-upload of one model's file as another model on the other site, and the user's own
+    copy of it in a local folder: one expert, the other two merged into it as its other sources
+    (status removed, the reason naming it), with the file downloaded once and described and
+    calibrated once; `graph status` lists the merges and a second pass changes nothing."""
+    spec, entry = published["polka-dots"]
+    mirror, mirror_entry = _doctor(published, "polka-dots", "polka-dots-mirror")
+    mirror = replace(mirror, site="hf" if spec.site == "civitai" else "civitai")
+    folder = tmp_path / "Lora"
+    folder.mkdir()
+    shutil.copy(artifacts_dir / entry["file"], folder / "my polka.safetensors")
+    home = tmp_path / "home"
+    with running_hub(artifacts_dir, experts=[(spec, entry), (mirror, mirror_entry)]) as hub:
+        ids = _ids(hub)
+        result, log = _pass(hub, home, extra=(f"local:{folder}",))
+        downloads = [r for r in hub.requests if "/api/download/" in r or "/resolve/" in r]
+        first = snapshot(home)
+        mark = len(hub.requests)
+        again, again_log = _pass(hub, home, extra=(f"local:{folder}",))
+        assert snapshot(home) == first, again_log
+        assert not [r for r in _since(hub, mark) if "/api/download/" in r or "/resolve/" in r]
+    rows = first.rows
+    everyone = [ids["polka-dots"], ids["polka-dots-mirror"], "local:my polka.safetensors"]
+    assert set(everyone) <= set(rows), sorted(rows)
+    active = [i for i in everyone if rows[i]["status"] == "active"]
+    assert len(active) == 1 and result["counts"]["merged"] == 2, log[-3000:]
+    for other in set(everyone) - set(active):
+        assert rows[other]["status"] == "removed", (other, rows[other])
+        assert rows[other]["status_reason"] == f"the same file as {active[0]}: one expert, another source"
+        assert rows[other]["description"] is None and not first.edges.get(other), other
+    assert len(downloads) == 1, downloads  # the mirror was merged on its published hash, before any download
+    assert again["counts"].get("merged", 0) == 0 and again["counts"].get("active", 0) == 0, again_log
+    with GraphStore.open(home) as store:
+        from diffgraph.graph_store.status import graph_status
+
+        merged = graph_status(store)["merged"]
+    assert sorted(m["id"] for m in merged) == sorted(set(everyone) - set(active)), merged
