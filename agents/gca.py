@@ -45,6 +45,7 @@ from rich.markup import escape
 from diffgraph.errors import describe as describe_error
 from diffgraph.errors import one_line, reason
 from diffgraph.families import base_family, label
+from diffgraph.files import size_text
 from diffgraph.graph_store.catalog import MAX_ATTEMPTS, SAME_FILE
 from diffgraph.graph_store.reconcile import reconcile
 from diffgraph.graph_store.records import ExpertFile, ExpertRecord
@@ -93,6 +94,12 @@ class GCAState(TypedDict, total=False):
 MAX_FAILURES_SHOWN = 100
 
 
+def _say(console: Console, text: str) -> None:
+    """Print one line of the pass's log. Names come from sources, so they are escaped where they
+    are put into ``text``, and ``:name:`` is never an emoji code ("civitai:100: ..." is an id)."""
+    console.print(text, emoji=False)
+
+
 class GCABusy(RuntimeError):
     """Another GCA run holds the store's lock."""
 
@@ -129,10 +136,10 @@ class Listing:
                 for record in source.iter_models():
                     yield index, record
                 for note in getattr(source, "notes", ()):  # files a source skipped, and why (a local folder's VAEs, ...)
-                    self.console.print(f"  [dim]note[/] {escape(note)}")
+                    _say(self.console, f"  [dim]note[/] {escape(note)}")
             except (SourceError, OSError) as exc:
                 failure = ListingFailure(spec, source.name, reason(exc))
-                self.console.print(f"  [red]source failed[/] {escape(str(failure))}")
+                _say(self.console, f"  [red]source failed[/] {escape(str(failure))}")
                 self.failures.append(failure)
 
     def batch(self, n: int = LISTING_BATCH) -> list[tuple[int, ExpertRecord]]:
@@ -230,16 +237,16 @@ def recover_interrupted_runs(store: GraphStore, lock: RunLock, resuming: int | N
         report = reconcile(store, repair=True)
         drift = {k: v for k, v in report.items() if isinstance(v, list) and v}
         if interrupted:
-            console.print(f"GCA: run {', '.join(map(str, interrupted))} was interrupted; marked so")
+            _say(console, f"GCA: run {', '.join(map(str, interrupted))} was interrupted; marked so")
         if drift:
-            console.print(f"GCA: repaired drift between catalog and vectors after the interruption: {drift}")
+            _say(console, f"GCA: repaired drift between catalog and vectors after the interruption: {drift}")
     return interrupted
 
 
 def _fail(ctx: Context, state: GCAState, expert_id: str, status: str, reason: str) -> dict:
     reason = one_line(reason)
     ctx.store.set_status(expert_id, status, reason)
-    ctx.console.print(f"  [red]{status}[/] {expert_id}: {reason}")
+    _say(ctx.console, f"  [red]{status}[/] {escape(expert_id)}: {escape(reason)}")
     counts = dict(state.get("counts", {}))
     counts[status] = counts.get(status, 0) + 1
     return {"current": None, "counts": counts,
@@ -257,7 +264,7 @@ def _skip(ctx: Context, state: GCAState, expert_id: str, reason: str) -> dict:
     not the expert's fault, and the next pass tries again."""
     reason = one_line(reason)
     ctx.store.set_status(expert_id, "pending", f"skipped: {reason}")
-    ctx.console.print(f"  [yellow]skipped[/] {escape(expert_id)}: {escape(reason)}; tried again next pass")
+    _say(ctx.console, f"  [yellow]skipped[/] {escape(expert_id)}: {escape(reason)}; tried again next pass")
     counts = dict(state.get("counts", {}))
     counts["skipped"] = counts.get("skipped", 0) + 1
     return {"current": None, "counts": counts,
@@ -329,15 +336,15 @@ def _triage(ctx: Context, run_id: int, batch: list[tuple[int, ExpertRecord]]) ->
 def _listing_done(ctx: Context, state: GCAState) -> dict:
     """The last expert is taken: say what the pass listed and settled without a step."""
     for base, n in sorted(ctx.waiting.items()):
-        ctx.console.print(f"  [yellow]{n} {escape(label(base))} experts wait[/]: {escape(ctx.unready[base])}")
+        _say(ctx.console, f"  [yellow]{n} {escape(label(base))} experts wait[/]: {escape(ctx.unready[base])}")
     refused = [f"{n} experts rejected: {why}" for why, n in sorted(ctx.refused.items())]
     for line in refused:
-        ctx.console.print(f"  [red]rejected[/] {escape(line)}")
+        _say(ctx.console, f"  [red]rejected[/] {escape(line)}")
     counts = dict(state.get("counts", {}))
     if ctx.refused:
         counts["rejected"] = counts.get("rejected", 0) + sum(ctx.refused.values())
     listed = ctx.store.catalog.listed_count(state["run_id"])
-    ctx.console.print(f"GCA: {listed} experts listed, {state.get('cursor', 0)} to process")
+    _say(ctx.console, f"GCA: {listed} experts listed, {state.get('cursor', 0)} to process")
     failures = ctx.listing_failures
     return {"current": None, "source": None, "counts": counts,
             "failures": [*state.get("failures", []), *refused][:MAX_FAILURES_SHOWN],
@@ -421,7 +428,7 @@ def _same_file(ctx: Context, state: GCAState, expert_id: str, twin: str) -> dict
     expert publishing the hash of a file already stored is merged before any download: the
     bytes it would serve must be those bytes, or its download would be refused."""
     ctx.store.set_status(expert_id, "removed", f"{SAME_FILE} {twin}: one expert, another source")
-    ctx.console.print(f"  [cyan]merged[/] {escape(expert_id)} into {escape(twin)}: the same file")
+    _say(ctx.console, f"  [cyan]merged[/] {escape(expert_id)} into {escape(twin)}: the same file")
     counts = dict(state.get("counts", {}))
     counts["merged"] = counts.get("merged", 0) + 1
     return {"current": None, "counts": counts}
@@ -449,7 +456,7 @@ def read(state: GCAState, runtime: Runtime[Context]) -> dict:
     try:
         page = ctx.reader.read(record.homepage_url)
     except PageError as exc:  # the source's own description stands in; a page never fails an expert
-        ctx.console.print(f"  [yellow]note[/] {escape(state['current'])}: homepage unreadable ({escape(str(exc))}); "
+        _say(ctx.console, f"  [yellow]note[/] {escape(state['current'])}: homepage unreadable ({escape(str(exc))}); "
                           "described from its source's metadata")
         return {"page": None}
     return {"page": page.to_dict()}
@@ -498,7 +505,7 @@ def commit(state: GCAState, runtime: Runtime[Context]) -> dict:
     ctx.store.set_status(expert_id, "active", f"registered by the {state['registration']['brain']} brain")
     counts = dict(state.get("counts", {}))
     counts["active"] = counts.get("active", 0) + 1
-    ctx.console.print(f"  [green]active[/] {expert_id} ({row.name})")
+    _say(ctx.console, f"  [green]active[/] {escape(expert_id)} ({escape(row.name)})")
     return {"current": None, "counts": counts}
 
 
@@ -629,10 +636,16 @@ def preview_pass(specs: list[str], settings: Settings | None = None) -> list[str
                 unsized = sum(f.size is None for f in files)
                 for i, n in enumerate((len(records), len(files), sized, unsized)):
                     totals[i] += n
-                lines.append(f"{spec} ({source.name}): {len(records)} experts, {len(files)} files, {sized / 2**30:.2f} GiB"
+                lines.append(f"{spec} ({source.name}): {len(records)} experts, {len(files)} files, {size_text(sized)}"
                              + (f" (+{unsized} files of unpublished size)" if unsized else ""))
-    lines.append(f"total: {totals[0]} experts, {totals[1]} files, {totals[2] / 2**30:.2f} GiB"
+    lines.append(f"total: {totals[0]} experts, {totals[1]} files, {size_text(totals[2])}"
                  + (f" (+{totals[3]} files of unpublished size)" if totals[3] else "") + "; nothing was fetched")
+    if settings.max_store_bytes is not None:
+        used, budget = ContentStore(settings.home).used(), settings.max_store_bytes
+        over = used + totals[2] - budget
+        lines.append(f"the store holds {size_text(used)} of its {size_text(budget)} budget (DIFFGRAPH_MAX_STORE_GB)"
+                     + (f": this pass would exceed it by {size_text(over)}, and what does not fit is skipped"
+                        if over > 0 else ""))
     return lines
 
 
@@ -670,7 +683,7 @@ def run_pass(specs: list[str], settings: Settings | None = None, console: Consol
         store.catalog.drop_stale_work()  # work lists of passes that will never resume
         run_id = snapshot.values.get("run_id") if resuming else store.catalog.start_run("+".join(specs))
         lock.record(run_id)
-        console.print(f"GCA run {run_id} ({'resuming' if resuming else 'new'}; brain: {'llm' if ctx.llm else 'offline'})")
+        _say(console, f"GCA run {run_id} ({'resuming' if resuming else 'new'}; brain: {'llm' if ctx.llm else 'offline'})")
         final = graph.invoke(None if resuming else {"run_id": run_id}, config, durability="sync", context=ctx)
         counts = final.get("counts", {})
         # the sources that failed when the pass began (its listing decided the queue) and now
@@ -692,11 +705,11 @@ def watch(specs: list[str], interval_s: float, passes: int = 0, console: Console
     while (passes == 0 or done < passes) and not stop.is_set():
         try:
             result = run_pass(specs, settings=settings, console=console)
-            console.print(f"pass {result['run_id']}: {result['counts']}")
+            _say(console, f"pass {result['run_id']}: {result['counts']}")
         except GCABusy as exc:
-            console.print(f"[yellow]skipped a pass: {exc}")
+            _say(console, f"[yellow]skipped a pass: {escape(str(exc))}")
         except Exception as exc:  # a dead source must not end a days-long watch
-            console.print(f"[red]pass failed: {escape(describe_error(exc))}")
+            _say(console, f"[red]pass failed: {escape(describe_error(exc))}")
         done += 1
         if passes == 0 or done < passes:
             stop.wait(interval_s)

@@ -38,6 +38,7 @@ class Settings:
     reference_prompts: int = 12  # N_r, reference prompts chosen when a graph is first built
     hub_port: int = 8765  # of a source kind serving its own hub; fixed, so the URLs the catalog stores stay valid
     base: str | None = None  # the base model to generate with when a command or request names none
+    max_store_bytes: int | None = None  # DIFFGRAPH_MAX_STORE_GB: what the downloaded files may take in all
     gca_checkpoints: int = 20  # checkpoints a GCA pass keeps of its thread (0: all); one suffices to resume
     page_hosts: tuple[str, ...] = ()  # hosts (host or host:port) whose homepages the GCA may read besides the sources' own
 
@@ -76,6 +77,7 @@ def get_settings() -> Settings:
         hub_port=int(_env("HUB_PORT", "8765")),
         reference_prompts=int(_env("REFERENCE_PROMPTS", "12")),
         base=_env("BASE"),
+        max_store_bytes=round(float(_env("MAX_STORE_GB")) * 2**30) if _env("MAX_STORE_GB") else None,
         gca_checkpoints=int(_env("GCA_CHECKPOINTS", "20")),
         page_hosts=tuple(h.strip().lower() for h in (_env("PAGE_HOSTS") or "").split(",") if h.strip()),
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
 from .catalog import STATUSES
 from .store import GraphStore
@@ -43,7 +44,8 @@ def graph_status(store: GraphStore) -> dict:
 
 
 def render_status(status: dict) -> Group:
-    """Rich renderables for ``graph_status``'s result (print them with a Console)."""
+    """Rich renderables for ``graph_status``'s result (print them with a Console). Names and
+    reasons come from sources, so they go in as Text: never read as markup or emoji codes."""
     experts = Table(title=f"Experts in {status['home']}", show_footer=True)
     experts.add_column("base model", footer="all")
     experts.add_column("kind")
@@ -51,7 +53,7 @@ def render_status(status: dict) -> Group:
         experts.add_column(s, justify="right", footer=str(status["experts"]["by_status"][s]))
     experts.add_column("total", justify="right", footer=str(status["experts"]["total"]))
     for part in status["experts"]["by_partition"]:
-        experts.add_row(part["base_model"], part["kind"], *(str(part[s]) for s in STATUSES), str(part["total"]))
+        experts.add_row(Text(part["base_model"]), part["kind"], *(str(part[s]) for s in STATUSES), str(part["total"]))
 
     graph = Table(title="Graph", show_header=False)
     graph.add_row("reference prompts", str(status["reference_prompts"]))
@@ -70,13 +72,13 @@ def render_status(status: dict) -> Group:
             failures.add_column(column, overflow="fold")
         for f in status["failures"]:
             shown = "failed, quarantined (gca retry)" if f.get("quarantined") else f["status"]
-            failures.add_row(f["id"], f["name"], shown, str(f["attempts"]), f["reason"] or "")
+            failures.add_row(Text(f["id"]), Text(f["name"]), shown, str(f["attempts"]), Text(f["reason"] or ""))
         parts.append(failures)
     if status["merged"]:
         merged = Table(title="Merged: the same file from another source")
         for column in ("id", "name", "merged into"):
             merged.add_column(column, overflow="fold")
         for m in status["merged"]:
-            merged.add_row(m["id"], m["name"], m["reason"] or "")
+            merged.add_row(Text(m["id"]), Text(m["name"]), Text(m["reason"] or ""))
         parts.append(merged)
     return Group(*parts)

@@ -111,3 +111,54 @@ def test_an_expert_failing_every_pass_is_quarantined_until_retried(library, tmp_
         assert store.catalog.get(victim).status == "active"
     unknown = CliRunner().invoke(app, ["gca", "retry", "local:nope"])
     assert unknown.exit_code == 1 and "no expert 'local:nope'" in unknown.output
+
+
+def test_a_file_that_cannot_be_had_now_is_skipped_and_fetched_on_a_later_pass(artifacts_dir, tmp_path, monkeypatch):
+    """A login wall (Civitai's 401 answer), a download page served instead of the file, and a
+    file the store's budget (DIFFGRAPH_MAX_STORE_GB) has no room for: each expert is left
+    pending with a one-line reason and no attempt counted, nothing partial is kept, the pass
+    finishes, and once the file can be had the next pass makes it active."""
+    from support.fake_site import FakeSite
+    from support.serving import serving
+
+    site = FakeSite()
+    data = {name: (artifacts_dir / "experts" / f"{name}.safetensors").read_bytes()
+            for name in ("tangerine", "polka-dots", "stripes-pro")}  # 126 KB, 126 KB, 233 KB
+    home = tmp_path / "home"
+    with serving(site.app) as url:
+        site.url = url
+        login = site.publish_civitai("locked.safetensors", data["tangerine"], url=f"{url}/dl/locked")
+        page = site.publish_civitai("paged.safetensors", data["polka-dots"], url=f"{url}/dl/page")
+        big = site.publish_civitai("big.safetensors", data["stripes-pro"])
+        site.answers["/dl/locked"] = (401, "application/json", json.dumps(
+            {"error": "The creator of this asset requires you to be logged in to download it"}))
+        site.answers["/dl/page"] = (200, "text/html", "<html><body><h1>Log in to download</h1></body></html>")
+        monkeypatch.setenv("DIFFGRAPH_MAX_STORE_GB", str(130_000 / 2**30))
+        ids = [f"civitai:{i}" for i in (login, page, big)]
+
+        def run() -> tuple[dict, str, dict]:
+            out = io.StringIO()
+            result = gca.run_pass([f"civitai:{url}"], settings=Settings(home=home, reference_prompts=2),
+                                  console=Console(file=out, width=300), read_pages=False)
+            with GraphStore.open(home) as store:
+                return result, out.getvalue(), {i: store.catalog.get(i) for i in ids}
+
+        result, log, rows = run()
+        assert result["counts"]["skipped"] == 3 and not result["counts"].get("failed"), log
+        expected = {ids[0]: "HTTP 401", ids[1]: "answered a web page, not the file",
+                    ids[2]: "would take the store over its budget (DIFFGRAPH_MAX_STORE_GB = 127.0 KiB"}
+        for expert_id, why in expected.items():
+            row = rows[expert_id]
+            assert (row.status, row.attempts) == ("pending", 0), (expert_id, row)
+            assert row.status_reason.startswith("skipped: ") and why in row.status_reason, row.status_reason
+            assert "\n" not in row.status_reason and f"skipped {expert_id}: " in log, log
+        assert "logged in" in rows[ids[0]].status_reason and "login or an API token" in rows[ids[0]].status_reason
+        assert not list(home.rglob("*.partial"))
+
+        del site.answers["/dl/locked"], site.answers["/dl/page"]
+        site.redirects["/dl/locked"] = f"{url}/files/0"
+        site.redirects["/dl/page"] = f"{url}/files/1"
+        monkeypatch.delenv("DIFFGRAPH_MAX_STORE_GB")
+        result, log, rows = run()
+    assert all(row.status == "active" for row in rows.values()), log
+    assert result["counts"].get("active") == 3 and not result["counts"].get("skipped"), log

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
 import time
 from dataclasses import replace
@@ -504,6 +505,10 @@ def test_a_scoped_hub_crawl_and_a_dry_run_fetch_nothing_but_the_listing(hub, tmp
     assert run.exit_code == 0, run.output
     assert "2 experts, 2 files" in run.output and "nothing was fetched" in run.output, run.output
     assert not [r for r in hub.requests[mark:] if "/download" in r] and not (tmp_path / "home" / "catalog.sqlite").exists()
+    tight = CliRunner().invoke(app, ["gca", "run", "--source", f"civitai:{hub.url}", "--types", "LORA", "--limit", "2",
+                                     "--dry-run"], env={"COLUMNS": "300", "DIFFGRAPH_MAX_STORE_GB": "0.0001"})
+    assert tight.exit_code == 0 and re.search(r"holds 0\.0 KiB of its 104\.9 KiB budget \(DIFFGRAPH_MAX_STORE_GB\): this pass "
+                                              r"would exceed it by [\d.]+ KiB, and what does not fit is skipped", tight.output), tight.output
     bad = CliRunner().invoke(app, ["gca", "run", "--source", "civitai?colour=red", "--dry-run"])
     assert bad.exit_code == 1 and "unknown scope colour" in bad.output and "Traceback" not in bad.output
 

@@ -13,7 +13,8 @@ them over HTTP. Every request is logged as (path, Authorization header).
 
 Files are served at ``/files/<key>`` (Civitai ``downloadUrl``) and at the Hub's
 ``/<repo>/resolve/<sha>/<name>``; homepages at ``/models/<id>/<slug>`` and ``/<repo>`` (a
-minimal page unless a test sets one); ``redirects`` maps a path to a URL it answers 302 with.
+minimal page unless a test sets one); ``redirects`` maps a path to a URL it answers 302 with,
+``answers`` a path to a canned (status, content type, body) answer.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class FakeSite:
         self.blobs: dict[str, bytes] = {}
         self.pages: dict[str, tuple[int, str]] = {}  # path -> (status, HTML)
         self.redirects: dict[str, str] = {}  # path -> Location (302)
+        self.answers: dict[str, tuple[int, str, str]] = {}  # path -> (status, content type, body)
         self.streams: dict[str, int] = {}  # path -> bytes of an endless-looking answer (no Content-Length)
         self.seen: list[tuple[str, str | None]] = []  # (path, Authorization header) of every request
         self.url = ""
@@ -50,6 +52,9 @@ class FakeSite:
             self.seen.append((path, request.headers.get("authorization")))
             if path in self.redirects:
                 return RedirectResponse(self.redirects[path], 302)
+            if path in self.answers:
+                status, content_type, body = self.answers[path]
+                return Response(body, status, media_type=content_type)
             if path in self.streams:
                 size = self.streams[path]
 

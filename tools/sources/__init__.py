@@ -8,7 +8,15 @@ Every error raised here is a one-line :class:`SourceError`, for the agent to rec
 from .base import Source
 from .civitai import CivitaiSource
 from .download import ContentStore, load_weights, safe_name
-from .errors import ApiError, DownloadError, IntegrityError, InvalidSafetensors, SourceError, UnsafeFileError
+from .errors import (
+    ApiError,
+    DownloadError,
+    IntegrityError,
+    InvalidSafetensors,
+    SourceError,
+    StoreFull,
+    UnsafeFileError,
+)
 from .hf import HFSource
 from .http import RetryPolicy
 from .local import LocalFolderSource
@@ -17,6 +25,6 @@ from .validate import Header, check_finite, validate_safetensors
 
 __all__ = [
     "ApiError", "CivitaiSource", "ContentStore", "DownloadError", "HFSource", "Header", "IntegrityError",
-    "InvalidSafetensors", "LocalFolderSource", "RetryPolicy", "Source", "SourceError", "SourceSpec",
+    "InvalidSafetensors", "LocalFolderSource", "RetryPolicy", "Source", "SourceError", "SourceSpec", "StoreFull",
     "UnsafeFileError", "check_finite", "load_weights", "open_sources", "parse_source_spec", "safe_name", "validate_safetensors",
 ]

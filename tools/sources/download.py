@@ -10,6 +10,9 @@ what they claim to be. Pickle files (.ckpt, .pt, .pth, .bin) can run code when l
 are refused unless the caller opts in; an opted-in one is then read once with
 ``torch.load(weights_only=True)`` (:func:`load_weights`) and stored as a safetensors file of its
 own (:meth:`ContentStore.as_safetensors`), so everything after the download reads one format.
+A store may have a budget (DIFFGRAPH_MAX_STORE_GB): a download that would take it over is
+refused before it starts when its size is published, and stopped when the bytes say so when it
+is not, as a :class:`StoreFull` (the agent skips the expert, to be tried when there is room).
 One process writes a store at a time (the agent's run lock).
 """
 
@@ -23,16 +26,18 @@ from pathlib import Path, PurePosixPath
 
 import httpx
 
+from diffgraph.files import size_text
 from diffgraph.graph_store.records import ExpertFile
 from diffgraph.settings import get_settings
 
-from .errors import DownloadError, IntegrityError, InvalidSafetensors, UnsafeFileError
+from .errors import DownloadError, IntegrityError, InvalidSafetensors, StoreFull, UnsafeFileError
 from .http import RetryPolicy, TransientStatus, check_status, describe_status, retry_call
 from .validate import check_finite, looks_like_safetensors, validate_safetensors
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 DEFAULT_MAX_BYTES = 64 * 2**30  # larger than any single-file checkpoint we know of
 CHUNK = 1 << 20
+MAX_ERROR_BODY = 1 << 16  # an error answer's body is read for its message only up to this size
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -66,16 +71,36 @@ def checked_sha256(file: ExpertFile) -> str:
 
 
 class ContentStore:
-    """Files by sha256 under ``<home>/blobs/sha256``. ``home`` defaults to DIFFGRAPH_HOME and
-    ``allow_pickle`` to DIFFGRAPH_ALLOW_PICKLE; ``max_bytes`` bounds any single file."""
+    """Files by sha256 under ``<home>/blobs/sha256``. ``home`` defaults to DIFFGRAPH_HOME,
+    ``allow_pickle`` to DIFFGRAPH_ALLOW_PICKLE and ``budget`` (bytes the whole store may hold;
+    None: no limit) to DIFFGRAPH_MAX_STORE_GB; ``max_bytes`` bounds any single file."""
 
     def __init__(self, home: str | Path | None = None, *, allow_pickle: bool | None = None,
-                 max_bytes: int = DEFAULT_MAX_BYTES):
+                 max_bytes: int = DEFAULT_MAX_BYTES, budget: int | None = -1):
         settings = get_settings()
         self.home = Path(home) if home is not None else settings.home
         self.root = self.home / "blobs" / "sha256"
         self.allow_pickle = settings.allow_pickle if allow_pickle is None else allow_pickle
         self.max_bytes = max_bytes
+        self.budget = settings.max_store_bytes if budget == -1 else budget
+
+    def used(self) -> int:
+        """Bytes the store's files (finished and partial) take."""
+        if not self.root.is_dir():
+            return 0
+        return sum(entry.stat().st_size for sub in os.scandir(self.root) if sub.is_dir()
+                   for entry in os.scandir(sub.path) if entry.is_file())
+
+    def room(self, file: ExpertFile) -> int | None:
+        """Bytes this file may take (None: no budget), after what the store holds besides its
+        own partial download; StoreFull when its published size does not fit."""
+        if self.budget is None:
+            return None
+        partial = self.path(checked_sha256(file)).with_suffix(".partial")
+        room = self.budget - self.used() + (partial.stat().st_size if partial.exists() else 0)
+        if file.size is not None and file.size > room:
+            raise StoreFull(_over_budget(file.name, file.size, self.budget, room))
+        return room
 
     def path(self, sha256: str) -> Path:
         return self.root / sha256[:2] / sha256
@@ -109,8 +134,9 @@ class ContentStore:
         if httpx.URL(file.url).scheme not in ("http", "https"):
             raise UnsafeFileError(f"{file.name!r}: refusing to download from {file.url!r} (not http/https)")
         retry = retry or RetryPolicy()
+        room = self.room(file)
         partial = self._partial(sha256)
-        download = _Resumable(partial, self.max_bytes, file.name)
+        download = _Resumable(partial, self.max_bytes, file.name, room, self.budget)
         failed = f"{file.name!r}: download from {file.url} failed after {retry.attempts} attempts"
         try:
             retry_call(lambda: download.attempt(client, file.url), retry)
@@ -121,7 +147,7 @@ class ContentStore:
             raise UnsafeFileError(f"{file.name!r}: {file.url} leads to a URL that is not http/https; refused") from exc
         except httpx.TransportError as exc:
             raise DownloadError(f"{failed}: {type(exc).__name__}: {exc}") from exc
-        except UnsafeFileError:
+        except (UnsafeFileError, StoreFull):
             partial.unlink(missing_ok=True)
             raise
         return self._commit(partial, file, sha256, download.hexdigest())
@@ -220,8 +246,9 @@ class _Resumable:
     """One file's download across attempts: appends to the partial file and keeps its running
     sha256, so a resumed download is hashed without reading the file again."""
 
-    def __init__(self, partial: Path, max_bytes: int, name: str):
+    def __init__(self, partial: Path, max_bytes: int, name: str, room: int | None = None, budget: int | None = None):
         self.partial, self.max_bytes, self.name = partial, max_bytes, name
+        self.room, self.budget = room, budget  # what the store's budget leaves for this file (None: no budget)
         self.hasher, self.size = hashlib.sha256(), 0
         if partial.exists():
             with open(partial, "rb") as f:
@@ -241,7 +268,15 @@ class _Resumable:
                 return  # we already hold every byte the server has; the hash decides
             check_status(response)
             if response.is_error:
-                raise DownloadError(f"{self.name!r}: download from {url} failed: {describe_status(response)}")
+                length = response.headers.get("Content-Length", "")
+                if length.isdigit() and int(length) <= MAX_ERROR_BODY:
+                    response.read()  # the server's own message (a login wall says why), bounded
+                hint = " (the file needs a login or an API token, or is in early access)" \
+                    if response.status_code in (401, 403) else ""
+                raise DownloadError(f"{self.name!r}: download from {url} failed: {describe_status(response)}{hint}")
+            if response.headers.get("Content-Type", "").lower().startswith("text/html"):
+                raise DownloadError(f"{self.name!r}: {url} answered a web page, not the file (a login, "
+                                    "early-access or download page)")
             if response.status_code == 206 and not _resumes_at(response, self.size):
                 self.partial.unlink(missing_ok=True)  # start afresh next time
                 raise DownloadError(f"{self.name!r}: {url} answered a range other than the one asked for")
@@ -251,13 +286,22 @@ class _Resumable:
             total = self.size + (int(length) if length.isdigit() else 0)
             if total > self.max_bytes:
                 raise UnsafeFileError(f"{self.name!r}: {total} bytes is over the {self.max_bytes}-byte limit")
+            if self.room is not None and total > self.room:
+                raise StoreFull(_over_budget(self.name, total, self.budget, self.room))
             with open(self.partial, "ab" if self.size else "wb") as f:
                 for chunk in response.iter_bytes():  # as received: a cut loses nothing already read
                     if self.size + len(chunk) > self.max_bytes:
                         raise UnsafeFileError(f"{self.name!r}: more than {self.max_bytes} bytes; download stopped")
+                    if self.room is not None and self.size + len(chunk) > self.room:
+                        raise StoreFull(_over_budget(self.name, self.size + len(chunk), self.budget, self.room))
                     f.write(chunk)
                     self.hasher.update(chunk)
                     self.size += len(chunk)
+
+
+def _over_budget(name: str, size: int, budget: int, room: int) -> str:
+    return (f"{name!r}: {size_text(size)} would take the store over its budget (DIFFGRAPH_MAX_STORE_GB = "
+            f"{size_text(budget)}, {size_text(max(room, 0))} left); raise it or free space")
 
 
 def _resumes_at(response: httpx.Response, offset: int) -> bool:

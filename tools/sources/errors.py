@@ -22,6 +22,10 @@ class DownloadError(SourceError):
     """A download did not complete (network, server or size limit)."""
 
 
+class StoreFull(DownloadError):
+    """A download would take the content store over its budget (DIFFGRAPH_MAX_STORE_GB)."""
+
+
 class IntegrityError(DownloadError):
     """The downloaded bytes do not match the published sha256."""
 
