@@ -125,7 +125,9 @@ EXTERNAL_HTML = """<!DOCTYPE html><html><head><meta charset="utf-8"><title>Pulls
 </body></html>"""
 
 BUSY_HTML = """<!DOCTYPE html><html><head><title>Busy</title></head><body><p>spins</p>
-<script>setTimeout(() => { for (;;) {} }, 30);</script></body></html>"""
+<script>document.addEventListener("DOMContentLoaded", () => { for (;;) {} });</script></body></html>"""
+# (the renderer hangs as the page is parsed, before any reader could take its text: a loop
+# started by a timer after load raced the reader, which sometimes read the page first)
 
 
 def _hostile_app(seen: list[str]) -> FastAPI:
