@@ -35,6 +35,7 @@ from langgraph.runtime import Runtime
 
 from diffgraph.errors import DiffGraphError, describe, reason
 from diffgraph.families import label
+from diffgraph.graph_store.records import UsePolicy, is_nsfw, licence_grants
 from diffgraph.graph_store.status import graph_status
 from diffgraph.graph_store.store import GraphStore
 from diffgraph.merger.recipe import BASE, MergeRecipe, with_trigger_words
@@ -43,6 +44,7 @@ from diffgraph.tools import bases
 from diffgraph.tools.chat_tools import CHAT_TOOLS
 from diffgraph.tools.plugins import plugins
 from diffgraph.tools.render import render_recipe
+from diffgraph.tools.select import admitted_ids
 from diffgraph.tools.sources import SourceError
 from diffgraph.tools.sources.spec import kinds
 
@@ -288,17 +290,20 @@ class ChatServices:
             raise ChatError("say what skill to search for, e.g. 'search striped backgrounds'")
         k = max(1, min(int(k), 20))
         vector = self.store.embed([cut(query, MAX_PROMPT_CHARS)])[0]
+        policy = UsePolicy.from_settings(self.settings)  # what generation may use (DIFFGRAPH_NSFW, DIFFGRAPH_LICENCE)
         hits = []
         for kind in ("ckpt", "lora"):
-            hits += [(expert_id, sim) for expert_id, sim, _ in
-                     self.store.vectors.query(vector, kind=kind, base_model=self.base_model, k=k)]
+            hits += [(expert_id, sim) for expert_id, sim, _ in self.store.vectors.query(
+                vector, kind=kind, base_model=self.base_model, k=k,
+                admit=lambda ids: admitted_ids(self.store, ids, policy))]
         out = []
         for expert_id, sim in sorted(hits, key=lambda h: -h[1])[:k]:
             row = self.store.catalog.get(expert_id)
             if row is not None:
-                out.append({"id": expert_id, "name": row.name, "kind": row.kind, "similarity": round(sim, 3),
+                out.append({"id": row.id, "name": row.name, "kind": row.kind, "similarity": round(sim, 3),
                             "status": row.status, "trigger_words": row.trigger_words[:5],
-                            "description": (row.description_text or "")[:200]})
+                            "description": (row.description_text or "")[:200], "nsfw": is_nsfw(row.nsfw_level),
+                            "commercial_use": licence_grants(row.license, "commercial")})
         return out
 
     def status(self) -> dict:
@@ -734,8 +739,9 @@ def _offline_dispatch(agent: ChatAgent, text: str, state: dict, config: Runnable
         if not hits:
             return say(f"No active expert matches '{m.group(1)}'.")
         return say(f"Experts for '{m.group(1)}':\n" + "\n".join(
-            f"  {h['name']} [{h['id']}] {h['kind']}, similarity {h['similarity']:.2f}: {h['description'][:120]}"
-            for h in hits))
+            f"  {h['name']} [{h['id']}] {h['kind']}, similarity {h['similarity']:.2f}, commercial use "
+            f"{ {True: 'yes', False: 'no', None: 'unknown'}[h['commercial_use']]}{', NSFW' if h['nsfw'] else ''}: "
+            f"{h['description'][:120]}" for h in hits))
     if m := re.fullmatch(r"add (?:an? |this |the )?(?:expert|lora|checkpoint|model)(?: from| at)?:? (.+)", raw, re.IGNORECASE):
         result = s.add_expert(m.group(1))
         lines = [f"Crawled {result['source']}: {result['counts']}"]

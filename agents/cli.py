@@ -274,7 +274,9 @@ def gca_run(
     types: Optional[str] = typer.Option(None, help="Civitai model types, comma-separated (LORA,LoCon,Checkpoint)."),
     base_models: Optional[str] = typer.Option(None, help="Civitai base models, comma-separated, as Civitai spells them (SD 1.5,SDXL 1.0,Pony)."),
     sort: Optional[str] = typer.Option(None, help="Listing order: Civitai's (Newest, Most Downloaded, Highest Rated) or the Hub's (downloads, likes, lastModified)."),
-    nsfw: bool = typer.Option(False, "--nsfw", help="Also list models Civitai marks NSFW (default: SFW only)."),
+    nsfw: bool = typer.Option(False, "--nsfw", help="Also list models their site marks NSFW (default: SFW only)."),
+    since: Optional[str] = typer.Option(None, help="Only versions published or updated at or after this ISO date (2024-06-01)."),
+    licence: Optional[str] = typer.Option(None, help="Only experts whose licence grants these, comma-separated: commercial, derivatives, no-credit, relicense."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List only: print how many experts, files and bytes the pass would fetch."),
 ) -> None:
     """One pass: discover, read homepages, describe, register, calibrate; resumes a killed pass.
@@ -287,7 +289,8 @@ def gca_run(
 
     try:
         specs = [str(with_scope(parse_source_spec(s), limit=str(limit) if limit else None, types=types,
-                                baseModels=base_models, sort=sort, nsfw="true" if nsfw else None)) for s in source]
+                                baseModels=base_models, sort=sort, nsfw="true" if nsfw else None, since=since,
+                                licence=licence)) for s in source]
         if dry_run:
             for line in preview_pass(specs):
                 console.print(line)

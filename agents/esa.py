@@ -23,6 +23,7 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.runtime import Runtime
 from pydantic import BaseModel
 
+from diffgraph.graph_store.records import UsePolicy
 from diffgraph.graph_store.store import GraphStore
 from diffgraph.tools import select
 from diffgraph.tools.plugins import Plugin, run_prompt_stage
@@ -51,6 +52,7 @@ class ESAContext:
     planner: Callable[[str, list[Pick]], dict[str, float]] | None = None  # (prompt, picks) -> {id: coefficient}
     renderer: Callable[..., dict] | None = None  # (prompt, base_model, seed, picks, coefficients) -> result
     prompt_plugins: list[Plugin] = field(default_factory=list)  # plugin tools of the ESA stage "prompt"
+    policy: UsePolicy = field(default_factory=UsePolicy)  # which experts may be used (NSFW, licence terms)
 
 
 def _structured(llm, schema, prompt: str) -> tuple[BaseModel | None, list[str]]:
@@ -89,7 +91,8 @@ def decompose(state: ESAState, runtime: Runtime[ESAContext]) -> dict:
 
 def retrieve(state: ESAState, runtime: Runtime[ESAContext]) -> dict:
     attributes = [a for c in state["components"] for a in c["attributes"]]
-    return {"candidates": select.retrieve(runtime.context.store, state["summary"], attributes, state["base_model"])}
+    ctx = runtime.context
+    return {"candidates": select.retrieve(ctx.store, state["summary"], attributes, state["base_model"], ctx.policy)}
 
 
 def review(state: ESAState, runtime: Runtime[ESAContext]) -> dict:
@@ -141,8 +144,9 @@ def run(ctx: ESAContext, prompt: str, base_model: str, seed: int = 0) -> ESAStat
                           {"recursion_limit": 50}, context=ctx)
 
 
-def select_experts(store: GraphStore, prompt: str, base_model: str, llm=None) -> dict:
+def select_experts(store: GraphStore, prompt: str, base_model: str, llm=None,
+                   policy: UsePolicy | None = None) -> dict:
     """ESA without planning or rendering (used by training, benchmarks and `generate`)."""
-    state = run(ESAContext(store=store, llm=llm), prompt, base_model)
+    state = run(ESAContext(store=store, llm=llm, policy=policy or UsePolicy()), prompt, base_model)
     return {"summary": state["summary"], "components": state["components"], "candidates": state["candidates"],
             "selected": state["selected"], "brain": "llm" if llm else "offline", "notes": state.get("notes", [])}

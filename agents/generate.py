@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from diffgraph.errors import DiffGraphError
+from diffgraph.graph_store.records import UsePolicy
 from diffgraph.graph_store.store import GraphStore
 from diffgraph.settings import Settings, get_settings
 from diffgraph.tools import bases
@@ -95,7 +96,7 @@ def generate(prompt: str, seed: int = 0, out: Path | None = None, base_model: st
 
         llm = chat_model(settings)
         ctx = esa.ESAContext(store=store, llm=llm, planner=planner.plan, renderer=renderer,
-                             prompt_plugins=plugins().esa("prompt"))
+                             prompt_plugins=plugins().esa("prompt"), policy=UsePolicy.from_settings(settings))
         state = esa.run(ctx, prompt, base_model, seed)
     finally:
         if own_store:

@@ -39,6 +39,8 @@ class Settings:
     hub_port: int = 8765  # of a source kind serving its own hub; fixed, so the URLs the catalog stores stay valid
     base: str | None = None  # the base model to generate with when a command or request names none
     max_store_bytes: int | None = None  # DIFFGRAPH_MAX_STORE_GB: what the downloaded files may take in all
+    nsfw: str = "false"  # DIFFGRAPH_NSFW: "true" lets NSFW experts be retrieved (graph_store.records.UsePolicy)
+    licence: str = ""  # DIFFGRAPH_LICENCE: terms every retrieved expert's licence must grant ("commercial,derivatives")
     gca_checkpoints: int = 20  # checkpoints a GCA pass keeps of its thread (0: all); one suffices to resume
     page_hosts: tuple[str, ...] = ()  # hosts (host or host:port) whose homepages the GCA may read besides the sources' own
 
@@ -78,6 +80,8 @@ def get_settings() -> Settings:
         reference_prompts=int(_env("REFERENCE_PROMPTS", "12")),
         base=_env("BASE"),
         max_store_bytes=round(float(_env("MAX_STORE_GB")) * 2**30) if _env("MAX_STORE_GB") else None,
+        nsfw=_env("NSFW", "false"),
+        licence=_env("LICENCE", ""),
         gca_checkpoints=int(_env("GCA_CHECKPOINTS", "20")),
         page_hosts=tuple(h.strip().lower() for h in (_env("PAGE_HOSTS") or "").split(",") if h.strip()),
     )

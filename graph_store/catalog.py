@@ -30,6 +30,7 @@ import math
 import re
 import sqlite3
 import threading
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -42,10 +43,10 @@ import numpy as np
 from ..errors import one_line
 from ..families import base_family
 from ..text_embedding import DIM
-from .records import ExpertFile, ExpertRecord, check_description
+from .records import ExpertFile, ExpertRecord, check_description, is_nsfw, licence_grants
 
-SCHEMA_VERSION = 2  # 2: base_model is the family (diffgraph.families.base_family), declared_base the
-#                     published name; preferred_weight
+SCHEMA_VERSION = 3  # 2: base_model is the family (diffgraph.families.base_family), declared_base the
+#                     published name; preferred_weight. 3: nsfw_level
 STATUSES = ("pending", "active", "rejected", "failed", "removed")
 MAX_ATTEMPTS = 3  # a failed expert is retried on later passes up to this many times, then quarantined
 KINDS = ("ckpt", "lora")
@@ -81,6 +82,7 @@ CREATE TABLE IF NOT EXISTS experts (
     attempts INTEGER NOT NULL,
     declared_base TEXT NOT NULL DEFAULT '',
     preferred_weight DOUBLE PRECISION,
+    nsfw_level INTEGER NOT NULL DEFAULT 0,
     UNIQUE (source, source_id)
 );
 CREATE INDEX IF NOT EXISTS experts_partition ON experts (base_model, kind, status);
@@ -132,7 +134,7 @@ CREATE TABLE IF NOT EXISTS runs (
 _EXPERT_COLUMNS = ("id", "source", "source_id", "version", "name", "kind", "base_model", "files", "license",
                    "trigger_words", "tags", "homepage_url", "source_description", "page_sha256", "description",
                    "description_text", "status", "status_reason", "published_at", "created_at", "updated_at",
-                   "attempts", "declared_base", "preferred_weight")
+                   "attempts", "declared_base", "preferred_weight", "nsfw_level")
 _JSON_COLUMNS = ("files", "license", "trigger_words", "tags", "description")
 
 
@@ -182,6 +184,7 @@ class ExpertRow:
     attempts: int
     declared_base: str = ""
     preferred_weight: float | None = None
+    nsfw_level: int = 0
 
     def record(self) -> ExpertRecord:
         """The source-side view of this expert."""
@@ -190,7 +193,7 @@ class ExpertRow:
                             homepage_url=self.homepage_url, trigger_words=list(self.trigger_words),
                             tags=list(self.tags), license=dict(self.license), published_at=self.published_at,
                             source_description=self.source_description, declared_base=self.declared_base,
-                            preferred_weight=self.preferred_weight)
+                            preferred_weight=self.preferred_weight, nsfw_level=self.nsfw_level)
 
     def to_dict(self) -> dict:
         """The fields as plain JSON-able values (what asdict gives, without its recursive deep
@@ -333,8 +336,11 @@ class Catalog:
                 version = catalog._meta("schema_version")
                 if version is None:
                     catalog._set_meta("schema_version", str(SCHEMA_VERSION))
-                elif int(version) == 1:
-                    catalog._migrate_to_family_names()
+                elif int(version) in (1, 2):
+                    if int(version) == 1:
+                        catalog._migrate_to_family_names()
+                    catalog._exec("ALTER TABLE experts ADD COLUMN nsfw_level INTEGER NOT NULL DEFAULT 0")
+                    catalog._set_meta("schema_version", str(SCHEMA_VERSION))
                 elif int(version) != SCHEMA_VERSION:
                     raise RuntimeError(f"catalog {name} has schema version {version}; this code reads {SCHEMA_VERSION}")
                 if catalog._meta("expert_files_indexed") is None:
@@ -345,7 +351,7 @@ class Catalog:
         return catalog
 
     def _migrate_to_family_names(self) -> None:
-        """Schema 1 -> 2: base_model becomes the family and the published name moves to
+        """Schema 1 -> 2 (3 adds nsfw_level after it): base_model becomes the family and the published name moves to
         declared_base (preferred_weight is added, empty), so experts of one family are found
         together however they were spelled. GraphStore.open then moves the vectors to their
         family's partitions (``migrated``)."""
@@ -354,7 +360,6 @@ class Catalog:
         for row in self._query("SELECT id, base_model FROM experts"):
             self._exec("UPDATE experts SET base_model = ?, declared_base = ? WHERE id = ?",
                        (base_family(row["base_model"]), row["base_model"], row["id"]))
-        self._set_meta("schema_version", str(SCHEMA_VERSION))
         self.migrated = True
 
     def _index_files(self) -> None:
@@ -564,6 +569,24 @@ class Catalog:
     def get(self, expert_id: str) -> ExpertRow | None:
         rows = self._query("SELECT * FROM experts WHERE id = ?", (expert_id,))
         return self._rows(rows)[0] if rows else None
+
+    def uses(self, expert_ids: list[str]) -> dict[str, tuple[int, dict]]:
+        """{id: (nsfw_level, licence)} of the known ones among ``expert_ids``: what a UsePolicy
+        needs, without decoding whole rows."""
+        ids = list(expert_ids)
+        if not ids:
+            return {}
+        rows = self._query(f"SELECT id, nsfw_level, license FROM experts WHERE id IN ({', '.join('?' for _ in ids)})", ids)
+        return {r["id"]: (r["nsfw_level"], json.loads(r["license"])) for r in rows}
+
+    def use_counts(self, status: str = "active") -> dict:
+        """How many experts of ``status`` are NSFW, and grant commercial use (yes / no / unknown)."""
+        rows = self._query("SELECT nsfw_level, license FROM experts WHERE status = ?", (status,))
+        licences = json.loads("[" + ",".join(r["license"] for r in rows) + "]")
+        commercial = Counter({True: "yes", False: "no", None: "unknown"}[licence_grants(lic, "commercial")]
+                             for lic in licences)
+        return {"nsfw": sum(is_nsfw(r["nsfw_level"]) for r in rows),
+                "commercial": {k: commercial.get(k, 0) for k in ("yes", "no", "unknown")}}
 
     def get_many(self, expert_ids: list[str]) -> list[ExpertRow]:
         """Rows in the order of ``expert_ids``; KeyError names the unknown ids."""

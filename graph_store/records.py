@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from diffgraph.families import base_family
+from diffgraph.settings import Settings
 
 Kind = Literal["ckpt", "lora"]
 Status = Literal["pending", "active", "rejected", "failed", "removed"]
@@ -51,6 +52,7 @@ class ExpertRecord:
     source_description: str = ""  # the description text the API returned (untrusted)
     declared_base: str = ""  # the base model as published ("SD 1.5", "Pony"), kept for display
     preferred_weight: float | None = None  # the LoRA weight its publisher or user recommends (A1111's "preferred weight")
+    nsfw_level: int = 0  # Civitai's browsing level bits (1 PG, 2 PG-13, 4 R, 8 X, 16 XXX); 0 unknown
 
     def __post_init__(self):
         # One vocabulary: ``base_model`` is the family every lookup uses, whatever the spelling.
@@ -70,6 +72,74 @@ class ExpertRecord:
         d = dict(d)
         d["files"] = [ExpertFile(**f) for f in d.get("files", [])]
         return cls(**d)
+
+
+# ---- terms of use: NSFW level and licence ------------------------------------------------------
+
+NSFW_BITS = 4 | 8 | 16  # R, X, XXX: any of Civitai's browsing levels above PG-13
+LICENCE_TERMS = ("commercial", "derivatives", "no-credit", "relicense")
+# Hugging Face licence ids (the card's ``license``) that allow commercial use of the weights' outputs
+_COMMERCIAL_IDS = {"apache-2.0", "mit", "openrail", "openrail++", "creativeml-openrail-m", "bigscience-openrail-m",
+                   "cc0-1.0", "cc-by-4.0", "cc-by-sa-4.0", "bsd-3-clause", "bsd-2-clause", "unlicense"}
+_CIVITAI_TERMS = {"derivatives": "allowDerivatives", "no-credit": "allowNoCredit", "relicense": "allowDifferentLicense"}
+
+
+def is_nsfw(nsfw_level: int) -> bool:
+    return bool(nsfw_level & NSFW_BITS)
+
+
+def licence_grants(licence: dict, term: str) -> bool | None:
+    """Whether an expert's licence (as its source published it: Civitai's allow* fields or a
+    Hugging Face licence id) grants ``term`` (LICENCE_TERMS); None when it does not say."""
+    if term not in LICENCE_TERMS:
+        raise ValueError(f"unknown licence term {term!r}; use {', '.join(LICENCE_TERMS)}")
+    if term == "commercial" and "allowCommercialUse" in licence:
+        value = licence["allowCommercialUse"]  # a list of uses ("Image", "Rent", "Sell") or, in older answers, one
+        uses = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+        return any(u in ("Image", "Rent", "RentCivit", "Sell") for u in uses)
+    if term in _CIVITAI_TERMS and isinstance(licence.get(_CIVITAI_TERMS[term]), bool):
+        return licence[_CIVITAI_TERMS[term]]
+    spdx = str(licence.get("license") or "").lower()
+    if term == "commercial" and spdx:
+        if "nc" in spdx.split("-") or "non-commercial" in spdx or "noncommercial" in spdx:
+            return False
+        return True if spdx in _COMMERCIAL_IDS else None
+    return None
+
+
+@dataclass(frozen=True)
+class UsePolicy:
+    """Which experts may be crawled and used: NSFW ones only when ``nsfw`` (off by default), and
+    only experts whose licence grants each of ``licence``'s terms (one that does not say counts
+    as not granting: a user asking for commercial use wants to be sure)."""
+
+    nsfw: bool = False
+    licence: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, licence: str | None = None, nsfw: str | bool | None = None) -> "UsePolicy":
+        """From words as users and specs write them: ``licence="commercial,derivatives"``,
+        ``nsfw="true"``; ValueError (one line) for an unknown term."""
+        terms = tuple(t.strip().lower() for t in (licence or "").split(",") if t.strip() and t.strip() != "any")
+        for term in terms:
+            licence_grants({}, term)  # raises for an unknown term
+        allow = nsfw if isinstance(nsfw, bool) else str(nsfw or "false").strip().lower() in ("1", "true", "yes", "on")
+        return cls(nsfw=allow, licence=terms)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "UsePolicy":
+        """DIFFGRAPH_NSFW and DIFFGRAPH_LICENCE: what generation may use."""
+        return cls.parse(settings.licence, settings.nsfw)
+
+    def refuses(self, nsfw_level: int, licence: dict) -> str | None:
+        """Why an expert is outside this policy, or None when it is admitted."""
+        if not self.nsfw and is_nsfw(nsfw_level):
+            return "NSFW (set nsfw=true to include it)"
+        for term in self.licence:
+            if not licence_grants(licence, term):
+                return f"its licence does not grant {term} use" if term == "commercial" else \
+                    f"its licence does not grant {term}"
+        return None
 
 
 # The structured skill description the Graph Construction Agent writes for an expert (by an

@@ -39,6 +39,7 @@ def graph_status(store: GraphStore) -> dict:
         "vectors": store.vectors.count(),
         "last_run": store.catalog.last_run(),
         "failures": failures,  # sorted by id
+        "use": store.catalog.use_counts(),  # of the active experts: NSFW, licence granting commercial use
         "merged": store.catalog.merged(),  # experts that are another's file from another source
     }
 
@@ -60,6 +61,9 @@ def render_status(status: dict) -> Group:
     graph.add_row("calibration edges",
                   f"{status['calibration']['edges']} ({status['calibration']['experts']} experts calibrated)")
     graph.add_row("vectors in Chroma", str(status["vectors"]))
+    use = status["use"]
+    graph.add_row("active experts' terms", f"{use['nsfw']} NSFW; commercial use: {use['commercial']['yes']} yes, "
+                                           f"{use['commercial']['no']} no, {use['commercial']['unknown']} unknown")
     run = status["last_run"]
     graph.add_row("last run", "none" if run is None else
                   f"#{run['id']} {run['source_spec']} {run['status']} {run['started_at']} -> {run['finished_at'] or '…'}"

@@ -24,7 +24,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 from urllib.parse import urlparse
 
 import chromadb
@@ -210,25 +210,39 @@ class VectorStore:
 
     # ---- reads ---------------------------------------------------------------------------------
 
-    def query(self, embedding, kind: str, base_model: str, k: int,
-              status: str | None = "active") -> list[tuple[str, float, dict]]:
+    def query(self, embedding, kind: str, base_model: str, k: int, status: str | None = "active",
+              admit: Callable[[list[str]], set[str]] | None = None) -> list[tuple[str, float, dict]]:
         """The k nearest experts of one partition: (id, cosine similarity, metadata), best first.
 
         Fetches 2k+8 neighbours without a filter and keeps those with the wanted status; only
         when that leaves fewer than k in a partition holding more does it pay for a ``where``
-        query. Most experts are active, so the fast path almost always suffices."""
+        query. Most experts are active, so the fast path almost always suffices. ``admit`` (ids
+        -> the admitted ones: a use policy, which the catalog decides) filters before the k are
+        taken, widening the search until k are admitted or the partition is exhausted, so that
+        k excluded neighbours never hide the admitted ones behind them."""
         col = self._collection(partition_name(base_model, kind))
         if col is None or k <= 0:
             return []
         query = np.asarray(embedding, dtype=np.float32).reshape(1, -1)
+
+        def nearest(n: int, where: dict | None) -> tuple[list, list]:
+            result = col.query(query_embeddings=query, n_results=n, where=where, include=["metadatas", "distances"])
+            hits = list(zip(result["ids"][0], result["distances"][0], result["metadatas"][0]))
+            found = [h for h in hits if status is None or h[2]["status"] == status]
+            if admit is not None:
+                allowed = admit([h[0] for h in found])
+                found = [h for h in found if h[0] in allowed]
+            return hits, found
+
         fetch = 2 * k + 8
-        result = col.query(query_embeddings=query, n_results=fetch, include=["metadatas", "distances"])
-        hits = list(zip(result["ids"][0], result["distances"][0], result["metadatas"][0]))
-        found = [h for h in hits if status is None or h[2]["status"] == status]
-        if len(found) < k and len(hits) == fetch:
-            result = col.query(query_embeddings=query, n_results=k, where={"status": status},
-                               include=["metadatas", "distances"])
-            found = list(zip(result["ids"][0], result["distances"][0], result["metadatas"][0]))
+        hits, found = nearest(fetch, None)
+        if len(found) < k and len(hits) == fetch:  # crowded out: ask for the wanted status only
+            where = {"status": status} if status is not None else None
+            fetch = k if admit is None else fetch
+            hits, found = nearest(fetch, where)
+            while admit is not None and len(found) < k and len(hits) == fetch:
+                fetch *= 4
+                hits, found = nearest(fetch, where)
         return [(i, 1.0 - float(d), dict(m)) for i, d, m in found[:k]]
 
     def entries(self, expert_ids: list[str] | None = None) -> list[VectorEntry]:

@@ -17,6 +17,7 @@ import time
 
 import pytest
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from diffgraph.agents import brain as offline_brain
 from diffgraph.agents.chat import MAX_PROMPT_CHARS, ChatAgent
@@ -310,7 +311,8 @@ def test_add_expert_by_path_and_background_gca(own_home, artifacts_dir, tmp_path
     folder.mkdir()
     manifest = json.loads((artifacts_dir / "manifest.json").read_text())
     pink = next(e for e in manifest["experts"] if e["slug"] == "pink-pop")
-    shutil.copy(artifacts_dir / pink["file"], folder / "hot-pink.safetensors")
+    tensors = load_file(artifacts_dir / pink["file"])  # the user's own retrain: other bytes than the hub's Pink Pop
+    save_file({k: v * 1.01 for k, v in tensors.items()}, folder / "hot-pink.safetensors")
     (folder / "hot-pink.json").write_text(json.dumps({
         "name": "Hot Pink Local", "kind": "lora", "base_model": "miniworld-sd", "trigger_words": ["hot pink"],
         "description": "Hot pink and magenta objects."}))
@@ -321,6 +323,11 @@ def test_add_expert_by_path_and_background_gca(own_home, artifacts_dir, tmp_path
         assert "Hot Pink Local" in found.text
         status = agent.send("status", "grow")
         assert "23 experts (active 23)" in status.text, "adding one expert removed none of the others"
+        copy = tmp_path / "copies" / "pink pop (1).safetensors"
+        copy.parent.mkdir()
+        shutil.copy(artifacts_dir / pink["file"], copy)  # the hub's own file: the same expert from another source
+        merged = agent.send(f"add expert {copy}", "grow")
+        assert re.search(r"removed \(the same file as (?:civitai:\d+|hf:\S+): one expert, another source\)", merged.text), merged.text
         missing = agent.send(f"add expert {tmp_path / 'nothing-here.safetensors'}", "grow")
         assert "neither an http(s) URL" in missing.text
 

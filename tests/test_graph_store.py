@@ -336,3 +336,36 @@ def test_chroma_server_through_http_client(tmp_path):
         assert reconcile(store)["clean"]
         assert "No telemetry is configured" in log.read_text(errors="replace")
     assert not (tmp_path / "home" / "chroma").exists()
+
+
+def test_retrieval_search_and_status_keep_to_the_use_policy(store):
+    """NSFW experts are retrieved only when the policy allows them, a licence term keeps only
+    experts whose licence grants it (one that does not say counts as not granting), and the
+    excluded ones never crowd the admitted out of the k nearest; graph status counts both."""
+    from diffgraph.graph_store.records import UsePolicy
+    from diffgraph.tools import select
+
+    experts = {"sell": (1, {"allowCommercialUse": ["Image", "Sell"]}), "old-api": (1, {"allowCommercialUse": "Rent"}),
+               "nsfw-1": (5, {"allowCommercialUse": ["Image"]}), "nsfw-2": (16, {}), "nsfw-3": (8, {}),
+               "no-sale": (1, {"allowCommercialUse": []}), "openrail": (0, {"license": "creativeml-openrail-m"}),
+               "nc": (0, {"license": "cc-by-nc-4.0"}), "flux-dev": (0, {"license": "flux-1-dev-non-commercial-license"}),
+               "unknown": (0, {})}
+    text = "watercolor painting style with soft washes"
+    for i, (sid, (level, licence)) in enumerate(experts.items()):
+        store.upsert_expert(record(sid, nsfw_level=level, license=licence))
+        # the NSFW ones nearest to the query, so that a filter applied after the top k would leave nothing
+        phrase = text if sid.startswith("nsfw") else f"{text}, variant {i} of a pixel-art sprite sheet"
+        store.register(f"civitai:{sid}", describe(phrase), phrase, None)
+        store.set_status(f"civitai:{sid}", "active")
+
+    def found(policy) -> set[str]:
+        return {p["id"].split(":", 1)[1] for p in select.retrieve(store, text, [text], "sd15", policy)}
+
+    assert len(found(UsePolicy(nsfw=True))) == select.K2_LORA and found(UsePolicy(nsfw=True)) <= {"nsfw-1", "nsfw-2", "nsfw-3"}
+    assert len(found(UsePolicy())) == select.K2_LORA and not any(s.startswith("nsfw") for s in found(UsePolicy()))
+    assert found(UsePolicy.parse("commercial", "true")) <= {"sell", "old-api", "nsfw-1", "openrail"}
+    assert found(UsePolicy.parse("commercial")) <= {"sell", "old-api", "openrail"}
+    assert len(found(UsePolicy.parse("commercial"))) == select.K2_LORA
+    assert graph_status(store)["use"] == {"nsfw": 3, "commercial": {"yes": 4, "no": 3, "unknown": 3}}
+    with pytest.raises(ValueError, match="unknown licence term 'free'"):
+        UsePolicy.parse("commercial,free")

@@ -177,6 +177,7 @@ def test_a_graph_of_the_old_schema_is_migrated_to_family_names(tmp_path):
         db.execute("UPDATE experts SET base_model = declared_base")
         db.execute("ALTER TABLE experts DROP COLUMN declared_base")
         db.execute("ALTER TABLE experts DROP COLUMN preferred_weight")
+        db.execute("ALTER TABLE experts DROP COLUMN nsfw_level")
         db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     db.close()
     with GraphStore.open(home) as store:

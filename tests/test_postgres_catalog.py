@@ -295,6 +295,7 @@ def test_a_schema_1_catalog_on_postgres_is_migrated_to_family_names(pg_url):
         db.execute("UPDATE experts SET base_model = declared_base")
         db.execute("ALTER TABLE experts DROP COLUMN declared_base")
         db.execute("ALTER TABLE experts DROP COLUMN preferred_weight")
+        db.execute("ALTER TABLE experts DROP COLUMN nsfw_level")
         db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     catalog = Catalog.open(pg_url)
     try:

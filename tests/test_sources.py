@@ -574,3 +574,41 @@ def test_a_hub_repo_is_one_expert_file_not_its_epochs_and_checkpoints(fake):
     records = {r.source_id: r for r in HFSource(fake.url, token="", retry=FAST).iter_models()}
     assert [f.name for f in records["someone/glow"].files] == ["pytorch_lora_weights.safetensors"]
     assert [f.name for f in records["someone/epochs"].files] == ["glow-e1.safetensors"]
+
+
+def test_a_crawl_keeps_to_its_licence_and_nsfw_scope_and_records_both(fake):
+    """Civitai answers with mixed licences and NSFW levels (some regions ignore the API's own
+    filter): a scope of licence=commercial and the default SFW-only admit exactly the matching
+    ones, each record carries its NSFW level and licence, the rest are one note, and a scope
+    naming an unknown term or a bad date is refused before anything is listed."""
+    data = _tiny_safetensors()
+    cases = {"sell": (1, ["Image", "Sell"]), "nsfw-sell": (4, ["Sell"]), "flagged": (None, ["Image"]),
+             "no-sale": (1, []), "legacy": (2, "Image")}
+    for name, (level, commercial) in cases.items():
+        model_id = fake.publish_civitai(f"{name}.safetensors", data + name.encode(), model_name=name)
+        model = fake.civitai[-1]
+        model["allowCommercialUse"] = commercial
+        if level is None:
+            model["nsfw"] = True
+        else:
+            model["modelVersions"][0]["nsfwLevel"] = level
+        assert model_id
+    source = CivitaiSource(fake.url, token="", scope={"licence": "commercial"})
+    try:
+        records = {r.name: r for r in source.iter_models()}
+        assert set(records) == {"sell", "legacy"}
+        assert records["sell"].nsfw_level == 1 and records["sell"].license["allowCommercialUse"] == ["Image", "Sell"]
+        assert source.notes == ["civitai: 2 listed experts left out: NSFW (set nsfw=true to include it)",
+                                "civitai: 1 listed experts left out: its licence does not grant commercial use"]
+    finally:
+        source.close()
+    everything = CivitaiSource(fake.url, token="", scope={"nsfw": "true"})
+    try:
+        levels = {r.name: r.nsfw_level for r in everything.iter_models()}
+    finally:
+        everything.close()
+    assert levels == {"sell": 1, "nsfw-sell": 4, "flagged": 4, "no-sale": 1, "legacy": 2}
+    for bad, why in ((f"civitai:{fake.url}?licence=free", "unknown licence term 'free'"),
+                     (f"civitai:{fake.url}?since=last week", "not an ISO 8601 time")):
+        with pytest.raises(ValueError, match=why):
+            parse_source_spec(bad)

@@ -17,6 +17,7 @@ from typing import TypedDict
 
 import numpy as np
 
+from diffgraph.graph_store.records import UsePolicy
 from diffgraph.graph_store.store import GraphStore
 
 K1_CKPT = 3
@@ -38,22 +39,33 @@ class Pick(TypedDict):
     reason: str
 
 
-def retrieve(store: GraphStore, summary: str, attributes: list[str], base_model: str) -> list[Pick]:
-    """Candidates of ``base_model``, most similar first; a LoRA found for several attributes
-    keeps its best match."""
+def retrieve(store: GraphStore, summary: str, attributes: list[str], base_model: str,
+             policy: UsePolicy = UsePolicy()) -> list[Pick]:
+    """Candidates of ``base_model`` that ``policy`` admits (NSFW ones only when it says so, only
+    licences granting its terms), most similar first; a LoRA found for several attributes keeps
+    its best match."""
     picks: dict[str, Pick] = {}
+    admit = None if policy == UsePolicy(nsfw=True) else lambda ids: admitted_ids(store, ids, policy)
     summary_vector = np.asarray(store.embed([summary]), dtype=np.float32)[0]
-    for expert_id, similarity, _ in store.vectors.query(summary_vector, kind="ckpt", base_model=base_model, k=K1_CKPT):
+    for expert_id, similarity, _ in store.vectors.query(summary_vector, kind="ckpt", base_model=base_model, k=K1_CKPT,
+                                                        admit=admit):
         picks[expert_id] = Pick(id=expert_id, kind="ckpt", similarity=round(float(similarity), 4), query=summary,
                                 reason=f"style matches the summary '{summary[:60]}'")
     if attributes:
         for attr, vector in zip(attributes, np.asarray(store.embed(attributes), dtype=np.float32)):
-            for expert_id, similarity, _ in store.vectors.query(vector, kind="lora", base_model=base_model, k=K2_LORA):
+            for expert_id, similarity, _ in store.vectors.query(vector, kind="lora", base_model=base_model, k=K2_LORA,
+                                                                admit=admit):
                 similarity = round(float(similarity), 4)
                 if expert_id not in picks or picks[expert_id]["similarity"] < similarity:
                     picks[expert_id] = Pick(id=expert_id, kind="lora", similarity=similarity, query=attr,
                                             reason=f"serves the attribute '{attr}'")
     return sorted(picks.values(), key=lambda p: -p["similarity"])
+
+
+def admitted_ids(store: GraphStore, expert_ids: list[str], policy: UsePolicy) -> set[str]:
+    """The experts among ``expert_ids`` that ``policy`` admits (by what the catalog holds)."""
+    uses = store.catalog.uses(expert_ids)
+    return {i for i, use in uses.items() if policy.refuses(*use) is None}
 
 
 def description(store: GraphStore, expert_id: str) -> str:

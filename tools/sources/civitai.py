@@ -43,14 +43,16 @@ class CivitaiSource(HubSource):
                     since: Since = None, limit: int | None = None, page_size: int = 100) -> Iterator[ExpertRecord]:
         """Every model of the given Civitai ``types`` (and ``base_models``, if given) whose
         newest matching version was published or updated at or after ``since``, at most
-        ``limit`` of them. Unset arguments come from the source's scope (its spec's
-        ``?types=LORA,Checkpoint&baseModels=SD 1.5&sort=Most Downloaded&period=AllTime&limit=500
-        &nsfw=false``); the defaults are LoRAs and checkpoints, newest first, SFW only."""
-        scope = self.scope
+        ``limit`` of them, that the scope's use policy admits (``nsfw``, ``licence``: checked
+        here on each record too, since the API's own filter is not everywhere the same). Unset
+        arguments come from the source's scope (its spec's ``?types=LORA,Checkpoint&baseModels=
+        SD 1.5&sort=Most Downloaded&period=AllTime&limit=500&nsfw=false&licence=commercial
+        &since=2024-01-01``); the defaults are LoRAs and checkpoints, newest first, SFW only."""
+        scope, policy = self.scope, self.policy()
         types = list(types) if types is not None else scope_words(scope.get("types")) or ["LORA", "Checkpoint"]
         bases = set(base_models) if base_models is not None else set(scope_words(scope.get("baseModels")))
         limit = self.listing_limit(limit if limit is not None else scope_limit(scope.get("limit")))
-        since = as_utc(since)
+        since = as_utc(since if since is not None else scope.get("since"))
         if unknown := [t for t in types if t not in KINDS]:
             raise ValueError(f"civitai: {', '.join(unknown)} not an expert type; use {', '.join(KINDS)}")
         params = [("limit", min(page_size, limit or page_size)), ("sort", scope.get("sort") or "Newest"),
@@ -67,7 +69,7 @@ class CivitaiSource(HubSource):
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
                 log.warning("civitai: skipping a malformed model: %s: %s", type(exc).__name__, exc)
                 continue
-            if record is not None:
+            if record is not None and self.admitted(record, policy):
                 yielded += 1
                 yield record
 
@@ -118,6 +120,7 @@ class CivitaiSource(HubSource):
             license={k: model[k] for k in LICENSE_FIELDS if k in model},
             published_at=version.get("publishedAt") or version.get("createdAt"),
             source_description=str(model.get("description") or ""),
+            nsfw_level=nsfw_level(model, version),
         )
 
     def download(self, file: ExpertFile, store: ContentStore) -> Path:
@@ -125,6 +128,15 @@ class CivitaiSource(HubSource):
 
     def close(self) -> None:
         self.api.close()
+
+
+def nsfw_level(model: dict, version: dict) -> int:
+    """Civitai's browsing level of the version (else the model's): bits 1 PG, 2 PG-13, 4 R, 8 X,
+    16 XXX; a model flagged ``nsfw`` with no level counts as R."""
+    for level in (version.get("nsfwLevel"), model.get("nsfwLevel")):
+        if isinstance(level, int) and not isinstance(level, bool) and level > 0:
+            return level
+    return 4 if model.get("nsfw") is True else 0
 
 
 def _primary_file(files: list) -> list[ExpertFile]:

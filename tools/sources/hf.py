@@ -45,14 +45,15 @@ class HFSource(HubSource):
         given) last modified at or after ``since``, with at least one weights file, at most
         ``limit`` of them. Unset arguments come from the source's scope (its spec's
         ``?filter=lora&library=diffusers&base_model=...&sort=downloads&limit=...``); the
-        default is text-to-image repos, most recently modified first."""
-        scope = self.scope
+        default is text-to-image repos, most recently modified first. The scope's use policy
+        (``licence``, and ``nsfw``: SFW only unless ``nsfw=true``) is applied to each record."""
+        scope, policy = self.scope, self.policy()
         tags = list(filter_tags) if filter_tags is not None else scope_words(scope.get("filter")) or ["text-to-image"]
         tags += scope_words(scope.get("library"))
         base_model = base_model or scope.get("base_model") or None
         limit = self.listing_limit(limit if limit is not None else scope_limit(scope.get("limit")))
         sort = scope.get("sort") or "lastModified"
-        since = as_utc(since)
+        since = as_utc(since if since is not None else scope.get("since"))
         tags = [*tags, *([f"base_model:{base_model}"] if base_model else [])]
         params = [("filter", t) for t in tags] + [
             ("sort", sort), ("direction", "-1"), ("limit", min(page_size, limit or page_size)),
@@ -81,7 +82,7 @@ class HFSource(HubSource):
                 continue
             if base_model and record.base_model != base_family(base_model):
                 continue
-            if record.files:
+            if record.files and self.admitted(record, policy):
                 yielded += 1
                 yield record
 
@@ -124,6 +125,7 @@ class HFSource(HubSource):
             tags=tags,
             license={k: card[k] for k in ("license", "license_name", "license_link") if card.get(k)},
             published_at=info.get("lastModified") or info.get("createdAt"),
+            nsfw_level=4 if NSFW_TAG in {t.lower() for t in [*tags, *(info.get("tags") or [])]} else 0,
         )
 
     def _file(self, repo_id: str, sha: str, sibling: dict, primary: bool) -> ExpertFile:
@@ -148,6 +150,7 @@ def _weight_files(siblings: list[dict]) -> list[dict]:
     return safetensors or [s for s in named if PurePosixPath(s["rfilename"]).suffix.lower() in PICKLE_SUFFIXES]
 
 
+NSFW_TAG = "not-for-all-audiences"  # the Hub's flag for adult content
 DIFFUSERS_LORA = "pytorch_lora_weights.safetensors"  # the name diffusers' trainers save a LoRA under
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -23,6 +24,8 @@ from urllib.parse import urljoin
 
 import httpx
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+
+from diffgraph.graph_store.records import ExpertRecord, UsePolicy
 
 from .errors import ApiError
 
@@ -219,7 +222,8 @@ class HubSource:
         token = os.environ.get(self.token_env) if token is None else token
         self.api = Api(self.name, base_url or self.default_url, token=token, retry=retry)
         self.scope = dict(scope or {})  # what to list, in the site's own query words (see spec.SCOPES)
-        self.notes: list[str] = []  # what the agent should tell the user about this listing
+        self._notes: list[str] = []
+        self.refused: Counter[str] = Counter()  # experts the scope's use policy left out, by reason
 
     PUBLIC_LIMIT = 100  # experts a listing of the public site yields unless the scope says otherwise
 
@@ -227,10 +231,26 @@ class HubSource:
         """``limit``, or on the public site (100,000+ models) PUBLIC_LIMIT with a note saying so:
         nothing downloads the whole of Civitai or the Hub by accident."""
         if limit is None and self.base_url.rstrip("/") == self.default_url.rstrip("/"):
-            self.notes.append(f"{self.name}: listing at most {self.PUBLIC_LIMIT} experts of the public site "
+            self._notes.append(f"{self.name}: listing at most {self.PUBLIC_LIMIT} experts of the public site "
                               "(set ?limit= in the source or --limit; --dry-run shows what a pass would fetch)")
             return self.PUBLIC_LIMIT
         return limit
+
+    def policy(self) -> UsePolicy:
+        """The scope's ``licence`` and ``nsfw`` words as a UsePolicy (SFW only by default)."""
+        return UsePolicy.parse(self.scope.get("licence"), self.scope.get("nsfw"))
+
+    def admitted(self, record: ExpertRecord, policy: UsePolicy) -> bool:
+        """Whether ``policy`` admits a listed record; the ones it does not are counted by reason."""
+        why = policy.refuses(record.nsfw_level, record.license)
+        if why is not None:
+            self.refused[why] += 1
+        return why is None
+
+    @property
+    def notes(self) -> list[str]:
+        """What the agent should tell the user about this listing, one line each."""
+        return [*self._notes, *(f"{self.name}: {n} listed experts left out: {why}" for why, n in sorted(self.refused.items()))]
 
     @property
     def base_url(self) -> str:

@@ -46,6 +46,7 @@ from diffgraph.merger.detect import BaseDetectionError, detect_base
 
 from .base import Since, as_utc
 from .civitai import KINDS as CIVITAI_KINDS
+from .civitai import nsfw_level
 from .download import PICKLE_SUFFIXES, ContentStore
 from .errors import IntegrityError, InvalidSafetensors, UnsafeFileError
 from .validate import validate_safetensors
@@ -191,6 +192,7 @@ class LocalFolderSource:
             source_description=_text(own.get("description"), info.get("description"), manager.get("modelDescription")),
             preferred_weight=_weight(own.get("preferred_weight"), own.get("preferred weight"),
                                      _usage_tips(manager).get("strength")),
+            nsfw_level=4 if own.get("nsfw") is True else nsfw_level(model, info),  # Civitai Helper's copy of the version
         )
 
     def download(self, file: ExpertFile, store: ContentStore) -> Path:

@@ -20,9 +20,10 @@ from urllib.parse import parse_qsl, urlencode
 
 import httpx
 
+from diffgraph.graph_store.records import UsePolicy
 from diffgraph.registry import Registry
 
-from .base import Source
+from .base import Source, parse_time, scope_limit
 from .civitai import CivitaiSource
 from .hf import HFSource
 from .http import RetryPolicy
@@ -39,8 +40,8 @@ def kinds() -> list[str]:
 
 
 # What a crawl of each hub lists, in the hub's own query words (after "?" in a spec).
-SCOPES = {"civitai": ("types", "baseModels", "sort", "period", "limit", "nsfw"),
-          "hf": ("filter", "library", "base_model", "sort", "limit")}
+SCOPES = {"civitai": ("types", "baseModels", "sort", "period", "limit", "nsfw", "since", "licence"),
+          "hf": ("filter", "library", "base_model", "sort", "limit", "nsfw", "since", "licence")}
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,19 @@ def parse_source_spec(text: str) -> SourceSpec:
     if unknown:
         raise ValueError(f"source {text!r}: unknown scope {', '.join(unknown)}; {spec.kind} takes "
                          f"{', '.join(SCOPES[spec.kind])}")
+    _check_scope(text, dict(scope))
     return SourceSpec(spec.kind, spec.location, tuple(scope))
+
+
+def _check_scope(text: str, scope: dict[str, str]) -> None:
+    """Values that would otherwise fail only once the listing starts, refused up front."""
+    try:
+        UsePolicy.parse(scope.get("licence"), scope.get("nsfw"))
+        scope_limit(scope.get("limit"))
+        if scope.get("since"):
+            parse_time(scope["since"])
+    except ValueError as exc:
+        raise ValueError(f"source {text!r}: {exc}") from None
 
 
 def with_scope(spec: SourceSpec, **fields: str | None) -> SourceSpec:
