@@ -70,6 +70,7 @@ from .describe import describe as describe_expert
 from .llm import chat_model
 
 N_CANDIDATES = 300
+RAY_BATCH = 4  # experts calibrated together on a Ray cluster when DIFFGRAPH_RAY_WORKERS does not say
 CALIBRATION_SEEDS = (0,)
 
 
@@ -84,7 +85,8 @@ class GCAState(TypedDict, total=False):
     source: int | None  # the current expert's source: its index in the pass's (spec, source) pairs
     page: dict | None
     registration: dict | None
-    calibration: list | None
+    calibration: dict | None  # expert id -> {"brain", "edges": [[prompt id, scores], ...]}, for commit
+    batch: list  # [expert id, brain] of registered experts waiting to be calibrated together (Ray)
     unswept: list[str]  # source names whose listing failed: the sweep spares their experts
     source_errors: list[str]  # one line per source whose listing failed
     counts: dict
@@ -173,6 +175,8 @@ class Context:
     refused: Counter = field(default_factory=Counter)  # reason -> experts rejected without a step
     checkpointer: SqliteSaver | None = None  # pruned as the pass goes (settings.gca_checkpoints)
     thread: str = ""
+    calibration_batch: int = 1  # experts calibrated together: one per Ray worker when on a cluster
+    listed_all: bool = False  # this process has read the whole listing
 
     @property
     def listing_failures(self) -> list[ListingFailure]:
@@ -361,6 +365,9 @@ def next_expert(state: GCAState, runtime: Runtime[Context]) -> dict:
     while not ctx.ahead:
         batch = ctx.listing.batch()
         if not batch:
+            if ctx.listed_all:  # back from calibrating the last batch
+                return {**cleared, "current": None, "source": None}
+            ctx.listed_all = True
             return {**cleared, **_listing_done(ctx, state)}
         _triage(ctx, run_id, batch)
     index, record = ctx.ahead.popleft()
@@ -478,35 +485,73 @@ def register(state: GCAState, runtime: Runtime[Context]) -> dict:
 
 
 def calibrate(state: GCAState, runtime: Runtime[Context]) -> dict:
-    """Render the reference prompts with the expert and score them, in this process or fanned
-    out over Ray when DIFFGRAPH_RAY_ADDRESS is set."""
-    ctx, expert_id = runtime.context, state["current"]
+    """Render the reference prompts with the registered experts and score them, in this process
+    or, when DIFFGRAPH_RAY_ADDRESS is set, on the cluster: there experts wait in the state's
+    batch until there is one per worker (or the listing is done), and the batch calibrates at
+    once, each expert's prompts fanned out over the workers. A batch that fails is calibrated
+    again one expert at a time, so that an expert that does not fit fails alone."""
+    ctx = runtime.context
+    waiting = [*state.get("batch", []), *([[state["current"], state["registration"]["brain"]]]
+                                          if state.get("current") else [])]
+    if state.get("current") and len(waiting) < ctx.calibration_batch:
+        return {"batch": waiting, "current": None}
+    prompts = ctx.store.catalog.reference_prompts()
+    outcomes: dict[str, object] = {}  # expert id -> its score vectors, or the exception that stopped it
+    ready = []
+    for expert_id, _ in waiting:
+        try:
+            ready.append((expert_id, _calibration_job(ctx, expert_id)))
+        except Exception as exc:
+            outcomes[expert_id] = exc
+    if len(ready) > 1:
+        _say(ctx.console, f"  calibrating {len(ready)} experts together on {escape(str(ctx.settings.ray_address))}")
+    try:
+        outcomes.update(zip((i for i, _ in ready), _calibrate(ctx, [job for _, job in ready], prompts)))
+    except Exception as exc:
+        for expert_id, job in ready:
+            try:
+                outcomes[expert_id] = exc if len(ready) == 1 else _calibrate(ctx, [job], prompts)[0]
+            except Exception as alone:
+                outcomes[expert_id] = alone
+    update: dict = {}
+    calibration = {}
+    for expert_id, brain in waiting:
+        result = outcomes[expert_id]
+        if isinstance(result, Exception):  # MergeError: the expert itself does not fit, or is not finite
+            status = "rejected" if isinstance(result, MergeError) else "failed"
+            why = str(result) if status == "rejected" else f"calibrate failed: {describe_error(result)}"
+            update.update(_fail(ctx, {**state, **update}, expert_id, status, why))
+        else:
+            calibration[expert_id] = {"brain": brain, "edges": [[p.id, v] for p, v in zip(prompts, result)]}
+    return {**update, "current": None, "batch": [], "calibration": calibration}
+
+
+def _calibration_job(ctx: Context, expert_id: str) -> CalibrationJob:
     row = ctx.store.catalog.get(expert_id)
     weights = next(f for f in row.files if f.local_path and f.name.endswith(".safetensors"))
-    prompts = ctx.store.catalog.reference_prompts()
-    job = CalibrationJob(row.base_model, row.kind, expert_id, str(Path(weights.local_path)), weights.sha256,
-                         tuple(row.trigger_words) if row.kind == "lora" else ())
-    try:
-        vectors = calibrate_experts([job], [p.text for p in prompts], CALIBRATION_SEEDS,
-                                    ray_address=ctx.settings.ray_address, workers=ctx.settings.ray_workers,
-                                    gpus_per_worker=ctx.settings.ray_gpus_per_worker)[0]
-    except MergeError as exc:  # the expert itself: it does not fit, or its weights are not finite
-        return _fail(ctx, state, expert_id, "rejected", str(exc))
-    return {"calibration": [[p.id, v] for p, v in zip(prompts, vectors)]}
+    return CalibrationJob(row.base_model, row.kind, expert_id, str(Path(weights.local_path)), weights.sha256,
+                          tuple(row.trigger_words) if row.kind == "lora" else ())
+
+
+def _calibrate(ctx: Context, jobs: list[CalibrationJob], prompts) -> list:
+    return calibrate_experts(jobs, [p.text for p in prompts], CALIBRATION_SEEDS, ray_address=ctx.settings.ray_address,
+                             workers=ctx.settings.ray_workers, gpus_per_worker=ctx.settings.ray_gpus_per_worker)
 
 
 def commit(state: GCAState, runtime: Runtime[Context]) -> dict:
-    ctx, expert_id = runtime.context, state["current"]
-    row = ctx.store.catalog.get(expert_id)
-    names = list(bases.suite_for(row.base_model).names)
-    with ctx.store.catalog.transaction():
-        for prompt_id, vector in state["calibration"]:
-            ctx.store.catalog.put_calibration(expert_id, prompt_id, vector, names, CALIBRATION_SEEDS[0])
-    ctx.store.set_status(expert_id, "active", f"registered by the {state['registration']['brain']} brain")
+    """Store the calibrated experts' edges and make them active."""
+    ctx = runtime.context
     counts = dict(state.get("counts", {}))
-    counts["active"] = counts.get("active", 0) + 1
-    _say(ctx.console, f"  [green]active[/] {escape(expert_id)} ({escape(row.name)})")
-    return {"current": None, "counts": counts}
+    for expert_id, done in state["calibration"].items():
+        row = ctx.store.catalog.get(expert_id)
+        names = list(bases.suite_for(row.base_model).names)
+        with ctx.store.catalog.transaction():
+            for prompt_id, vector in done["edges"]:
+                ctx.store.catalog.put_calibration(expert_id, prompt_id, vector, names, CALIBRATION_SEEDS[0])
+        ctx.store.set_status(expert_id, "active", f"registered by the {done['brain']} brain")
+        counts["active"] = counts.get("active", 0) + 1
+        _say(ctx.console, f"  [green]active[/] {escape(expert_id)} ({escape(row.name)})")
+    return {"current": None, "calibration": None, "counts": counts}
 
 
 def sweep(state: GCAState, runtime: Runtime[Context]) -> dict:
@@ -522,8 +567,10 @@ def sweep(state: GCAState, runtime: Runtime[Context]) -> dict:
     return {"counts": {**counts, "removed": len(gone)}}
 
 
-def after_next(state: GCAState) -> Literal["fetch", "sweep"]:
-    return "fetch" if state.get("current") else "sweep"
+def after_next(state: GCAState) -> Literal["fetch", "calibrate", "sweep"]:
+    if state.get("current"):
+        return "fetch"
+    return "calibrate" if state.get("batch") else "sweep"  # the listing is done: calibrate what waits
 
 
 def after_fetch(state: GCAState) -> Literal["next", "read"]:
@@ -543,7 +590,7 @@ def after_register(state: GCAState) -> Literal["next", "calibrate"]:
 
 
 def after_calibrate(state: GCAState) -> Literal["next", "commit"]:
-    return "next" if state.get("current") is None else "commit"
+    return "commit" if state.get("calibration") else "next"
 
 
 def per_expert(node):
@@ -668,7 +715,7 @@ def run_pass(specs: list[str], settings: Settings | None = None, console: Consol
         saver = SqliteSaver(conn)
         ctx = Context(store=store, settings=settings, sources=opened, listing=Listing(opened, console), console=console,
                       llm=chat_model(settings), reference_count=settings.reference_prompts, checkpointer=saver,
-                      thread=thread)
+                      thread=thread, calibration_batch=(settings.ray_workers or RAY_BATCH) if settings.ray_address else 1)
         if read_pages:
             ctx.reader = stack.enter_context(HomepageReader(_allowed_hosts(s for _, s in opened) | set(settings.page_hosts)))
         graph = build_graph(saver)

@@ -1,7 +1,8 @@
 """Calibration fanned out over a local Ray cluster (2 CPUs, loopback only) gives the same scores
 as calibration in this process: directly (three mini-world experts, two seeds, two workers),
 through a failing expert (the worker's MergeError reaches the caller), and through a GCA pass
-that `diffgraph gca run` makes in another process connected by DIFFGRAPH_RAY_ADDRESS.
+that `diffgraph gca run` makes in another process connected by DIFFGRAPH_RAY_ADDRESS, which
+calibrates its experts two at a time (one per worker).
 
 Ray probes outside addresses when it starts (cloud metadata, a DNS server to find its own IP),
 so these tests run only inside a loopback-only network namespace, as .ci/run runs pytest
@@ -150,6 +151,7 @@ def test_gca_pass_over_ray_matches_a_local_pass(ray_address, tmp_path):
                           "--no-browser"], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "'active': 3" in run.stdout, run.stdout[-3000:]
+    assert "calibrating 2 experts together on" in run.stdout, run.stdout[-3000:]  # one per worker, at once
 
     local, remote = _edges(local_home), _edges(ray_home)
     assert len(local) == 9 and remote == local
