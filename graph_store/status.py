@@ -15,6 +15,7 @@ from .catalog import STATUSES
 from .store import GraphStore
 
 FAILURE_STATUSES = ("failed", "rejected")
+FAILURES_SHOWN = 50  # rows of the failures table (a crawl of a big catalogue rejects thousands)
 
 
 def graph_status(store: GraphStore) -> dict:
@@ -74,9 +75,12 @@ def render_status(status: dict) -> Group:
         failures = Table(title="Failures")
         for column in ("id", "name", "status", "attempts", "reason"):
             failures.add_column(column, overflow="fold")
-        for f in status["failures"]:
+        for f in status["failures"][:FAILURES_SHOWN]:
             shown = "failed, quarantined (gca retry)" if f.get("quarantined") else f["status"]
             failures.add_row(Text(f["id"]), Text(f["name"]), shown, str(f["attempts"]), Text(f["reason"] or ""))
+        if len(status["failures"]) > FAILURES_SHOWN:
+            failures.caption = (f"and {len(status['failures']) - FAILURES_SHOWN} more: `diffgraph graph status --json` "
+                                "lists them all")
         parts.append(failures)
     if status["merged"]:
         merged = Table(title="Merged: the same file from another source")
