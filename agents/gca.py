@@ -60,6 +60,7 @@ from diffgraph.tools.calibrate import CalibrationJob, calibrate_experts, select_
 from diffgraph.tools.sources import (
     ContentStore,
     DownloadError,
+    FileGone,
     IntegrityError,
     SourceError,
     UnsafeFileError,
@@ -264,8 +265,9 @@ def _record(ctx: Context, expert_id: str) -> ExpertRecord:
 
 def _skip(ctx: Context, state: GCAState, expert_id: str, reason: str) -> dict:
     """An expert whose file cannot be downloaded now is left pending with the reason and no
-    attempt counted: a login wall, an early-access window, a deleted version or a dead host is
-    not the expert's fault, and the next pass tries again."""
+    attempt counted: a login wall, an early-access window, a dead host or a full store is
+    not the expert's fault, and the next pass tries again. (A file that is gone, 404 or 410,
+    fails with an attempt counted instead: it is retried, then quarantined, not asked for forever.)"""
     reason = one_line(reason)
     ctx.store.set_status(expert_id, "pending", f"skipped: {reason}")
     _say(ctx.console, f"  [yellow]skipped[/] {escape(expert_id)}: {escape(reason)}; tried again next pass")
@@ -399,7 +401,9 @@ def fetch(state: GCAState, runtime: Runtime[Context]) -> dict:
             files.append(store.as_safetensors(ExpertFile(**{**f.__dict__, "local_path": str(path)})))
     except (IntegrityError, UnsafeFileError) as exc:  # bad bytes: the expert's own fault
         return _fail(ctx, state, expert_id, "rejected", str(exc))
-    except DownloadError as exc:  # the file cannot be had now (login, early access, gone, a dead host, a full store)
+    except FileGone as exc:  # the listing names a file its host does not have: an attempt, so it backs off
+        return _fail(ctx, state, expert_id, "failed", str(exc))
+    except DownloadError as exc:  # the file cannot be had now (a login, early access, a dead host, a full store)
         return _skip(ctx, state, expert_id, str(exc))
     except SourceError as exc:
         return _fail(ctx, state, expert_id, "failed", str(exc))
@@ -732,6 +736,7 @@ def run_pass(specs: list[str], settings: Settings | None = None, console: Consol
         lock.record(run_id)
         _say(console, f"GCA run {run_id} ({'resuming' if resuming else 'new'}; brain: {'llm' if ctx.llm else 'offline'})")
         final = graph.invoke(None if resuming else {"run_id": run_id}, config, durability="sync", context=ctx)
+        _prune_checkpoints(ctx)  # the steps since the last expert was taken (all of them, if none was)
         counts = final.get("counts", {})
         # the sources that failed when the pass began (its listing decided the queue) and now
         source_errors = list(dict.fromkeys([*final.get("source_errors", []), *map(str, ctx.listing_failures)]))

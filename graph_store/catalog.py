@@ -506,7 +506,10 @@ class Catalog:
             if old is None:
                 raise KeyError(f"no expert {expert_id!r} in the catalog")
             attempts = old.attempts + 1 if status == "failed" else old.attempts
-            self._update(expert_id, status=status, status_reason=None if reason is None else one_line(reason, 500), attempts=attempts)
+            reason = None if reason is None else one_line(reason, 500)
+            if (old.status, old.status_reason, old.attempts) == (status, reason, attempts):
+                return  # nothing to write: a pass that finds the same again leaves the row as it was
+            self._update(expert_id, status=status, status_reason=reason, attempts=attempts)
 
     def retry(self, expert_ids: Iterable[str] | None = None) -> list[str]:
         """Send failed and rejected experts (``expert_ids``, or all of them) back to pending with

@@ -117,19 +117,21 @@ def test_a_file_that_cannot_be_had_now_is_skipped_and_fetched_on_a_later_pass(ar
     """A login wall (Civitai's 401 answer), a download page served instead of the file, and a
     file the store's budget (DIFFGRAPH_MAX_STORE_GB) has no room for: each expert is left
     pending with a one-line reason and no attempt counted, nothing partial is kept, the pass
-    finishes, and once the file can be had the next pass makes it active."""
+    finishes, and once the file can be had the next pass makes it active. A file its host does
+    not have (404: a deleted version) fails with an attempt counted, so it backs off."""
     from support.fake_site import FakeSite
     from support.serving import serving
 
     site = FakeSite()
     data = {name: (artifacts_dir / "experts" / f"{name}.safetensors").read_bytes()
-            for name in ("tangerine", "polka-dots", "stripes-pro")}  # 126 KB, 126 KB, 233 KB
+            for name in ("tangerine", "polka-dots", "stripes-pro", "pink-pop")}  # 126 KB, 126 KB, 233 KB, 126 KB
     home = tmp_path / "home"
     with serving(site.app) as url:
         site.url = url
         login = site.publish_civitai("locked.safetensors", data["tangerine"], url=f"{url}/dl/locked")
         page = site.publish_civitai("paged.safetensors", data["polka-dots"], url=f"{url}/dl/page")
         big = site.publish_civitai("big.safetensors", data["stripes-pro"])
+        gone = site.publish_civitai("gone.safetensors", data["pink-pop"], url=f"{url}/files/deleted")
         site.answers["/dl/locked"] = (401, "application/json", json.dumps(
             {"error": "The creator of this asset requires you to be logged in to download it"}))
         site.answers["/dl/page"] = (200, "text/html", "<html><body><h1>Log in to download</h1></body></html>")
@@ -141,10 +143,10 @@ def test_a_file_that_cannot_be_had_now_is_skipped_and_fetched_on_a_later_pass(ar
             result = gca.run_pass([f"civitai:{url}"], settings=Settings(home=home, reference_prompts=2),
                                   console=Console(file=out, width=300), read_pages=False)
             with GraphStore.open(home) as store:
-                return result, out.getvalue(), {i: store.catalog.get(i) for i in ids}
+                return result, out.getvalue(), {i: store.catalog.get(i) for i in [*ids, f"civitai:{gone}"]}
 
         result, log, rows = run()
-        assert result["counts"]["skipped"] == 3 and not result["counts"].get("failed"), log
+        assert result["counts"]["skipped"] == 3, log
         expected = {ids[0]: "HTTP 401", ids[1]: "answered a web page, not the file",
                     ids[2]: "would take the store over its budget (DIFFGRAPH_MAX_STORE_GB = 127.0 KiB"}
         for expert_id, why in expected.items():
@@ -154,11 +156,15 @@ def test_a_file_that_cannot_be_had_now_is_skipped_and_fetched_on_a_later_pass(ar
             assert "\n" not in row.status_reason and f"skipped {expert_id}: " in log, log
         assert "logged in" in rows[ids[0]].status_reason and "login or an API token" in rows[ids[0]].status_reason
         assert not list(home.rglob("*.partial"))
+        deleted = rows.pop(f"civitai:{gone}")
+        assert (deleted.status, deleted.attempts, result["counts"]["failed"]) == ("failed", 1, 1), deleted
+        assert "HTTP 404" in deleted.status_reason, deleted.status_reason
 
         del site.answers["/dl/locked"], site.answers["/dl/page"]
         site.redirects["/dl/locked"] = f"{url}/files/0"
         site.redirects["/dl/page"] = f"{url}/files/1"
         monkeypatch.delenv("DIFFGRAPH_MAX_STORE_GB")
         result, log, rows = run()
+    assert rows.pop(f"civitai:{gone}").attempts == 2  # tried again, counted again: quarantined after MAX_ATTEMPTS
     assert all(row.status == "active" for row in rows.values()), log
     assert result["counts"].get("active") == 3 and not result["counts"].get("skipped"), log

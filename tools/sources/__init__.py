@@ -11,6 +11,7 @@ from .download import ContentStore, load_weights, safe_name
 from .errors import (
     ApiError,
     DownloadError,
+    FileGone,
     IntegrityError,
     InvalidSafetensors,
     SourceError,
@@ -24,7 +25,7 @@ from .spec import SourceSpec, open_sources, parse_source_spec
 from .validate import Header, check_finite, validate_safetensors
 
 __all__ = [
-    "ApiError", "CivitaiSource", "ContentStore", "DownloadError", "HFSource", "Header", "IntegrityError",
+    "ApiError", "CivitaiSource", "ContentStore", "DownloadError", "FileGone", "HFSource", "Header", "IntegrityError",
     "InvalidSafetensors", "LocalFolderSource", "RetryPolicy", "Source", "SourceError", "SourceSpec", "StoreFull",
     "UnsafeFileError", "check_finite", "load_weights", "open_sources", "parse_source_spec", "safe_name", "validate_safetensors",
 ]

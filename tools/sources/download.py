@@ -30,7 +30,7 @@ from diffgraph.files import size_text
 from diffgraph.graph_store.records import ExpertFile
 from diffgraph.settings import get_settings
 
-from .errors import DownloadError, IntegrityError, InvalidSafetensors, StoreFull, UnsafeFileError
+from .errors import DownloadError, FileGone, IntegrityError, InvalidSafetensors, StoreFull, UnsafeFileError
 from .http import RetryPolicy, TransientStatus, check_status, describe_status, retry_call
 from .validate import check_finite, looks_like_safetensors, validate_safetensors
 
@@ -273,7 +273,8 @@ class _Resumable:
                     response.read()  # the server's own message (a login wall says why), bounded
                 hint = " (the file needs a login or an API token, or is in early access)" \
                     if response.status_code in (401, 403) else ""
-                raise DownloadError(f"{self.name!r}: download from {url} failed: {describe_status(response)}{hint}")
+                error = FileGone if response.status_code in (404, 410) else DownloadError
+                raise error(f"{self.name!r}: download from {url} failed: {describe_status(response)}{hint}")
             if response.headers.get("Content-Type", "").lower().startswith("text/html"):
                 raise DownloadError(f"{self.name!r}: {url} answered a web page, not the file (a login, "
                                     "early-access or download page)")

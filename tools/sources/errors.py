@@ -22,6 +22,10 @@ class DownloadError(SourceError):
     """A download did not complete (network, server or size limit)."""
 
 
+class FileGone(DownloadError):
+    """The host answers that a listed file does not exist (404 or 410: a deleted version)."""
+
+
 class StoreFull(DownloadError):
     """A download would take the content store over its budget (DIFFGRAPH_MAX_STORE_GB)."""
 
