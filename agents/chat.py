@@ -41,7 +41,7 @@ from diffgraph.graph_store.store import GraphStore
 from diffgraph.merger.recipe import BASE, MergeRecipe, with_trigger_words
 from diffgraph.settings import Settings, get_settings
 from diffgraph.tools import bases
-from diffgraph.tools.chat_tools import CHAT_TOOLS
+from diffgraph.tools.chat_tools import CHAT_TOOLS, GRAPH_TOOLS, role
 from diffgraph.tools.plugins import plugins
 from diffgraph.tools.render import render_recipe
 from diffgraph.tools.select import admitted_ids
@@ -507,8 +507,10 @@ class ChatAgent:
 
     # -- public API -----------------------------------------------------------------------
 
-    def send(self, message: str, thread: str = "default") -> Reply:
-        """Answer one message of ``thread``; never raises for bad input."""
+    def send(self, message: str, thread: str = "default", role: str = "admin") -> Reply:
+        """Answer one message of ``thread``; never raises for bad input. ``role`` is the user's
+        (agents/auth.py): the local CLI's is "admin"; a "generate" session is not offered, and
+        may not use, the tools that change the graph (tools/chat_tools.GRAPH_TOOLS)."""
         text = (message or "").strip()
         if not text:
             return Reply("Your message is empty: describe the image you want (e.g. 'a pink circle on a striped "
@@ -520,6 +522,7 @@ class ChatAgent:
             prefix = (f"(Your message had {len(text):,} characters; I read only the first {MAX_MESSAGE_CHARS:,}.)\n")
             text = cut(text, MAX_MESSAGE_CHARS)
         config = self._config(thread)
+        config["configurable"]["role"] = role
         with self._lock_for(thread):
             before = max((im["n"] for im in self.images(thread)), default=0)
             n_messages = len(self.graph.get_state(config).values.get("messages", []))
@@ -645,7 +648,8 @@ class ChatAgent:
         g = StateGraph(ChatState, context_schema=ChatAgent)
         g.add_node("offline", offline_node)
         if self.llm is not None:
-            self.bound = self.llm.bind_tools(self.tools)
+            self.bound = {"admin": self.llm.bind_tools(self.tools),
+                          "generate": self.llm.bind_tools([t for t in self.tools if t.name not in GRAPH_TOOLS])}
             g.add_node("agent", agent_node)
             g.add_node("tools", ToolNode(self.tools, handle_tool_errors=lambda e: f"error: {type(e).__name__}: {e}"))
             g.add_edge(START, "agent")
@@ -668,7 +672,8 @@ def agent_node(state: ChatState, config: RunnableConfig, runtime: Runtime[ChatAg
     if rounds >= MAX_TOOL_ROUNDS:
         return {"messages": [AIMessage(f"I stopped after {rounds} tool calls for one message. " + _tool_summary(turn))]}
     try:
-        response = agent.bound.invoke([SystemMessage(prompts.CHAT_SYSTEM), *llm_view(state["messages"])])
+        bound = agent.bound["admin" if role(config) == "admin" else "generate"]
+        response = bound.invoke([SystemMessage(prompts.CHAT_SYSTEM), *llm_view(state["messages"])])
     except Exception as exc:
         return _fallback(agent, state, config, f"the LLM at {agent.settings.llm_base_url} failed ({describe(exc, 160)})")
     problem = None
@@ -730,6 +735,11 @@ def _offline_dispatch(agent: ChatAgent, text: str, state: dict, config: Runnable
 
     if t in ("help", "?", "/help", "commands", "what can you do"):
         return say(OFFLINE_HELP)
+    changes_graph = re.fullmatch(r"(?:add (?:an? |this |the )?(?:expert|lora|checkpoint|model)|(?:start|run|stop) (?:the )?"
+                                 r"(?:background )?(?:gca|graph updates|crawler))\b.*", t)
+    if changes_graph and role(config) != "admin":
+        raise ChatError("adding experts and starting or stopping graph updates change the graph, which only an "
+                        "admin session may do (log in with an admin key)")
     if t in ("status", "graph status", "/status", "gca status"):
         return say(describe_status(s.status()))
     if m := re.fullmatch(r"(?:explain|why)(?: (?:image )?#?(\d+)| (?:it|this|that|the last one|the last image))?", t):

@@ -355,11 +355,23 @@ def serve(
                                    "order; 2: the next selects its experts while one renders (more throughput; "
                                    "requests in progress together may finish out of order)."),
     base_model: Optional[str] = typer.Option(None, help=BASE_HELP + " A request's model field overrides it."),
+    insecure_no_auth: bool = typer.Option(False, "--insecure-no-auth", help="Serve a non-loopback address without "
+                                          "DIFFGRAPH_API_KEYS (anyone who reaches the port may render; nobody may "
+                                          "change the graph)."),
 ) -> None:
-    """Web chat UI (Gradio) at / and the HTTP API (/v1/images/generations, OpenAI-compatible) on one server."""
+    """Web chat UI (Gradio) at / and the HTTP API (/v1/images/generations, OpenAI-compatible) on one server.
+
+    With DIFFGRAPH_API_KEYS ("KEY" to render, "KEY:admin" to also change the graph), the API takes
+    'Authorization: Bearer KEY' and the UI a login (user generate or admin, the key as password)."""
+    from diffgraph.agents.auth import AuthConfigError
+    from diffgraph.agents.server import ServeRefused
     from diffgraph.agents.server import serve as run
 
-    run(host=host, port=port, console=console, max_active=max_active, base_model=base_model)
+    try:
+        run(host=host, port=port, console=console, max_active=max_active, base_model=base_model,
+            insecure_no_auth=insecure_no_auth)
+    except (ServeRefused, AuthConfigError) as exc:
+        _fail(reason(exc))
 
 
 def _check_command(obj: object):

@@ -7,6 +7,11 @@
     GET  /v1/graph/status             what the universal graph holds (JSON)
     GET  /v1/models                   the base models this server renders with (a request's ``model``)
 
+With DIFFGRAPH_API_KEYS set, every /v1 request needs ``Authorization: Bearer KEY`` (agents/auth.py)
+and the web UI a login, and each key may make DIFFGRAPH_RATE_LIMIT requests a minute; a request
+body is read up to MAX_BODY bytes. Refusals are one-line
+OpenAI-style errors (401, 413, 429 with Retry-After).
+
 Image requests are served one at a time in arrival order (GenerationQueue: they wait on the
 event loop, holding no thread, and a full queue is refused with 503 and Retry-After), so
 concurrent clients all get an answer, none is overtaken by a later one, and only one request's
@@ -38,7 +43,7 @@ from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import FileResponse, JSONResponse  # noqa: E402
 
-from diffgraph.errors import describe, reason  # noqa: E402
+from diffgraph.errors import DiffGraphError, describe, reason  # noqa: E402
 from diffgraph.families import label  # noqa: E402
 from diffgraph.files import atomic_write_bytes  # noqa: E402
 from diffgraph.graph_store.status import graph_status
@@ -46,10 +51,12 @@ from diffgraph.merger.png import RECIPE_KEY
 from diffgraph.settings import Settings, get_settings  # noqa: E402
 from diffgraph.tools import bases  # noqa: E402
 
+from .auth import ApiKeys, is_loopback  # noqa: E402
 from .chat import ChatAgent, ChatError, ChatServices  # noqa: E402
 from .generate import ROW_HEADERS, expert_rows  # noqa: E402
 
 MAX_N = 10
+MAX_BODY = 64 * 1024  # an image request is a few hundred bytes; a larger body is refused, not buffered
 MAX_API_PROMPT = 4000  # as OpenAI's; the renderer reads the first 400 characters (see chat.MAX_PROMPT_CHARS)
 MAX_SIDE = 1024
 # OpenAI's own image models, which OpenAI clients send by default: they mean "the server's base"
@@ -149,6 +156,46 @@ class GenerationQueue:
     def status(self) -> dict:
         return {"active": self.active, "waiting": self.waiting, "served": self.served, "refused": self.refused,
                 "max_active": self.max_active, "max_waiting": self.max_waiting}
+
+
+class RateLimiter:
+    """At most ``per_minute`` requests a minute for each caller: a token bucket per key (or client
+    address) refilled continuously, so a burst up to the limit passes and a flood waits. Callers
+    are forgotten once their bucket is full again, so the table stays as small as the active set."""
+
+    def __init__(self, per_minute: int):
+        self.rate, self.capacity = per_minute / 60.0, float(per_minute)
+        self._buckets: dict[str, tuple[float, float]] = {}  # caller -> (tokens, when)
+        self._lock = threading.Lock()
+
+    def take(self, caller: str) -> float:
+        """0 when the request may go ahead, else the seconds until it may."""
+        if self.capacity <= 0:
+            return 0.0  # DIFFGRAPH_RATE_LIMIT=0: no limit
+        now = time.monotonic()
+        with self._lock:
+            for stale in [c for c, (t, w) in self._buckets.items() if t + (now - w) * self.rate >= self.capacity]:
+                del self._buckets[stale]
+            tokens, when = self._buckets.get(caller, (self.capacity, now))
+            tokens = min(self.capacity, tokens + (now - when) * self.rate)
+            if tokens < 1:
+                self._buckets[caller] = (tokens, now)
+                return (1 - tokens) / self.rate
+            self._buckets[caller] = (tokens - 1, now)
+            return 0.0
+
+
+async def _read_body(request: Request) -> bytes:
+    """The request body, read only up to MAX_BODY bytes (413 beyond, whatever Content-Length says)."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > MAX_BODY:
+        raise APIError(413, f"the request body is {int(length):,} bytes; the maximum is {MAX_BODY:,}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            raise APIError(413, f"the request body is over {MAX_BODY:,} bytes")
+    return bytes(body)
 
 
 def _parse_size(size) -> tuple[int, int] | None:
@@ -287,9 +334,13 @@ class ImageAPI:
 
 
 def create_app(settings: Settings | None = None, *, agent: ChatAgent | None = None, ui: bool = True,
-               max_waiting: int = MAX_WAITING, max_active: int = 1, base_model: str | None = None) -> FastAPI:
-    """The server's ASGI app (API routes first, then the Gradio UI mounted at /)."""
+               max_waiting: int = MAX_WAITING, max_active: int = 1, base_model: str | None = None,
+               local: bool = True) -> FastAPI:
+    """The server's ASGI app (API routes first, then the Gradio UI mounted at /). ``local``: it
+    is bound to loopback, so without keys the UI's user is this machine's, with the admin role."""
     settings = settings or get_settings()
+    keys = ApiKeys.parse(settings.api_keys)
+    limiter = RateLimiter(settings.rate_limit)
     agent = agent or ChatAgent(settings, base_model=base_model)
     api = ImageAPI(agent.services)
     queue = GenerationQueue(max_waiting, max_active)
@@ -300,6 +351,27 @@ def create_app(settings: Settings | None = None, *, agent: ChatAgent | None = No
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
         return exc.response()
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next):
+        """Keys and rates for the API (its schema and /healthz stay open)."""
+        path = request.url.path
+        if not path.startswith("/v1/") or path in ("/v1/openapi.json", "/v1/docs"):
+            return await call_next(request)
+        if keys:
+            role = keys.bearer_role(request.headers.get("authorization"))
+            if role is None:
+                return APIError(401, "a valid API key is required: send 'Authorization: Bearer KEY' "
+                                "(DIFFGRAPH_API_KEYS on the server)", code="invalid_api_key",
+                                headers={"WWW-Authenticate": "Bearer"}).response()
+            wait = limiter.take(request.headers["authorization"].partition(" ")[2].strip())  # per key
+        else:
+            wait = 0.0  # no keys: this machine's own use (or --insecure-no-auth), not rate-limited
+        if wait:
+            return APIError(429, f"too many requests: at most {settings.rate_limit} a minute; retry in {wait:.0f} s",
+                            kind="rate_limit_error", code="rate_limit_exceeded",
+                            headers={"Retry-After": str(max(1, round(wait)))}).response()
+        return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
@@ -312,7 +384,7 @@ def create_app(settings: Settings | None = None, *, agent: ChatAgent | None = No
         from starlette.concurrency import run_in_threadpool
 
         try:
-            body = json.loads(await request.body() or b"null")
+            body = json.loads(await _read_body(request) or b"null")
         except ValueError:
             raise APIError(400, "the request body is not valid JSON") from None
         req = _validate(body)
@@ -382,9 +454,10 @@ def create_app(settings: Settings | None = None, *, agent: ChatAgent | None = No
     if ui:
         import gradio as gr
 
-        blocks = build_ui(agent)
+        blocks = build_ui(agent, keys, "admin" if local else "generate")
         app = gr.mount_gradio_app(app, blocks, path="/", allowed_paths=[str(settings.artifacts_dir)], css=CSS,
-                                  footer_links=[], ssr_mode=False, theme=_theme())
+                                  footer_links=[], ssr_mode=False, theme=_theme(), auth=keys.login if keys else None,
+                                  auth_message="Log in as 'generate' or 'admin' with your DiffGraph API key as the password.")
     return app
 
 
@@ -415,14 +488,19 @@ def experts_markdown(image: dict | None) -> str:
     return "\n".join(lines)
 
 
-def build_ui(agent: ChatAgent):
+def build_ui(agent: ChatAgent, keys: ApiKeys, role_without_keys: str):
+    """The chat UI. A session's role is its login's (agents/auth.py), else ``role_without_keys``;
+    only an admin session is offered the tools that change the graph."""
     import gradio as gr
 
-    def respond(message, history, thread, images):
+    def role_of(request: gr.Request | None) -> str:
+        return (getattr(request, "username", None) or "generate") if keys else role_without_keys
+
+    def respond(message, history, thread, images, request: gr.Request):
         thread = thread or f"web-{uuid.uuid4().hex[:10]}"
         history = list(history or [])
         images = list(images or [])
-        reply = agent.send(message or "", thread)
+        reply = agent.send(message or "", thread, role=role_of(request))
         history.append({"role": "user", "content": message or ""})
         history.append({"role": "assistant", "content": reply.text})
         for image in reply.images:
@@ -433,13 +511,15 @@ def build_ui(agent: ChatAgent):
                 last["path"] if last else None, last["recipe"] if last else None,
                 [(im["path"], f"{im['n']}: {im['prompt'][:40]}") for im in images])
 
-    def pick_base(choice, history, thread):
+    def pick_base(choice, history, thread, request: gr.Request):
         """The base picker: "/base CHOICE" for this conversation, answered in it."""
         thread = thread or f"web-{uuid.uuid4().hex[:10]}"
-        reply = agent.send(f"/base {choice}", thread) if choice else None
+        reply = agent.send(f"/base {choice}", thread, role=role_of(request)) if choice else None
         history = list(history or []) + ([{"role": "assistant", "content": reply.text}] if reply else [])
         return history, thread
 
+    for handler in (respond, pick_base):  # the annotation as a class, not this module's postponed string, so
+        handler.__annotations__["request"] = gr.Request  # Gradio sees it and passes the session's request in
     held = agent.services.store.catalog.base_models()
     brain = ("an LLM at " + str(agent.settings.llm_base_url)) if agent.brain == "llm" else \
         "the offline brain (no LLM configured)"
@@ -475,11 +555,24 @@ def build_ui(agent: ChatAgent):
     return blocks
 
 
+class ServeRefused(DiffGraphError):
+    """A bind the server will not make as configured (one line saying what to do)."""
+
+
+def check_bind(host: str, keys: ApiKeys, insecure_no_auth: bool) -> None:
+    """Anything but loopback needs API keys, or the user's explicit ``--insecure-no-auth``."""
+    if not is_loopback(host) and not keys and not insecure_no_auth:
+        raise ServeRefused(f"refusing to serve on {host} without API keys: anyone who reaches the port could use it; "
+                           "set DIFFGRAPH_API_KEYS (KEY, KEY:admin), or pass --insecure-no-auth")
+
+
 def serve(host: str = "127.0.0.1", port: int = 7860, settings: Settings | None = None, console=None,
-          max_active: int = 1, base_model: str | None = None) -> None:
+          max_active: int = 1, base_model: str | None = None, insecure_no_auth: bool = False) -> None:
     import uvicorn
 
-    app = create_app(settings, max_active=max_active, base_model=base_model)
+    settings = settings or get_settings()
+    check_bind(host, ApiKeys.parse(settings.api_keys), insecure_no_auth)
+    app = create_app(settings, max_active=max_active, base_model=base_model, local=is_loopback(host))
     if console is not None:
         agent = app.state.agent if hasattr(app, "state") and hasattr(app.state, "agent") else None
         console.print(f"DiffGraph on http://{host}:{port}/  (web UI)  ·  API: POST http://{host}:{port}/v1/images/generations"

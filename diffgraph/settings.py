@@ -41,6 +41,8 @@ class Settings:
     max_store_bytes: int | None = None  # DIFFGRAPH_MAX_STORE_GB: what the downloaded files may take in all
     nsfw: str = "false"  # DIFFGRAPH_NSFW: "true" lets NSFW experts be retrieved (graph_store.records.UsePolicy)
     licence: str = ""  # DIFFGRAPH_LICENCE: terms every retrieved expert's licence must grant ("commercial,derivatives")
+    api_keys: str = ""  # DIFFGRAPH_API_KEYS: "KEY" (generate) and "KEY:admin", comma-separated (agents/auth.py)
+    rate_limit: int = 60  # DIFFGRAPH_RATE_LIMIT: API requests per minute per key (or per client without keys)
     gca_checkpoints: int = 20  # checkpoints a GCA pass keeps of its thread (0: all); one suffices to resume
     page_hosts: tuple[str, ...] = ()  # hosts (host or host:port) whose homepages the GCA may read besides the sources' own
 
@@ -82,6 +84,8 @@ def get_settings() -> Settings:
         max_store_bytes=round(float(_env("MAX_STORE_GB")) * 2**30) if _env("MAX_STORE_GB") else None,
         nsfw=_env("NSFW", "false"),
         licence=_env("LICENCE", ""),
+        api_keys=_env("API_KEYS", ""),
+        rate_limit=int(_env("RATE_LIMIT", "60")),
         gca_checkpoints=int(_env("GCA_CHECKPOINTS", "20")),
         page_hosts=tuple(h.strip().lower() for h in (_env("PAGE_HOSTS") or "").split(",") if h.strip()),
     )

@@ -381,3 +381,31 @@ def test_terminal_chat_shows_image_paths_and_resumes(own_home):
     again = subprocess.run(command, input="another seed\n", env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resuming: 2 messages, 1 images" in again.stdout and "changed from image 1: another seed" in again.stdout
+
+
+def test_a_generate_session_is_neither_offered_nor_allowed_the_tools_that_change_the_graph(home, tmp_path):
+    """A "generate" user (a served UI's login without an admin key): the LLM is not offered
+    add_expert or the graph-update tools, a call to one anyway (an LLM steered by a prompt) is an
+    error the LLM reads and nothing is crawled, and the offline brain refuses the same commands
+    in one line; the local CLI's "admin" role is offered all of them."""
+    target = tmp_path / "never-crawled"
+    llm = ScriptedLLM([tool_call("add_expert", {"location": str(target)}),
+                       lambda body: text("The tool said: " + last_tool(body)),
+                       tool_call("start_graph_updates", {"sources": [f"local:{target}"]}),
+                       lambda body: text("The tool said: " + last_tool(body))])
+    server = ScriptedOpenAI(default=llm)
+    with running(server) as url, ChatAgent(llm_settings(home, url)) as agent:
+        added = agent.send(f"add the expert at {target}", "visitor", role="generate")
+        started = agent.send("keep the graph up to date", "visitor", role="generate")
+        assert not agent.services.gca.running
+    offered = {t["function"]["name"] for t in llm.chat_requests[0]["tools"]}
+    assert "generate_image" in offered and not offered & {"add_expert", "start_graph_updates", "stop_graph_updates"}
+    for reply in (added, started):
+        assert "only an admin session may do" in reply.text, reply.text
+    with ChatAgent(Settings(home=home), llm=None) as agent:
+        for command in (f"add expert {target}", f"start gca local:{target}", "stop gca"):
+            refused = agent.send(command, "visitor-offline", role="generate")
+            assert refused.text.startswith("Sorry: adding experts and starting or stopping graph updates change the "
+                                           "graph, which only an admin session may do"), refused.text
+        allowed = agent.send(f"add expert {target}", "local")  # the CLI's role: admin
+        assert "only an admin session" not in allowed.text and "neither an http(s) URL" in allowed.text, allowed.text

@@ -58,6 +58,21 @@ def _image(runtime: Runtime, name: str, make) -> Command | str:
                            "messages": [ToolMessage(compact(image), tool_call_id=runtime.tool_call_id, name=name)]})
 
 
+GRAPH_TOOLS = ("add_expert", "start_graph_updates", "stop_graph_updates")  # change the graph: admin only
+
+
+def role(config: dict) -> str:
+    """The role of the turn's user (agents/auth.py): "admin" for the local CLI and admin
+    sessions; anything unset counts as the lesser "generate"."""
+    return (config.get("configurable") or {}).get("role") or "generate"
+
+
+def _admin_only(runtime: Runtime, name: str) -> str | None:
+    if role(runtime.config) != "admin":
+        return f"error: {name} changes the graph, which only an admin session may do (log in with an admin key)"
+    return None
+
+
 def _json(make) -> str:
     try:
         return json.dumps(make(), default=str)
@@ -108,7 +123,7 @@ def graph_status(runtime: Runtime) -> str:
 def add_expert(location: str, runtime: Runtime) -> str:
     """Add one expert to the graph from a Civitai model page URL, a Hugging Face repo URL, or a
     local weights file or folder: downloads, checks, describes, registers and calibrates it."""
-    return _json(lambda: runtime.context.add_expert(location))
+    return _admin_only(runtime, "add_expert") or _json(lambda: runtime.context.add_expert(location))
 
 
 @tool
@@ -116,13 +131,13 @@ def start_graph_updates(runtime: Runtime, sources: Optional[list[str]] = None, i
     """Start a background Graph Construction Agent run: a pass over the sources now, then one
     every interval ('30m', '1h', '1d'). Sources: 'civitai[:URL]', 'hf[:URL]', 'local:DIR' or a kind a
     plugin adds; none given: the sources of the base in use."""
-    return _json(lambda: runtime.context.start_gca(sources, interval))
+    return _admin_only(runtime, "start_graph_updates") or _json(lambda: runtime.context.start_gca(sources, interval))
 
 
 @tool
 def stop_graph_updates(runtime: Runtime) -> str:
     """Stop the background Graph Construction Agent run (after the pass in progress)."""
-    return _json(runtime.context.stop_gca)
+    return _admin_only(runtime, "stop_graph_updates") or _json(runtime.context.stop_gca)
 
 
 CHAT_TOOLS = [generate_image, refine_image, explain_image, search_experts, graph_status, add_expert,
