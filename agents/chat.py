@@ -46,6 +46,8 @@ from diffgraph.tools.plugins import plugins
 from diffgraph.tools.render import render_recipe
 from diffgraph.tools.select import admitted_ids
 from diffgraph.tools.sources import SourceError
+from diffgraph.tools.sources.destinations import host_of
+from diffgraph.tools.sources.single import REAL_HOSTS
 from diffgraph.tools.sources.spec import kinds
 
 from . import prompts, refine
@@ -317,11 +319,17 @@ class ChatServices:
 
     def add_expert(self, location: str) -> dict:
         """Crawl one expert (a Civitai/Hugging Face model page URL, or a local file or folder)
-        into the graph: download, check, read its page, describe, register and calibrate."""
+        into the graph: download, check, read its page, describe, register and calibrate. A URL
+        must be on Civitai, the Hub or a host DIFFGRAPH_ALLOWED_HOSTS lists: a chat message
+        never makes the server fetch from anywhere else."""
         from rich.console import Console
 
         location = (location or "").strip().strip("'\"<>")
         if re.match(r"https?://", location, re.IGNORECASE):
+            known = sorted({h for hosts in REAL_HOSTS.values() for h in hosts} | set(self.settings.allowed_hosts))
+            if host_of(location) not in known:
+                raise ChatError(f"{host_of(location)[:100] or 'that URL'} is not a host this server fetches experts from "
+                                f"({', '.join(known)}); DIFFGRAPH_ALLOWED_HOSTS can list it")
             spec, read_pages = f"url:{location}", True
         elif location and Path(location).expanduser().exists():
             spec, read_pages = f"file:{Path(location).expanduser().resolve()}", False

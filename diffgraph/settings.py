@@ -44,6 +44,7 @@ class Settings:
     api_keys: str = ""  # DIFFGRAPH_API_KEYS: "KEY" (generate) and "KEY:admin", comma-separated (agents/auth.py)
     rate_limit: int = 60  # DIFFGRAPH_RATE_LIMIT: API requests per minute per key (or per client without keys)
     gca_checkpoints: int = 20  # checkpoints a GCA pass keeps of its thread (0: all); one suffices to resume
+    allowed_hosts: tuple[str, ...] = ()  # DIFFGRAPH_ALLOWED_HOSTS: hosts inside the network sources may fetch from
     page_hosts: tuple[str, ...] = ()  # hosts (host or host:port) whose homepages the GCA may read besides the sources' own
 
     @property
@@ -87,5 +88,6 @@ def get_settings() -> Settings:
         api_keys=_env("API_KEYS", ""),
         rate_limit=int(_env("RATE_LIMIT", "60")),
         gca_checkpoints=int(_env("GCA_CHECKPOINTS", "20")),
+        allowed_hosts=tuple(h.strip().lower() for h in (_env("ALLOWED_HOSTS") or "").split(",") if h.strip()),
         page_hosts=tuple(h.strip().lower() for h in (_env("PAGE_HOSTS") or "").split(",") if h.strip()),
     )

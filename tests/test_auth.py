@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import shutil
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from typer.testing import CliRunner
 from diffgraph.agents.auth import ApiKeys, AuthConfigError, is_loopback
 from diffgraph.agents.server import MAX_BODY, ServeRefused, check_bind
 from diffgraph.settings import Settings
+from diffgraph.tools.sources import ForbiddenDestination, check_destination
 from support.serving import serving
 
 GENERATE, ADMIN = "gen-key-0123456789abcdef", "adm-key-0123456789abcdef"
@@ -156,3 +158,70 @@ def test_the_ui_asks_for_a_login_and_only_an_admin_session_may_add_experts(serve
                 context.close()
         finally:
             browser.close()
+
+
+# ----------------------------------------------------------------------------- where fetches may go
+
+INTERNAL = st.one_of(*(st.ip_addresses(network=n) for n in (
+    "127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "100.64.0.0/10", "0.0.0.0/8",
+    "::1/128", "fc00::/7", "fe80::/10", "224.0.0.0/4")), st.just(ipaddress.ip_address("fd00:ec2::254")))
+
+
+@settings(max_examples=300, deadline=None)
+@given(INTERNAL, st.sampled_from(["http", "https"]), st.integers(1, 65535))
+def test_no_address_inside_the_network_is_fetched_unless_listed(address, scheme, port):
+    host = f"[{address}]" if address.version == 6 else str(address)
+    url = f"{scheme}://{host}:{port}/api/download/models/1"
+    with pytest.raises(ForbiddenDestination, match="DIFFGRAPH_ALLOWED_HOSTS"):
+        check_destination(url)
+    check_destination(url, allowed=[str(address)])  # the user listed it
+    mapped = f"{scheme}://[::ffff:{address}]/x" if address.version == 4 else None
+    if mapped:
+        with pytest.raises(ForbiddenDestination):
+            check_destination(mapped)
+
+
+@given(st.ip_addresses(v=4).filter(lambda a: a.is_global and not a.is_multicast))
+def test_public_addresses_are_fetched(address):
+    check_destination(f"https://{address}/models/1")
+
+
+def test_a_listing_cannot_send_downloads_or_redirects_inside_the_network(tmp_path):
+    """A hostile API answer naming the cloud metadata service as a download URL, or redirecting
+    a download to another loopback address than the source's own: refused before any connection,
+    in one line, the expert rejected; the source's own host still serves."""
+    from support.fake_site import FakeSite
+
+    from diffgraph.tools.sources import CivitaiSource, ContentStore, UnsafeFileError
+
+    site = FakeSite()
+    data = b"not even read"
+    with serving(site.app) as url:
+        site.url = url
+        site.publish_civitai("meta.safetensors", data, url="http://169.254.169.254/latest/meta-data/")
+        site.publish_civitai("hop.safetensors", data + b"2", url=f"{url}/dl/hop")
+        site.redirects["/dl/hop"] = url.replace("127.0.0.1", "127.0.0.2") + "/files/1"
+        source = CivitaiSource(url, token="")
+        try:
+            records = {r.files[0].name: r for r in source.iter_models()}
+            for name, host in (("meta.safetensors", "169.254.169.254"), ("hop.safetensors", "127.0.0.2")):
+                with pytest.raises(UnsafeFileError) as info:
+                    source.download(records[name].files[0], ContentStore(tmp_path))
+                assert f"{host} is not a public address" in str(info.value)
+                assert "\n" not in str(info.value)
+        finally:
+            source.close()
+    assert "/files/1" not in site.paths  # the redirect was never followed
+    assert not list(tmp_path.rglob("*.partial"))
+
+
+def test_the_chat_fetches_experts_only_from_known_hosts(graph_home, tmp_path):
+    from diffgraph.agents.chat import ChatAgent
+
+    home = tmp_path / "home"
+    shutil.copytree(graph_home, home)
+    with ChatAgent(Settings(home=home), llm=None) as agent:
+        for url in ("http://169.254.169.254/models/1", "http://127.0.0.1:8080/models/1", "http://intranet/models/7"):
+            reply = agent.send(f"add expert {url}", "ssrf")
+            assert "is not a host this server fetches experts from (civitai.com, huggingface.co" in reply.text, reply.text
+            assert "DIFFGRAPH_ALLOWED_HOSTS" in reply.text

@@ -354,7 +354,8 @@ def test_add_expert_by_model_page_url(own_home, artifacts_dir):
     with GraphStore.open(own_home) as store:
         row = next(r for r in store.catalog.list_experts() if r.name == "Pink Pop")
         store.set_status(row.id, "removed", "test: gone")
-    with running_hub(artifacts_dir, port=0) as hub, ChatAgent(Settings(home=own_home, reference_prompts=4), llm=None) as agent:
+    settings = Settings(home=own_home, reference_prompts=4, allowed_hosts=("127.0.0.1",))  # the hub's machine, listed
+    with running_hub(artifacts_dir, port=0) as hub, ChatAgent(settings, llm=None) as agent:
         url = f"{hub.civitai_url}/models/{row.source_id}/pink-pop"
         reply = agent.send(f"add expert {url}", "url")
     assert "Pink Pop" in reply.text and ": active" in reply.text, reply.text

@@ -7,6 +7,7 @@ Every error raised here is a one-line :class:`SourceError`, for the agent to rec
 
 from .base import Source
 from .civitai import CivitaiSource
+from .destinations import ForbiddenDestination, check_destination
 from .download import ContentStore, load_weights, safe_name
 from .errors import (
     ApiError,
@@ -25,7 +26,7 @@ from .spec import SourceSpec, open_sources, parse_source_spec
 from .validate import Header, check_finite, validate_safetensors
 
 __all__ = [
-    "ApiError", "CivitaiSource", "ContentStore", "DownloadError", "FileGone", "HFSource", "Header", "IntegrityError",
+    "ApiError", "CivitaiSource", "ForbiddenDestination", "check_destination", "ContentStore", "DownloadError", "FileGone", "HFSource", "Header", "IntegrityError",
     "InvalidSafetensors", "LocalFolderSource", "RetryPolicy", "Source", "SourceError", "SourceSpec", "StoreFull",
     "UnsafeFileError", "check_finite", "load_weights", "open_sources", "parse_source_spec", "safe_name", "validate_safetensors",
 ]

@@ -26,7 +26,9 @@ import httpx
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from diffgraph.graph_store.records import ExpertRecord, UsePolicy
+from diffgraph.settings import get_settings
 
+from .destinations import guarded_client_hooks, host_of
 from .errors import ApiError
 
 T = TypeVar("T")
@@ -130,7 +132,10 @@ class _BearerForOrigin(httpx.Auth):
 
 
 class Api:
-    """One source's HTTP session: its base URL, optional token and retry policy."""
+    """One source's HTTP session: its base URL, optional token and retry policy. Every request
+    it sends, redirects and downloads included, goes only where destinations.py allows: its own
+    host (the user configured it) and DIFFGRAPH_ALLOWED_HOSTS may be inside the network, nothing
+    else may."""
 
     def __init__(self, name: str, base_url: str, *, token: str | None = None,
                  retry: RetryPolicy | None = None):
@@ -138,8 +143,9 @@ class Api:
         self.base_url = base_url.rstrip("/")
         self.retry = retry or RetryPolicy()
         auth = _BearerForOrigin(token, _origin(self.base_url)) if token else None
+        allowed = {host_of(self.base_url), *get_settings().allowed_hosts}
         self.client = httpx.Client(auth=auth, timeout=TIMEOUT, follow_redirects=True,
-                                   headers={"User-Agent": USER_AGENT})
+                                   headers={"User-Agent": USER_AGENT}, event_hooks=guarded_client_hooks(allowed))
 
     def url(self, path_or_url: str) -> str:
         return urljoin(self.base_url + "/", path_or_url.lstrip("/")) if "://" not in path_or_url else path_or_url
