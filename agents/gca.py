@@ -383,19 +383,22 @@ def next_expert(state: GCAState, runtime: Runtime[Context]) -> dict:
 
 
 def fetch(state: GCAState, runtime: Runtime[Context]) -> dict:
-    """Fetch and check the files. The base their tensors show must not contradict the declared
-    one (a file declared "Pony" that holds SD 1.5 weights is refused for that), an undeclared
-    one is filled in from them, and only then must the base have a profile. A remote expert of
-    a base without one is refused before its download; local files are read where they are, so
-    they are always looked at first."""
+    """Fetch and check the files. What can be refused before a byte is fetched is (ContentStore.admit);
+    an expert whose published file is already stored under another expert is merged into it.
+    The base the tensors show must not contradict the declared one (a file declared "Pony" that
+    holds SD 1.5 weights is refused for that), an undeclared one is filled in from them, and
+    only then must the base have a profile (a remote expert of a declared base without one was
+    refused before its download, by ``_triage``; local files are read where they are)."""
     ctx, expert_id = runtime.context, state["current"]
     record, source = _record(ctx, expert_id), ctx.sources[state["source"]][1]
-    local = all(f.url.startswith("file:") for f in record.files)
-    if not local and (twin := _twin(ctx, expert_id, record.files)):
-        return _same_file(ctx, state, expert_id, twin)
     store = ContentStore(ctx.settings.home, allow_pickle=ctx.settings.allow_pickle)
     files: list[ExpertFile] = []
     try:
+        for f in record.files:
+            store.admit(f)  # a hostile name, a pickle, a size over the limit: refused even as another's source
+        local = all(f.url.startswith("file:") for f in record.files)
+        if not local and (twin := _twin(ctx, expert_id, record.files)):
+            return _same_file(ctx, state, expert_id, twin)
         for f in record.files:
             path = source.download(f, store)
             files.append(store.as_safetensors(ExpertFile(**{**f.__dict__, "local_path": str(path)})))
@@ -680,7 +683,9 @@ def preview_pass(specs: list[str], settings: Settings | None = None) -> list[str
     lines, totals = [], [0, 0, 0, 0]
     with ExitStack() as stack:
         for spec in specs:
-            for source in stack.enter_context(open_sources(spec, hub_port=settings.hub_port, home=settings.home)):
+            opened = open_sources(spec, hub_port=settings.hub_port, home=settings.home,
+                                  allowed_hosts=settings.allowed_hosts)
+            for source in stack.enter_context(opened):
                 records = list(source.iter_models())
                 files = [f for r in records for f in r.files]
                 sized = sum(f.size or 0 for f in files)
@@ -712,8 +717,8 @@ def run_pass(specs: list[str], settings: Settings | None = None, console: Consol
     with ExitStack() as stack:
         lock = stack.enter_context(store_lock(settings.home))
         store = stack.enter_context(GraphStore.open(settings.home, db_url=settings.db_url, chroma_url=settings.chroma_url))
-        opened = [(spec, source) for spec in specs
-                  for source in stack.enter_context(open_sources(spec, hub_port=settings.hub_port, home=settings.home))]
+        opened = [(spec, source) for spec in specs for source in stack.enter_context(open_sources(
+            spec, hub_port=settings.hub_port, home=settings.home, allowed_hosts=settings.allowed_hosts))]
         conn = sqlite3.connect(settings.home / "gca_checkpoints.sqlite", check_same_thread=False)
         stack.callback(conn.close)
         saver = SqliteSaver(conn)

@@ -167,8 +167,11 @@ def _files(root: Path) -> list[Path]:
 
 
 def _settings(home: Path, llm_url: str | None = None) -> Settings:
+    """N_r reference prompts, the scripted LLM if given, and "localhost" listed: it stands in for
+    a public CDN a download is redirected to (an unlisted internal host is refused: test_auth.py)."""
     return Settings(home=Path(home), reference_prompts=N_R, llm_base_url=llm_url,
-                    llm_model="scripted" if llm_url else None, llm_api_key="not-needed" if llm_url else None)
+                    llm_model="scripted" if llm_url else None, llm_api_key="not-needed" if llm_url else None,
+                    allowed_hosts=("localhost",))
 
 
 def _pass(specs: list[str], home: Path, llm_url: str | None = None) -> tuple[dict, str]:
@@ -288,10 +291,13 @@ def test_malformed_or_nonfinite_safetensors_never_enter_the_store(case, artifact
     assert _files(tmp_path / "home") == []  # nothing kept, not even a .partial
 
 
-def test_api_answers_are_read_from_the_api_host_only(tmp_path):
+def test_api_answers_are_read_from_the_api_host_only(tmp_path, monkeypatch):
     """A listing redirected to another host is refused before that host is asked; a redirect
     within the API's origin is followed; an endless answer is cut off; a download may move to a
-    CDN (another host) but is kept only if its sha256 matches, and the token never goes there."""
+    CDN (another host) but is kept only if its sha256 matches, and the token never goes there.
+    The stand-in CDN is "localhost", so it is listed (DIFFGRAPH_ALLOWED_HOSTS) as a public CDN
+    need not be; an unlisted one inside the network is refused (tests/test_auth.py)."""
+    monkeypatch.setenv("DIFFGRAPH_ALLOWED_HOSTS", "localhost")
     site, other = FakeSite(), FakeSite()
     with serve(site.app) as url, serve(other.app) as other_url:
         site.url, other.url = url, other_url.replace("127.0.0.1", "localhost")  # another host, still loopback
@@ -464,7 +470,8 @@ def test_hostile_files_and_api_fields_end_to_end(baseline, home, published, arti
         mid = site.publish_civitai("big-page.safetensors", real, model_name="Huge page",
                                    page="<html><body><p>" + "big words " * 300_000 + "</p></body></html>")
         pageless = {f"civitai:{mid}": "too large"}  # an unreadable homepage never fails an expert
-        mid = site.publish_civitai("moving-page.safetensors", real, model_name="Moving page")
+        other = (artifacts_dir / published["royal-purple"][1]["file"]).read_bytes()  # not "real": one file is one expert
+        mid = site.publish_civitai("moving-page.safetensors", other, model_name="Moving page")
         site.redirects[site.civitai_page_path(mid)] = "http://evil.example/landing"
         pageless[f"civitai:{mid}"] = "not allowed"
         site.hf["someone/.."] = {**site.hf["someone/escape"], "id": "someone/.."}  # an id that is a path: not listed
