@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
@@ -138,12 +138,13 @@ class Api:
     else may."""
 
     def __init__(self, name: str, base_url: str, *, token: str | None = None,
-                 retry: RetryPolicy | None = None):
+                 retry: RetryPolicy | None = None, allowed_hosts: Iterable[str] | None = None):
         self.name = name
         self.base_url = base_url.rstrip("/")
         self.retry = retry or RetryPolicy()
         auth = _BearerForOrigin(token, _origin(self.base_url)) if token else None
-        allowed = {host_of(self.base_url), *get_settings().allowed_hosts}
+        listed = get_settings().allowed_hosts if allowed_hosts is None else allowed_hosts
+        allowed = {host_of(self.base_url), *listed}
         self.client = httpx.Client(auth=auth, timeout=TIMEOUT, follow_redirects=True,
                                    headers={"User-Agent": USER_AGENT}, event_hooks=guarded_client_hooks(allowed))
 
@@ -224,9 +225,10 @@ class HubSource:
     token_env = ""
 
     def __init__(self, base_url: str | None = None, *, token: str | None = None,
-                 retry: RetryPolicy | None = None, scope: Mapping[str, str] | None = None):
+                 retry: RetryPolicy | None = None, scope: Mapping[str, str] | None = None,
+                 allowed_hosts: Iterable[str] | None = None):
         token = os.environ.get(self.token_env) if token is None else token
-        self.api = Api(self.name, base_url or self.default_url, token=token, retry=retry)
+        self.api = Api(self.name, base_url or self.default_url, token=token, retry=retry, allowed_hosts=allowed_hosts)
         self.scope = dict(scope or {})  # what to list, in the site's own query words (see spec.SCOPES)
         self._notes: list[str] = []
         self.refused: Counter[str] = Counter()  # experts the scope's use policy left out, by reason

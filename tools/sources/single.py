@@ -67,13 +67,13 @@ def parse_model_url(url: str) -> tuple[str, str, str]:
     raise ValueError(f"{url!r} is neither a Civitai model page (/models/<id>) nor a Hugging Face repo (/<owner>/<repo>)")
 
 
-def url_source(url: str, retry=None) -> OneModelSource:
+def url_source(url: str, retry=None, allowed_hosts=None) -> OneModelSource:
     """The one model a page URL names, fetched from its host's API (a token is sent only to the
     real sites, never to another host)."""
     site, origin, model_id = parse_model_url(url)
     token = None if httpx.URL(origin).host in REAL_HOSTS[site] else ""
     if site == "civitai":
-        client = CivitaiSource(origin, token=token, retry=retry)
+        client = CivitaiSource(origin, token=token, retry=retry, allowed_hosts=allowed_hosts)
         try:
             model, _ = client.api.get_json(f"/api/v1/models/{model_id}", None)
             version = client._pick_version(model, set(), None) if isinstance(model, dict) else None
@@ -83,7 +83,7 @@ def url_source(url: str, retry=None) -> OneModelSource:
         except BaseException:
             client.close()
             raise
-    client = HFSource(origin, token=token, retry=retry)
+    client = HFSource(origin, token=token, retry=retry, allowed_hosts=allowed_hosts)
     try:
         info, _ = client.api.get_json(f"/api/models/{model_id}", {"blobs": "true"})
         record = client.record(info) if isinstance(info, dict) else None

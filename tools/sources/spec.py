@@ -119,9 +119,10 @@ def _parse_head(text: str) -> SourceSpec:
 
 @contextmanager
 def open_sources(spec: str | SourceSpec, *, retry: RetryPolicy | None = None, hub_port: int = 0,
-                 home: Path | None = None) -> Iterator[list[Source]]:
+                 home: Path | None = None, allowed_hosts: tuple[str, ...] | None = None) -> Iterator[list[Source]]:
     """The source clients a spec names, closed (and a registered kind's server stopped) on exit.
-    ``home`` (DIFFGRAPH_HOME) keeps a local folder's hash cache across runs.
+    ``home`` (DIFFGRAPH_HOME) keeps a local folder's hash cache across runs; ``allowed_hosts``
+    (DIFFGRAPH_ALLOWED_HOSTS when None) may be inside the network (destinations.py).
 
     ``hub_port`` pins the port of a kind that serves its own hub (DIFFGRAPH_HUB_PORT), so the
     URLs it publishes (and the catalog stores) are the same from one crawl to the next; 0 takes
@@ -129,14 +130,16 @@ def open_sources(spec: str | SourceSpec, *, retry: RetryPolicy | None = None, hu
     spec = parse_source_spec(spec) if isinstance(spec, str) else spec
     with ExitStack() as stack:
         if spec.kind == "civitai":
-            sources: list[Source] = [CivitaiSource(spec.location, retry=retry, scope=dict(spec.scope))]
+            sources: list[Source] = [CivitaiSource(spec.location, retry=retry, scope=dict(spec.scope),
+                                                   allowed_hosts=allowed_hosts)]
         elif spec.kind == "hf":
-            sources = [HFSource(spec.location, retry=retry, scope=dict(spec.scope))]
+            sources = [HFSource(spec.location, retry=retry, scope=dict(spec.scope), allowed_hosts=allowed_hosts)]
         elif spec.kind == "local":
             sources = [LocalFolderSource(spec.location, hash_cache=home / LOCAL_HASHES if home else None)]
         elif spec.kind in ("url", "file"):
 
-            sources = [url_source(spec.location, retry) if spec.kind == "url" else path_source(spec.location)]
+            sources = [url_source(spec.location, retry, allowed_hosts) if spec.kind == "url"
+                       else path_source(spec.location)]
         else:
             opener = SOURCE_KINDS.get(spec.kind)
             sources = list(stack.enter_context(opener(spec.location, retry=retry, hub_port=hub_port)))
