@@ -277,9 +277,10 @@ def _skip(ctx: Context, state: GCAState, expert_id: str, reason: str) -> dict:
             "failures": [*state.get("failures", []), f"{expert_id}: skipped: {reason}"][:MAX_FAILURES_SHOWN]}
 
 
-def _needs_work(known: tuple | None, record: ExpertRecord) -> bool:
+def _needs_work(known: tuple | None, record: ExpertRecord, held: set[str] = frozenset()) -> bool:
     """Whether a listed expert is new, changed or due again; ``known`` is its work state in the
-    catalog (Catalog.work_states), None for an expert never seen."""
+    catalog (Catalog.work_states), None for an expert never seen; ``held``: the experts that
+    merged ones were merged into and that still hold their file (active or pending)."""
     if known is None or known[0] != record.version:
         return True
     _, status, why, attempts, base_model = known
@@ -288,7 +289,7 @@ def _needs_work(known: tuple | None, record: ExpertRecord) -> bool:
     if status == "rejected" and (why or "").startswith(NO_PROFILE):
         return bases.has_profile(base_model)  # the user has configured that base since
     if status == "removed" and (why or "").startswith(SAME_FILE):
-        return False  # merged into the expert holding its file; a new version is looked at again
+        return _merged_into(why) not in held  # looked at again once that expert is gone (swept, say)
     return status in ("pending", "removed")
 
 
@@ -319,9 +320,11 @@ def _triage(ctx: Context, run_id: int, batch: list[tuple[int, ExpertRecord]]) ->
     records = [r for _, r in batch]
     ctx.store.catalog.mark_listed(run_id, [r.id for r in records])
     known = ctx.store.catalog.work_states([r.id for r in records])
+    twins = {_merged_into(k[2]) for k in known.values() if k[1] == "removed" and (k[2] or "").startswith(SAME_FILE)}
+    held = {i for i, k in ctx.store.catalog.work_states(sorted(twins)).items() if k[1] in ("active", "pending")}
     with ctx.store.catalog.transaction():
         for index, record in batch:
-            if record.id in ctx.seen or record.id in ctx.taken or not _needs_work(known.get(record.id), record):
+            if record.id in ctx.seen or record.id in ctx.taken or not _needs_work(known.get(record.id), record, held):
                 continue  # listed twice (a page boundary shifting under a live sort), done, or not due
             ctx.seen.add(record.id)
             local = all(f.url.startswith("file:") for f in record.files)
@@ -432,6 +435,11 @@ def fetch(state: GCAState, runtime: Runtime[Context]) -> dict:
 def _twin(ctx: Context, expert_id: str, files: list[ExpertFile]) -> str | None:
     """Another active or pending expert holding a verified file with one of these sha256s."""
     return next((i for i in ctx.store.catalog.holders(f.sha256 for f in files if f.sha256) if i != expert_id), None)
+
+
+def _merged_into(reason: str) -> str:
+    """The expert a merged one was merged into, from the reason _same_file wrote."""
+    return reason[len(SAME_FILE):].strip().rsplit(": one expert, another source", 1)[0]
 
 
 def _same_file(ctx: Context, state: GCAState, expert_id: str, twin: str) -> dict:

@@ -741,7 +741,9 @@ def test_the_same_file_from_several_sources_is_one_expert(published, artifacts_d
     """A re-upload of one model's file as another model on the other site, and the user's own
     copy of it in a local folder: one expert, the other two merged into it as its other sources
     (status removed, the reason naming it), with the file downloaded once and described and
-    calibrated once; `graph status` lists the merges and a second pass changes nothing."""
+    calibrated once; `graph status` lists the merges and a second pass changes nothing. Once the
+    expert they were merged into is gone from its source (a pass's sweep), the next pass makes
+    one of them take its place."""
     spec, entry = published["polka-dots"]
     mirror, mirror_entry = _doctor(published, "polka-dots", "polka-dots-mirror")
     mirror = replace(mirror, site="hf" if spec.site == "civitai" else "civitai")
@@ -758,6 +760,16 @@ def test_the_same_file_from_several_sources_is_one_expert(published, artifacts_d
         again, again_log = _pass(hub, home, extra=(f"local:{folder}",))
         assert snapshot(home) == first, again_log
         assert not [r for r in _since(hub, mark) if "/api/download/" in r or "/resolve/" in r]
+        canonical = next(i for i in ids.values() if first.rows.get(i, {}).get("status") == "active")
+        hub.remove_expert(next(slug for slug, i in ids.items() if i == canonical))  # its source drops it
+        gone, gone_log = _pass(hub, home, extra=(f"local:{folder}",))  # its sweep notices
+        assert gone["counts"]["removed"] == 1, gone_log
+        gone, gone_log = _pass(hub, home, extra=(f"local:{folder}",))  # the next pass looks at the others again
+    after = snapshot(home).rows
+    assert after[canonical]["status"] == "removed", gone_log
+    heirs = [i for i in (ids["polka-dots"], ids["polka-dots-mirror"], "local:my polka.safetensors") if i != canonical]
+    assert [after[i]["status"] for i in heirs].count("active") == 1, gone_log  # another source takes its place
+    assert [after[i]["status"] for i in heirs].count("removed") == 1, gone_log  # merged into the new one
     rows = first.rows
     everyone = [ids["polka-dots"], ids["polka-dots-mirror"], "local:my polka.safetensors"]
     assert set(everyone) <= set(rows), sorted(rows)
@@ -773,4 +785,6 @@ def test_the_same_file_from_several_sources_is_one_expert(published, artifacts_d
         from diffgraph.graph_store.status import graph_status
 
         merged = graph_status(store)["merged"]
-    assert sorted(m["id"] for m in merged) == sorted(set(everyone) - set(active)), merged
+    heir = next(i for i in heirs if after[i]["status"] == "active")
+    assert [(m["id"], m["reason"]) for m in merged] == [
+        (i, f"the same file as {heir}: one expert, another source") for i in heirs if i != heir], merged
