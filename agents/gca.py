@@ -252,10 +252,18 @@ def _fail(ctx: Context, state: GCAState, expert_id: str, status: str, reason: st
     reason = one_line(reason)
     ctx.store.set_status(expert_id, status, reason)
     _say(ctx.console, f"  [red]{status}[/] {escape(expert_id)}: {escape(reason)}")
+    return _settled(state, status, f"{expert_id}: {reason}")
+
+
+def _settled(state: GCAState, count: str, failure: str | None = None) -> dict:
+    """The state update of an expert the pass is done with: ``count`` counted, ``failure`` (a
+    line) kept among the first MAX_FAILURES_SHOWN, nothing current."""
     counts = dict(state.get("counts", {}))
-    counts[status] = counts.get(status, 0) + 1
-    return {"current": None, "counts": counts,
-            "failures": [*state.get("failures", []), f"{expert_id}: {reason}"][:MAX_FAILURES_SHOWN]}
+    counts[count] = counts.get(count, 0) + 1
+    update = {"current": None, "counts": counts}
+    if failure is not None:
+        update["failures"] = [*state.get("failures", []), failure][:MAX_FAILURES_SHOWN]
+    return update
 
 
 def _record(ctx: Context, expert_id: str) -> ExpertRecord:
@@ -271,10 +279,7 @@ def _skip(ctx: Context, state: GCAState, expert_id: str, reason: str) -> dict:
     reason = one_line(reason)
     ctx.store.set_status(expert_id, "pending", f"skipped: {reason}")
     _say(ctx.console, f"  [yellow]skipped[/] {escape(expert_id)}: {escape(reason)}; tried again next pass")
-    counts = dict(state.get("counts", {}))
-    counts["skipped"] = counts.get("skipped", 0) + 1
-    return {"current": None, "counts": counts,
-            "failures": [*state.get("failures", []), f"{expert_id}: skipped: {reason}"][:MAX_FAILURES_SHOWN]}
+    return _settled(state, "skipped", f"{expert_id}: skipped: {reason}")
 
 
 def _needs_work(known: tuple | None, record: ExpertRecord, held: set[str] = frozenset()) -> bool:
@@ -327,8 +332,7 @@ def _triage(ctx: Context, run_id: int, batch: list[tuple[int, ExpertRecord]]) ->
             if record.id in ctx.seen or record.id in ctx.taken or not _needs_work(known.get(record.id), record, held):
                 continue  # listed twice (a page boundary shifting under a live sort), done, or not due
             ctx.seen.add(record.id)
-            local = all(f.url.startswith("file:") for f in record.files)
-            if record.base_model != "unknown" and not local and not bases.has_profile(record.base_model):
+            if record.base_model != "unknown" and not _is_local(record) and not bases.has_profile(record.base_model):
                 why = _no_profile(record.declared_base)
                 if ctx.store.upsert_expert(record) == "inserted":  # no vector to relabel
                     ctx.store.catalog.set_status(record.id, "rejected", why)
@@ -399,8 +403,7 @@ def fetch(state: GCAState, runtime: Runtime[Context]) -> dict:
     try:
         for f in record.files:
             store.admit(f)  # a hostile name, a pickle, a size over the limit: refused even as another's source
-        local = all(f.url.startswith("file:") for f in record.files)
-        if not local and (twin := _twin(ctx, expert_id, record.files)):
+        if not _is_local(record) and (twin := _twin(ctx, expert_id, record.files)):
             return _same_file(ctx, state, expert_id, twin)
         for f in record.files:
             path = source.download(f, store)
@@ -432,6 +435,11 @@ def fetch(state: GCAState, runtime: Runtime[Context]) -> dict:
     return {}
 
 
+def _is_local(record: ExpertRecord) -> bool:
+    """A user's own files, read where they are (file: URLs), not downloaded."""
+    return all(f.url.startswith("file:") for f in record.files)
+
+
 def _twin(ctx: Context, expert_id: str, files: list[ExpertFile]) -> str | None:
     """Another active or pending expert holding a verified file with one of these sha256s."""
     return next((i for i in ctx.store.catalog.holders(f.sha256 for f in files if f.sha256) if i != expert_id), None)
@@ -451,9 +459,7 @@ def _same_file(ctx: Context, state: GCAState, expert_id: str, twin: str) -> dict
     bytes it would serve must be those bytes, or its download would be refused."""
     ctx.store.set_status(expert_id, "removed", f"{SAME_FILE} {twin}: one expert, another source")
     _say(ctx.console, f"  [cyan]merged[/] {escape(expert_id)} into {escape(twin)}: the same file")
-    counts = dict(state.get("counts", {}))
-    counts["merged"] = counts.get("merged", 0) + 1
-    return {"current": None, "counts": counts}
+    return _settled(state, "merged")
 
 
 NO_PROFILE = "no base-model profile"  # how a rejection for a base nothing can render begins: retried once one exists
