@@ -73,45 +73,25 @@ def review(store: GraphStore, candidates: list[select.Pick], base_model: str) ->
     return select.prune(store, [c for c in candidates if select.relevant(store, c, base_model)])
 
 
-def _api_claim(record: ExpertRecord) -> str:
-    """The source's own description: its first sentences free of instructions, links and code,
-    from paragraphs that carry no instruction."""
-    lines = [line for line in html_to_lines(record.source_description) if not injection.instruction_like(line)]
-    return injection.clean_sentences(" ".join(lines))
-
-
-def _page_claim(page) -> str:
-    """The page's own description: its first prose paragraph (not a tag list, not a prompt)."""
-    if page is None:
-        return ""
-    prompts = set(page.example_prompts)
-    for para in re.split(r"\n\s*\n|\n", page.visible_text):
-        para = para.strip()
-        if len(para) < 25 or para in prompts or para.count(",") >= 3 or not re.search(r"[.!]$", para):
-            continue
-        claim = injection.clean_sentences(para)
-        if claim:
-            return claim
-    return ""
-
-
 GENERIC_TAGS = {"lora", "checkpoint", "style", "base model", "sd", "stable diffusion", "text-to-image", "diffusers",
                 "safetensors", "template:sd-lora", "region:us"}
 
 
 def offline_description(record: ExpertRecord, page) -> SkillDescription:
     """The offline brain: a description assembled from the source's fields and the page's
-    structured fields, plus the first prose sentences of the page's description that pass the
-    instruction filter (hidden text never reaches here: the reader returns visible text only)."""
+    structured fields, plus the first descriptive sentences of the source's description or, without
+    one, of the page (injection.claim: never a sentence addressed to a reader; hidden text never
+    reaches here, the reader returns visible text only)."""
     tags = [t for t in dict.fromkeys([*record.tags, *(page.tags if page else [])])
             if t.lower() not in GENERIC_TAGS and ":" not in t and t.lower() != record.base_model.lower()
             and not injection.suspicious(t)]
     name = injection.display_name(record)
-    claim = _api_claim(record) or _page_claim(page) or name
+    claim = (injection.claim(html_to_lines(record.source_description), field=True)
+             or injection.claim(page.visible_text.split("\n") if page else (), skip=page.example_prompts if page else ())
+             or name)
     kind = "LoRA adapter" if record.kind == "lora" else "full checkpoint"
     base = record.base_model if not injection.suspicious(record.base_model) else "its base model"
-    triggers = [t for t in dict.fromkeys([*record.trigger_words, *(page.trigger_words if page else [])])
-                if not injection.suspicious(t)]
+    triggers = injection.listed_triggers(record, page)
     return SkillDescription(
         summary=f"{name} ({kind} for {base}): {claim}",
         skills=tags[:injection.MAX_ITEMS], visual_attributes=[w for w in triggers if w][:injection.MAX_ITEMS], trigger_words=triggers[:injection.MAX_ITEMS],

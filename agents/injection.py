@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from diffgraph.graph_store.records import ExpertRecord
-from diffgraph.tools.page_text import html_to_lines, strip_invisible
+from diffgraph.tools.page_text import extract_fields, html_to_lines, label_kind, strip_invisible, trigger_words
 
 if TYPE_CHECKING:
     from .prompts import SkillDescription
@@ -175,11 +175,160 @@ def _content(text: str) -> list[str]:
     return [w for w in re.findall(r"[a-z][a-z0-9]+", skeleton(text).lower()) if len(w) > 2 and w not in STOPWORDS]
 
 
+# ----------------------------------------------------------------------------- descriptive sentences
+# A description states what a model does or shows; a sentence addressed to someone asks its
+# reader to do something. Only the first kind may be stated as an expert's skill, whatever the
+# words it uses, so the test is on the grammar of the sentence, not on what it asks for:
+#
+# - an imperative: a clause opening with a verb in its base form ("Describe ...", "Call it
+#   ...", "Please note that ..."), told by an English lexicon (lemminflect); a verb that is
+#   also a noun or adjective ("Paint", "Light") counts only when an object or a word the
+#   lexicon does not know follows;
+# - an obligation or a request (should, must, needs to, is to be, make sure, you will ...);
+# - a vocative to a machine reader or a processing role ("Dear crawler", "AI agents:",
+#   "models reading this"), or talk about the text and what is done with it (this page, the
+#   summary, metadata, describe, index, classify, respond ...) or an action a reader would
+#   take (fetch, download, visit, call a tool, a URL ...);
+# - and everything after such a sentence in the same paragraph: an address runs on.
+# What remains are third-person statements; an instruction that slips through them anyway is
+# still caught by ``instruction_like``.
+
+_MACHINES = (r"(ai|a\.i\.|llms?|gpts?|chatgpt|claude|gemini|assistants?|agents?|bots?|chatbots?|crawlers?|scrapers?"
+             r"|spiders?|indexers?|summari[sz]ers?|parsers?)")
+_ROLES = rf"({_MACHINES[1:-1]}|pipelines?|readers?|reviewers?|moderators?|machines?|(language )?models?|systems?|tools?)"
+_VOCATIVE = re.compile(
+    rf"^(all\s+|any\s+|the\s+)?(\w+\s+)?{_MACHINES}\s*[,:;!\u2014]"
+    rf"|\b(dear|hey|hi|hello|attention|note (to|for)|message (to|for)|calling|instructions for)[\s,:]+(\w+\s+){{0,2}}"
+    rf"{_ROLES}\b"
+    rf"|\b{_ROLES}\s+(that|which|who)?\s*(are\s+|is\s+)?(read|process|summar|index|crawl|scrap|pars|ingest|view"
+    rf"|visit|analy[sz])\w*",
+    re.IGNORECASE)
+_OBLIGATION = re.compile(
+    r"\b(should|must|shall|ought|needs? to|needed to|ha(s|ve) to|(is|are|be) to be|required to|instructed|expected to"
+    r"|supposed to|asked to|make sure|be sure|remember to|do not|don'?t|please|kindly"
+    r"|you('ll| will| are going to| are to| can now))\b",
+    re.IGNORECASE)
+_ABOUT_THE_TEXT = re.compile(
+    r"\b(this|the following|the above|the below|above|below)\s+(page|text|document|post|card|listing|entry|content"
+    r"|message|section|note|readme|information|paragraph|passage)\b"
+    r"|\b(summar\w*|describ\w*|descriptions?|metadata|json|schema|instructions?|directives?|classif\w*"
+    r"|categori[sz]\w*|indexe[sd]|indexing|crawl\w*|scrap(e|es|ed|ing|er|ers)|pars(e|es|ed|ing|er)|respond\w*"
+    r"|repl(y|ies|ying)|answer\w*|fetch\w*|download\w*|visit\w*|navigat\w*|install\w*|execut\w*|invok\w*"
+    r"|click\w*|regist(er|ers|ered|ering|ry)|add_expert|tool_?calls?|functions?|api|endpoints?|urls?|links?|websites?"
+    r"|commands?|scripts?|skills?|fields|visual[ _]attributes?|trigger[ _]words?|caveats?)\b",
+    re.IGNORECASE)
+_LEADERS = frozenset("please kindly now just simply also then and so first next finally always never do don't dont "
+                     "not to".split())
+_OBJECTS = frozenset("this that these those it its them me us him her the a an all every any each some my our their "
+                     "his out up off away down".split())
+# Words the lexicon has no entry for although they are English (it lists content words only).
+_FUNCTION_WORDS = frozenset("and or but nor of with without for to in on at by from as than so yet into onto over under "
+                            "about after before around behind between through across along per via plus".split())
+_LABEL = re.compile(r"^\s*([^:.!?]{1,40}?)\s*[:\uff1a]\s+(?=\S)")
+MAX_CLAIM_CHARS = 260
+
+
+def _imperative(clause: str, strict: bool = False) -> bool:
+    """Does ``clause`` open with a verb in its base form (an order to its reader)? ``strict``:
+    only a word that is nothing but a verb ("Describe", not "Perfect"), for clauses after a comma."""
+    from lemminflect import getAllLemmas  # its lexicon loads on first use (~1 s)
+
+    words = re.findall(r"[a-z][a-z']*", skeleton(clause).lower())
+    while words and words[0] in _LEADERS:
+        words.pop(0)
+    if not words:
+        return False
+    lemmas = getAllLemmas(words[0])
+    if words[0] not in lemmas.get("VERB", ()):
+        return False
+    if set(lemmas) <= {"VERB"} or strict:
+        return set(lemmas) <= {"VERB"}
+    # "Paint splashes" is a noun phrase, "Paint the wall" and "Paint ohwx cats" are orders.
+    return len(words) > 1 and (words[1] in _OBJECTS or (words[1] not in _FUNCTION_WORDS and not getAllLemmas(words[1])))
+
+
+def addressed(sentence: str) -> bool:
+    """Does ``sentence`` speak to a reader (see above) instead of describing the model?"""
+    text = skeleton(sentence)
+    if _VOCATIVE.search(text) or _OBLIGATION.search(text) or instruction_like(sentence):
+        return True
+    label = _LABEL.match(text)  # "Description: ..." names a field; a longer lead-in is part of the sentence
+    body = text[label.end():] if label and len(label.group(1).split()) <= 2 else text
+    if _ABOUT_THE_TEXT.search(body):
+        return True
+    clauses = re.split(r"[:;\u2014]|\s-\s", body)
+    return any(_imperative(c) for c in clauses) or any(_imperative(c, strict=True) for c in re.split(r",", body)[1:])
+
+
+def _prose(sentence: str, field: bool = False) -> bool:
+    """A sentence, not a title, tag list, prompt or field ("Trigger words: x."): one that ends
+    like a sentence, or a long run of mostly lower-case words (a description without its full
+    stop, or cut short by the page's size limit); with many commas only when it ends like a
+    sentence. In a description ``field`` (an API's or a sidecar's), where nothing else stands,
+    a short phrase is one too ("neon glow outlines")."""
+    words = re.findall(r"[^\W\d_][\w'-]*", sentence)
+    label = _LABEL.match(sentence)
+    if len(words) < (2 if field else 3) or len(sentence) < 8 or suspicious(sentence) or (
+            label and label_kind(label.group(1))):
+        return False
+    if field or re.search(r"[.!?\u2026]$", sentence):
+        return True
+    return sentence.count(",") < 3 and len(words) >= 6 and sum(w[0].islower() for w in words) >= 0.6 * len(words)
+
+
+def sentences(paragraph: str) -> list[str]:
+    return [s.strip() for s in re.split(r"(?<=[.!?])\s+", " ".join(str(paragraph).split())) if s.strip()]
+
+
+def split_paragraph(paragraph: str, field: bool = False) -> tuple[list[str], list[str]]:
+    """(descriptive sentences, the rest) of one paragraph: sentences up to the first addressed
+    one that are prose (``_prose``); that one and all after it are the rest."""
+    kept: list[str] = []
+    ss = sentences(paragraph)
+    for i, sentence in enumerate(ss):
+        if addressed(sentence):
+            return kept, [s for s in ss[:i] if s not in kept] + ss[i:]
+        if _prose(sentence, field):
+            kept.append(sentence)
+    return kept, [s for s in ss if s not in kept]
+
+
+def claim(paragraphs, skip=(), field: bool = False) -> str:
+    """The first descriptive sentences (at most two, at most MAX_CLAIM_CHARS) of the first
+    paragraph that has any; paragraphs in ``skip`` (example prompts, tags) are not prose;
+    ``field``: the paragraphs are a description field's (``_prose``)."""
+    skip = {" ".join(s.split()) for s in skip}
+    for paragraph in paragraphs:
+        if " ".join(paragraph.split()) in skip:
+            continue
+        kept, _ = split_paragraph(paragraph, field)
+        if kept:
+            out = kept[0]
+            if len(kept) > 1 and len(out) + 1 + len(kept[1]) <= MAX_CLAIM_CHARS:
+                out += " " + kept[1]
+            if len(out) > MAX_CLAIM_CHARS:
+                out = out[:MAX_CLAIM_CHARS].rsplit(" ", 1)[0].rstrip(",;:") + "\u2026"
+            return out
+    return ""
+
+
+def listed_triggers(record: ExpertRecord, page) -> list[str]:
+    """The trigger words the source, its description and the page list, in that order: only
+    ones shaped like trigger words (tools.page_text.trigger_words) and free of instructions."""
+    found = [*record.trigger_words, *extract_fields(None, "\n".join(html_to_lines(record.source_description)),
+                                                    "text/plain").trigger_words]
+    if page is not None:
+        found += page.trigger_words
+    return [t for t in dict.fromkeys(trigger_words(found)) if not suspicious(t)][:MAX_ITEMS]
+
+
 @dataclass(frozen=True)
 class Evidence:
-    """What the source and the page say, split by trust: ``trusted`` stems come from lines that
-    carry no instruction, ``tainted`` stems only from lines that do, ``listed`` holds the
-    trigger words the source or page lists (instruction-like ones left out)."""
+    """What the source and the page say, split by trust: ``trusted`` stems come from structured
+    fields (name, tags, trigger words, base model, example prompts) free of instructions and
+    from descriptive sentences; ``tainted`` stems only from everything else the page shows
+    (sentences addressed to a reader, instructions, UI text); ``listed`` holds the trigger
+    words (see ``listed_triggers``)."""
 
     trusted: frozenset[str]
     tainted: frozenset[str]
@@ -187,17 +336,22 @@ class Evidence:
 
 
 def evidence(record: ExpertRecord, page) -> Evidence:
-    lines = [record.name, record.base_model, *html_to_lines(record.source_description), *record.tags,
-             *record.trigger_words]
-    triggers = list(record.trigger_words)
+    fields = [record.name, record.base_model, *record.tags, *record.trigger_words]
     if page is not None:
-        lines += [page.title or "", *page.visible_text.split("\n"), *page.tags, *page.trigger_words]
-        triggers += list(page.trigger_words)
+        fields += [page.title or "", page.base_model or "", *page.tags, *page.trigger_words, *page.example_prompts]
     trusted: set[str] = set()
     tainted: set[str] = set()
-    for line in lines:
+    for line in fields:
         (tainted if instruction_like(line) else trusted).update(_words(line))
-    listed = {skeleton(t).lower() for t in triggers if t and not suspicious(t)}
+    paragraphs = [(p, True) for p in html_to_lines(record.source_description)]
+    paragraphs += [(p, False) for p in (page.visible_text.split("\n") if page else ())]
+    for paragraph, field in paragraphs:
+        kept, rest = split_paragraph(paragraph, field)
+        for sentence in kept:
+            trusted.update(_words(sentence))
+        for sentence in rest:
+            tainted.update(_words(sentence))
+    listed = {skeleton(t).lower() for t in listed_triggers(record, page)}
     return Evidence(frozenset(trusted), frozenset(tainted - trusted), frozenset(listed))
 
 
@@ -208,7 +362,7 @@ def _unsupported(text: str, ev: Evidence) -> str | None:
         return "names nothing the page shows"
     stems = {_stem(w) for w in words}
     if stems & ev.tainted:
-        return f"uses words the page shows only inside instructions ({', '.join(sorted(stems & ev.tainted))})"
+        return f"uses words the page shows only outside its description ({', '.join(sorted(stems & ev.tainted))})"
     unsupported = sorted({w for w in words if _stem(w) not in ev.trusted and w not in GENERIC})
     if unsupported:
         return f"not supported by the page ({', '.join(unsupported[:4])})"
@@ -269,15 +423,6 @@ def keep_facts(desc: dict, dropped: list[str], facts: dict) -> tuple[dict, list[
             desc[key] = list(facts[key])
             dropped = [*dropped, f"{key}: empty after validation; the offline brain's items used"]
     return desc, dropped
-
-
-def clean_sentences(text: str, limit: int = 2) -> str:
-    """Up to ``limit`` sentences of one paragraph, or "" if any sentence of it reads like an
-    instruction (a paragraph that talks to the reader is not a description of the expert)."""
-    sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", " ".join(text.split())) if s.strip()]
-    if any(instruction_like(s) for s in sentences):
-        return ""
-    return " ".join([s for s in sentences if not suspicious(s) and 15 < len(s) < 200][:limit])
 
 
 def display_name(record: ExpertRecord) -> str:

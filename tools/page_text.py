@@ -202,7 +202,7 @@ def _has_text(child: Node | str) -> bool:
 _LABELS = {
     "trigger_words": re.compile(
         r"(trigger|activation|trained|instance)[ _-]?(words?|phrases?|tokens?|prompts?|tags?|text)"
-        r"|trigger ?word\(s\)|triggers?"),
+        r"|trigger ?word\(s\)|triggers?|activation"),
     "base_model": re.compile(r"base[ _-]?models?|(fine[ -]?tuned|trained|based) (from|on)"),
     "tags": re.compile(r"(model )?tags?|keywords"),
     "example_prompts": re.compile(r"((example|sample|widget|demo|showcase)[ _-]?)?prompts?|positive prompt"),
@@ -222,7 +222,7 @@ _UI_WORDS = {"copy", "copied", "copy prompt", "show more", "see more", "show les
              "collapse", "edit", "share", "download", "like", "follow", "report", "view", "..."}
 _LORA_TAG = re.compile(r"<lora:[^:<>\s]+(?::[-+]?\d*\.?\d+)?>", re.I)
 _USE_TO_TRIGGER = re.compile(r"\buse\s+(.{1,200}?)\s+to\s+trigger\b", re.I)
-_INLINE_LABEL = re.compile(r"^\s*([A-Za-z][A-Za-z ()_-]{1,30}?)\s*[:：]\s*(.+)$")
+_INLINE_LABEL = re.compile(r"^\s*[*_]{0,2}([A-Za-z][A-Za-z ()_-]{1,30}?)[*_]{0,2}\s*(?:[:：]|\s[-\u2013\u2014])\s*(.+)$")
 
 LIMITS = {"trigger_words": (32, 100), "example_prompts": (24, 1000), "tags": (64, 60), "base_model": (1, 120)}
 
@@ -323,18 +323,49 @@ def _split_list(text: str) -> list[str]:
     return [p.strip(" .;`'\"") for line in text.split("\n") for p in re.split(r"[,;]", line)]
 
 
+# A trigger word is a token or a short phrase: word characters with inner spaces, dots,
+# apostrophes and hyphens. Quotes, brackets, braces, colons and the like are field syntax, and a
+# value showing them is a break-out attempt (``teal"], "skills": ["x``): that part and the rest
+# of its value are not trigger words, whatever they spell once the punctuation is stripped.
+_TRIGGER_SHAPE = re.compile(r"\w[\w.'\u2019-]*( [\w.'\u2019-]+){0,4}")
+_FIELD_SYNTAX = re.compile(r"[\"\u201c\u201d\u201e{}\[\]<>:=\\|`*#]")
+_QUOTED = re.compile(r"^([\"'`\u201c])(.*)([\"'`\u201d])$")
+MAX_TRIGGER_CHARS = 48
+
+
+def trigger_words(values: Iterable[str]) -> list[str]:
+    """The trigger words in ``values`` (each a chip, a field or a comma-separated list, which ends
+    with its sentence): split at commas, semicolons and line breaks, one pair of enclosing quotes
+    or backticks removed; a value ends where field syntax first shows (see above), the words
+    before it kept."""
+    out: list[str] = []
+    for value in values:
+        for part in re.split(r"[,;\n]", re.split(r"\.\s", str(value), maxsplit=1)[0]):
+            part = " ".join(part.split()).strip(" .")
+            quoted = _QUOTED.match(part)
+            if quoted and (quoted.group(1) + quoted.group(3)) in ('""', "''", "``", "\u201c\u201d"):
+                part = quoted.group(2).strip()
+            syntax = _FIELD_SYNTAX.search(part)
+            head = part[:syntax.start()].strip(" .") if syntax else part
+            if head and len(head) <= MAX_TRIGGER_CHARS and _TRIGGER_SHAPE.fullmatch(head):
+                out.append(head)
+            if syntax:
+                break
+    return out
+
+
 def _values(kind: str, region: list[Node | str]) -> list[str]:
     """The values of one field from the region its label names."""
     items = _items(region)
     text = _region_text(region)
     if kind == "trigger_words":
         if items:
-            return items
+            return trigger_words(items)
         m = _USE_TO_TRIGGER.search(text)
         if m:
-            return _split_list(re.sub(r"\s+and\s+", ",", m.group(1)))
+            return trigger_words([re.sub(r"\s+and\s+", ",", m.group(1))])
         parts = _split_list(text)
-        return parts if all(len(p.split()) <= 6 for p in parts) else []
+        return trigger_words([text]) if all(len(p.split()) <= 6 for p in parts) else []
     if kind == "tags":
         return items or _split_list(text)
     if kind == "base_model":
@@ -375,8 +406,7 @@ def extract_fields(tree: Node | None, text: str, content_type: str = "text/html"
     card = _front_matter(text) if (content_type.startswith("text/") and not content_type.endswith("html")) else None
     if card:
         found["base_model"] += _scalar_list(card.get("base_model"))
-        for prompt in _scalar_list(card.get("instance_prompt")):
-            found["trigger_words"] += _split_list(prompt)
+        found["trigger_words"] += trigger_words(_scalar_list(card.get("instance_prompt")))
         for item in card.get("widget") or []:
             if isinstance(item, dict):
                 found["example_prompts"] += _scalar_list(item.get("text"))
@@ -415,10 +445,11 @@ def extract_fields(tree: Node | None, text: str, content_type: str = "text/html"
         m = _INLINE_LABEL.match(line)
         kind = label_kind(m.group(1)) if m else None
         if kind and not found[kind]:
-            found[kind] += _split_list(m.group(2)) if kind in ("trigger_words", "tags") else [m.group(2)]
+            found[kind] += (trigger_words([m.group(2)]) if kind == "trigger_words" else _split_list(m.group(2))
+                            if kind == "tags" else [m.group(2)])
     if not found["trigger_words"]:
         for m in _USE_TO_TRIGGER.finditer(text):
-            found["trigger_words"] += _split_list(re.sub(r"\s+and\s+", ",", m.group(1)))
+            found["trigger_words"] += trigger_words([re.sub(r"\s+and\s+", ",", m.group(1))])
     if not found["example_prompts"]:
         found["example_prompts"] += [line for line in lines if _LORA_TAG.search(line) and len(line) <= 1000]
     if not found["base_model"]:
