@@ -9,12 +9,15 @@ an instruction hidden in that data:
   or code survives. Instructions are recognised after folding what hides them from a pattern:
   NFKC, invisible characters removed, Cyrillic/Greek look-alike letters mapped to Latin,
   right-to-left reversal, base64-encoded text decoded;
-- the page is split into *evidence*: words of its lines that carry no instruction are trusted;
-  words that appear only inside instruction-like lines (or in words mixing scripts, a homoglyph
-  trick) are tainted;
+- the page is split into *evidence*: structured fields (name, tags, trigger words, base model,
+  example prompts) free of instructions, and *descriptive sentences*, the ones that state what
+  the model does rather than speak to a reader (see "descriptive sentences" below), are
+  trusted; words the page shows only elsewhere (sentences addressed to a reader, agent, model
+  or tool, instructions, UI text, words mixing scripts) are tainted;
 - every list item must be made of trusted words (or a few generic descriptive words), and may
-  not use a tainted one; trigger words must be ones the source or page lists; the summary
-  obeys the same rule, else the offline brain's summary replaces it.
+  not use a tainted one; trigger words must be ones the source or page lists, shaped like
+  trigger words; the summary obeys the same rule, else the offline brain's summary (its claim
+  drawn from descriptive sentences only) replaces it.
 
 So an instruction can reach the LLM, and the LLM can obey it, but what it adds is either words
 the page shows only inside the instruction (tainted), words the page does not show at all

@@ -40,10 +40,11 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("GRADIO_SSR_MODE", "False")
 
 from fastapi import FastAPI, Request  # noqa: E402
+from fastapi import Path as PathParam  # noqa: E402
 from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import FileResponse, JSONResponse  # noqa: E402
 
-from diffgraph.errors import DiffGraphError, describe, reason  # noqa: E402
+from diffgraph.errors import DiffGraphError, describe, one_line, reason  # noqa: E402
 from diffgraph.families import label  # noqa: E402
 from diffgraph.files import atomic_write_bytes  # noqa: E402
 from diffgraph.graph_store.status import graph_status
@@ -60,10 +61,25 @@ MAX_BODY = 64 * 1024  # an image request is a few hundred bytes; a larger body i
 MAX_API_PROMPT = 4000  # as OpenAI's; the renderer reads the first 400 characters (see chat.MAX_PROMPT_CHARS)
 MAX_SIDE = 1024
 # OpenAI's own image models, which OpenAI clients send by default: they mean "the server's base"
+# OpenAI's image request as this server reads it (the OpenAPI schema at /v1/openapi.json): the
+# bounds are checked by _validate, which answers one-line 400s for anything outside them.
+IMAGE_REQUEST = {
+    "type": "object", "required": ["prompt"],
+    "properties": {
+        "prompt": {"type": "string", "minLength": 1, "maxLength": MAX_API_PROMPT},
+        "n": {"type": "integer", "minimum": 1, "maximum": MAX_N, "default": 1},
+        "size": {"type": "string", "pattern": r"^(auto|\d{2,4}x\d{2,4})$", "example": "256x256",
+                 "description": f"WIDTHxHEIGHT, sides from 16 to {MAX_SIDE}; rendered at the base's size, then scaled"},
+        "response_format": {"type": "string", "enum": ["url", "b64_json"], "default": "url"},
+        "seed": {"type": "integer", "minimum": 0, "maximum": 2**32 - 1},
+        "model": {"type": "string", "description": "a base model /v1/models lists (OpenAI's model names: the default)"},
+    },
+}
 OPENAI_IMAGE_MODELS = frozenset({"dall-e-2", "dall-e-3", "gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5"})
 MAX_WAITING = 32  # image requests queued behind the one being served; more are refused with 503
 INDEX_SIZE = 4096  # image ids -> paths remembered; older ones are found on disk again
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,80}$")
+IMAGE_ID = PathParam(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,84}$", description="an image id (.png may follow)")
 
 CSS = """
 #last-image img, #gallery img, #chat img { image-rendering: pixelated; }
@@ -78,8 +94,12 @@ CSS = """
 
 
 class APIError(Exception):
+    """An OpenAI-shaped error answer. Its message is one bounded line, whatever value of the
+    request it quotes."""
+
     def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
                  code: str | None = None, headers: dict | None = None):
+        message = one_line(message)
         super().__init__(message)
         self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
         self.headers = headers
@@ -379,7 +399,8 @@ def create_app(settings: Settings | None = None, *, agent: ChatAgent | None = No
         param = ".".join(str(p) for p in first.get("loc", [])[1:]) or None
         return APIError(400, f"invalid request: {first.get('msg', 'malformed')}", param).response()
 
-    @app.post("/v1/images/generations")
+    @app.post("/v1/images/generations", openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": IMAGE_REQUEST}}}})
     async def images_generations(request: Request):
         from starlette.concurrency import run_in_threadpool
 
@@ -415,7 +436,7 @@ def create_app(settings: Settings | None = None, *, agent: ChatAgent | None = No
         return {"created": int(time.time()), "data": data}
 
     @app.get("/v1/images/{image_id}/recipe")
-    def image_recipe(image_id: str, request: Request):
+    def image_recipe(request: Request, image_id: str = IMAGE_ID):
         path = api.find(image_id)
         if path is None:
             raise APIError(404, f"no image {image_id!r} on this server", "image_id", code="not_found")
@@ -431,7 +452,7 @@ def create_app(settings: Settings | None = None, *, agent: ChatAgent | None = No
                 "recipe": data.get("recipe"), "explanation": data.get("explanation"), "parameters": parameters}
 
     @app.get("/v1/images/{image_id}")
-    def image_file(image_id: str):
+    def image_file(image_id: str = IMAGE_ID):
         path = api.find(image_id)
         if path is None:
             raise APIError(404, f"no image {image_id!r} on this server", "image_id", code="not_found")

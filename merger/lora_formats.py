@@ -76,6 +76,7 @@ from dataclasses import dataclass
 
 import torch
 
+from diffgraph.errors import describe
 from diffgraph.families import ADAPTED_COMPONENTS, label
 
 from .merge import MergeError
@@ -575,6 +576,15 @@ def prepare_lora(state_dict: Mapping[str, torch.Tensor], family: str | None, *, 
     if any(k.endswith(".dora_scale") or ".lora_magnitude_vector" in k for k in sd):
         raise MergeError("DoRA LoRA (dora_scale / lora_magnitude_vector): not supported, its delta is not (alpha/rank)·B·A")
     check_family(sd, family)
+    try:
+        return _converted(state_dict, sd, fmt, family, unet_config, components, peft_config)
+    except MergeError:
+        raise
+    except (KeyError, IndexError, ValueError, RuntimeError, TypeError) as exc:  # half a pair, a tensor of the wrong rank
+        raise MergeError(f"malformed {fmt} LoRA: {describe(exc)}") from None
+
+
+def _converted(state_dict, sd: dict, fmt: str, family: str | None, unet_config, components, peft_config) -> PreparedLora:
     changed = False
     if family in ("sd15", "sdxl") and _is_kohya(list(sd)) and any(
             re.match(r"lora_unet_(input_blocks|middle_block|output_blocks|out_[02]|time_embed_|label_emb_)", k) for k in sd):

@@ -41,4 +41,4 @@ def read_recipe(path: Path) -> MergeRecipe:
         text = im.info.get(RECIPE_KEY)
     if text is None:
         raise ValueError(f"{Path(path).name} carries no DiffGraph recipe (no '{RECIPE_KEY}' PNG text chunk)")
-    return MergeRecipe.from_dict(json.loads(text)["recipe"])
+    return MergeRecipe.from_json(text)

@@ -15,9 +15,9 @@ import copy
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
-from diffgraph.errors import DiffGraphError
+from diffgraph.errors import DiffGraphError, one_line
 
 BASE = "base"  # a checkpoint entry with this name means "the base model's own weights"; a LoRA entry, "no delta"
 LN2 = math.log(2.0)
@@ -25,6 +25,41 @@ LN2 = math.log(2.0)
 
 class AtFullWeight(DiffGraphError, ValueError):
     """"More of" an expert that already has all the weight its rule allows."""
+
+
+class RecipeError(DiffGraphError, ValueError):
+    """Recipe JSON that is not a recipe (it comes from PNGs and files anyone may hand over)."""
+
+
+MAX_RECIPE_CHARS = 1_000_000  # a recipe is a few KB; PNG text chunks and metadata can be far larger
+_KINDS = {"str": (str,), "int": (int,), "float": (int, float)}
+
+
+def _checked(cls, d, where: str) -> dict:
+    """``d`` as keyword arguments of dataclass ``cls``: a JSON object whose keys are its fields
+    and whose values have the fields' types (numbers finite), else RecipeError."""
+    if not isinstance(d, dict):
+        raise RecipeError(f"{where} must be a JSON object, not {type(d).__name__}")
+    names = {f.name: str(f.type) for f in fields(cls)}
+    unknown = sorted(set(d) - set(names))
+    if unknown:
+        raise RecipeError(f"{where} has unknown field {unknown[0][:40]!r}")
+    missing = [f.name for f in fields(cls) if f.name not in d and f.default is MISSING and f.default_factory is MISSING]
+    if missing:
+        raise RecipeError(f"{where} has no {missing[0]}")
+    for name, kind in names.items():
+        if name not in d or kind.startswith("list"):
+            continue
+        value, base = d[name], kind.split(" | ")[0]
+        if value is None and kind.endswith("| None"):
+            continue
+        ok = isinstance(value, _KINDS[base]) and not isinstance(value, bool)
+        if ok and base != "str" and not math.isfinite(value):
+            ok = False
+        if not ok:
+            raise RecipeError(f"{where}.{name} must be { {'float': 'a finite number', 'int': 'an integer', 'str': 'a string'}[base]}"
+                              f"{' or null' if kind.endswith('| None') else ''}")
+    return d
 
 
 @dataclass
@@ -176,10 +211,29 @@ class MergeRecipe:
 
     @classmethod
     def from_dict(cls, d: dict) -> "MergeRecipe":
-        d = {k: v for k, v in d.items() if k != "effective"}
-        d["checkpoints"] = [ExpertWeight(**c) for c in d.get("checkpoints", [])]
-        d["loras"] = [ExpertWeight(**c) for c in d.get("loras", [])]
+        """The recipe ``to_dict`` wrote (its "effective" weights are derived, so ignored); any
+        other shape raises RecipeError."""
+        d = _checked(cls, {k: v for k, v in d.items() if k != "effective"} if isinstance(d, dict) else d, "recipe")
+        for key in ("checkpoints", "loras"):
+            if not isinstance(d.get(key, []), list):
+                raise RecipeError(f"recipe.{key} must be a list")
+            d[key] = [ExpertWeight(**_checked(ExpertWeight, c, f"recipe.{key}[{i}]"))
+                      for i, c in enumerate(d.get(key, []))]
         return cls(**d)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "MergeRecipe":
+        """A recipe from JSON text: the object itself, or one holding it under "recipe" (as
+        PNGs and exports do); anything else raises RecipeError."""
+        if len(text) > MAX_RECIPE_CHARS:
+            raise RecipeError(f"recipe JSON is {len(text):,} characters; a recipe is at most {MAX_RECIPE_CHARS:,}")
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError) as exc:  # RecursionError: "[[[[..." nested past Python's stack
+            raise RecipeError(f"recipe is not valid JSON ({one_line(exc, 120)})") from None
+        if isinstance(data, dict) and isinstance(data.get("recipe"), dict):
+            data = data["recipe"]
+        return cls.from_dict(data)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

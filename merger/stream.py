@@ -842,4 +842,4 @@ def read_recipe_metadata(path: str | os.PathLike):
     """The MergeRecipe stored in a merged file's metadata (None when there is none)."""
 
     text = read_header(path).metadata.get(RECIPE_METADATA_KEY)
-    return None if text is None else MergeRecipe.from_dict(json.loads(text))
+    return None if text is None else MergeRecipe.from_json(text)

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -51,8 +50,7 @@ def load_recipe(source: str | Path) -> MergeRecipe:
             if recipe is None:
                 raise ExportError(f"{source.name} carries no DiffGraph recipe (no '{RECIPE_METADATA_KEY}' metadata)")
             return recipe
-        data = json.loads(source.read_text())
-        return MergeRecipe.from_dict(data.get("recipe", data))
+        return MergeRecipe.from_json(source.read_text())
     except ExportError:
         raise
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
