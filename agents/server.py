@@ -397,6 +397,8 @@ def create_app(settings: Settings | None = None, *, agent: ChatAgent | None = No
     async def _validation(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         param = ".".join(str(p) for p in first.get("loc", [])[1:]) or None
+        if param == "image_id":  # a name no image can have: not here, as for any other unknown id
+            return APIError(404, f"no image {first.get('input')!r} on this server", param, code="not_found").response()
         return APIError(400, f"invalid request: {first.get('msg', 'malformed')}", param).response()
 
     @app.post("/v1/images/generations", openapi_extra={"requestBody": {"required": True, "content": {

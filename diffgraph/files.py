@@ -11,7 +11,9 @@ at.
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -69,3 +71,21 @@ def size_text(n: int | float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.2f} {unit}" if unit == "GiB" else f"{n / scale:.1f} {unit}"
     return f"{n / 2**10:.1f} KiB"
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Is ``exc`` the filesystem running out of space (ENOSPC, or a quota: EDQUOT)? Rust
+    writers (safetensors) report it as their own error type, naming the OS error code."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(exc)
+    return "StorageFull" in text or f"code: {errno.ENOSPC}," in text or "No space left on device" in text
+
+
+def free_bytes(directory: str | Path) -> int:
+    """Free space for an unprivileged writer on the filesystem holding ``directory`` (or the
+    nearest existing parent)."""
+    path = Path(directory)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free

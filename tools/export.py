@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from diffgraph.errors import DiffGraphError, reason
 from diffgraph.families import family_of
-from diffgraph.files import atomic_path
+from diffgraph.files import atomic_path, disk_full, free_bytes, size_text
 from diffgraph.graph_store.store import GraphStore
 from diffgraph.merger.a1111 import A1111Prompt, recipe_to_a1111
 from diffgraph.merger.ldm_keys import FAMILIES as ORIGINAL_LAYOUTS
@@ -90,6 +90,16 @@ def export_checkpoint(source: str | Path | MergeRecipe, out: str | Path, half: b
     tensors = diffusers_to_ldm(weights, family) if family in ORIGINAL_LAYOUTS else weights
     dtype = torch.float16 if half else torch.float32
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
-    with atomic_path(out) as tmp:  # a reader finds the old file or the whole new one
-        save_file(tensors, str(tmp), metadata={RECIPE_METADATA_KEY: recipe.to_json()})
+    needed = sum(t.numel() * t.element_size() for t in tensors.values())
+    if needed > (free := free_bytes(Path(out).parent)):
+        raise ExportError(f"{Path(out).name}: the merged model needs {size_text(needed)} and its disk has "
+                          f"{size_text(free)} free")
+    try:
+        with atomic_path(out) as tmp:  # a reader finds the old file or the whole new one
+            save_file(tensors, str(tmp), metadata={RECIPE_METADATA_KEY: recipe.to_json()})
+    except Exception as exc:  # the disk filled up while writing: the temporary file is already gone
+        if not disk_full(exc):
+            raise
+        raise ExportError(f"{Path(out).name}: the disk filled up while writing the merged model "
+                          f"({size_text(needed)}); nothing was written") from None
     return Path(out)

@@ -12,7 +12,8 @@ are refused unless the caller opts in; an opted-in one is then read once with
 own (:meth:`ContentStore.as_safetensors`), so everything after the download reads one format.
 A store may have a budget (DIFFGRAPH_MAX_STORE_GB): a download that would take it over is
 refused before it starts when its size is published, and stopped when the bytes say so when it
-is not, as a :class:`StoreFull` (the agent skips the expert, to be tried when there is room).
+is not, as a :class:`StoreFull` (the agent skips the expert, to be tried when there is room); a
+disk that fills up during a download (ENOSPC) is a StoreFull too, its partial file removed.
 One process writes a store at a time (the agent's run lock).
 """
 
@@ -26,7 +27,7 @@ from pathlib import Path, PurePosixPath
 
 import httpx
 
-from diffgraph.files import size_text
+from diffgraph.files import disk_full, free_bytes, size_text
 from diffgraph.graph_store.records import ExpertFile
 from diffgraph.settings import get_settings
 
@@ -140,6 +141,13 @@ class ContentStore:
         failed = f"{file.name!r}: download from {file.url} failed after {retry.attempts} attempts"
         try:
             retry_call(lambda: download.attempt(client, file.url), retry)
+            return self._commit(partial, file, sha256, download.hexdigest())
+        except OSError as exc:
+            if not disk_full(exc):
+                raise
+            partial.unlink(missing_ok=True)  # a full disk: free what this download took
+            raise StoreFull(f"{file.name!r}: the disk holding the store is full ({size_text(download.size)} of it "
+                            f"written, {size_text(free_bytes(self.root))} free); free space and it is tried again") from None
         except TransientStatus as exc:
             raise DownloadError(f"{failed}: {exc}") from exc
         except httpx.UnsupportedProtocol as exc:  # a redirect to file://, ftp:// ...
@@ -150,7 +158,6 @@ class ContentStore:
         except (UnsafeFileError, StoreFull):
             partial.unlink(missing_ok=True)
             raise
-        return self._commit(partial, file, sha256, download.hexdigest())
 
     def ingest(self, source: str | Path, file: ExpertFile) -> Path:
         """Copy a local file into the store under the same checks as a download."""
@@ -159,11 +166,18 @@ class ContentStore:
             return self._recheck(found, file)
         partial = self._partial(sha256)
         hasher = hashlib.sha256()
-        with open(source, "rb") as src, open(partial, "wb") as dst:
-            while chunk := src.read(CHUNK):
-                hasher.update(chunk)
-                dst.write(chunk)
-        return self._commit(partial, file, sha256, hasher.hexdigest())
+        try:
+            with open(source, "rb") as src, open(partial, "wb") as dst:
+                while chunk := src.read(CHUNK):
+                    hasher.update(chunk)
+                    dst.write(chunk)
+            return self._commit(partial, file, sha256, hasher.hexdigest())
+        except OSError as exc:
+            if not disk_full(exc):
+                raise
+            partial.unlink(missing_ok=True)
+            raise StoreFull(f"{file.name!r}: the disk holding the store is full "
+                            f"({size_text(free_bytes(self.root))} free); free space and it is tried again") from None
 
     def check_in_place(self, path: Path, file: ExpertFile, sha256: str) -> Path:
         """A user's own safetensors file, used where it is, under the same checks as a download

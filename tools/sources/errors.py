@@ -27,7 +27,8 @@ class FileGone(DownloadError):
 
 
 class StoreFull(DownloadError):
-    """A download would take the content store over its budget (DIFFGRAPH_MAX_STORE_GB)."""
+    """A download would take the content store over its budget (DIFFGRAPH_MAX_STORE_GB), or the
+    disk holding the store is full."""
 
 
 class IntegrityError(DownloadError):
