@@ -217,13 +217,27 @@ def graph_status_cmd(as_json: bool = typer.Option(False, "--json", help="Print J
 
 @graph_app.command("reconcile")
 def graph_reconcile(dry_run: bool = typer.Option(False, "--dry-run", help="Report drift without repairing it.")) -> None:
-    """Find (and repair) drift between the catalog and the vector store."""
+    """Find (and repair) drift between the catalog and the vector store. A local vector store that
+    cannot be read back is first set aside and then rebuilt from the catalog (graph_store/vector_recovery.py)."""
     from diffgraph.graph_store.reconcile import reconcile
-    from diffgraph.graph_store.store import GraphStore
+    from diffgraph.graph_store.store import GraphStore, vectors_path
+    from diffgraph.graph_store.vector_recovery import recover
 
-    with GraphStore.from_settings() as store:
+    settings = get_settings()
+    recovery = {"unreadable": None, "set_aside": None}
+    if not settings.chroma_url:
+        with console.status("reading the vector store back"):
+            recovery = recover(vectors_path(settings.home), repair=not dry_run)
+    if recovery["unreadable"] and dry_run:
+        console.print(f"the vector store cannot be read: {escape(recovery['unreadable'])}; reconcile (without --dry-run) "
+                      "sets it aside and rebuilds it from the catalog")
+        raise typer.Exit(1)
+    if recovery["set_aside"]:
+        console.print(f"the vector store could not be read ({escape(recovery['unreadable'])}); set aside as "
+                      f"{escape(recovery['set_aside'])}, rebuilding it from the catalog")
+    with GraphStore.from_settings(settings) as store, console.status("reconciling the catalog and the vectors"):
         report = reconcile(store, repair=not dry_run)
-    console.print(report)
+    console.print({**report, **({"rebuilt_from_catalog": recovery["set_aside"]} if recovery["set_aside"] else {})})
 
 
 @graph_app.command("export")

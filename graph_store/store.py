@@ -27,6 +27,11 @@ from .records import ExpertRecord
 from .vectors import VectorStore, partition_name
 
 
+def vectors_path(home: Path) -> Path:
+    """The embedded Chroma folder of a home (when no Chroma server is configured)."""
+    return Path(home) / "chroma"
+
+
 def default_embed(texts: list[str]) -> np.ndarray:
     """all-MiniLM-L6-v2, imported on first use so that opening a store stays cheap."""
 
@@ -46,7 +51,7 @@ class GraphStore:
         catalog URL or a Chroma server URL is given."""
         home = Path(home)
         catalog = Catalog.open(db_url or home / "catalog.sqlite")
-        vectors = VectorStore.open(path=None if chroma_url else home / "chroma", url=chroma_url)
+        vectors = VectorStore.open(path=None if chroma_url else vectors_path(home), url=chroma_url)
         store = cls(home=home, catalog=catalog, vectors=vectors)
         if catalog.migrated:  # the catalog's base names changed: move the vectors to their partitions now
             reconcile(store, repair=True)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -31,14 +32,31 @@ import chromadb
 import numpy as np
 from chromadb.api.types import EmbeddingFunction
 from chromadb.config import Settings
+from chromadb.errors import InternalError
 from chromadb.utils.embedding_functions import register_embedding_function
 
+from ..errors import DiffGraphError, one_line
 from ..families import base_family
 from ..text_embedding import DIM
 
 PREFIX = "experts__"
 _PAGE = 5000  # rows per Chroma get when listing a whole partition
 _BATCH = 1000  # vectors per Chroma upsert (its limit is about 5000)
+
+
+class VectorsUnreadable(DiffGraphError):
+    """Chroma's files cannot be read back (damage after a crash or a bad disk): the catalog still
+    holds every description, and `diffgraph graph reconcile` rebuilds the vectors from it."""
+
+
+@contextmanager
+def _reading():
+    """Chroma's internal read errors, as one line that says what repairs them."""
+    try:
+        yield
+    except InternalError as exc:
+        raise VectorsUnreadable(f"the vector store cannot be read ({one_line(exc, 160)}); run `diffgraph graph "
+                                "reconcile` to rebuild it from the catalog") from exc
 
 
 class ChromaEmbeddingRefused(RuntimeError):
@@ -235,29 +253,31 @@ class VectorStore:
             return hits, found
 
         fetch = 2 * k + 8
-        hits, found = nearest(fetch, None)
-        if len(found) < k and len(hits) == fetch:  # crowded out: ask for the wanted status only
-            where = {"status": status} if status is not None else None
-            fetch = k if admit is None else fetch
-            hits, found = nearest(fetch, where)
-            while admit is not None and len(found) < k and len(hits) == fetch:
-                fetch *= 4
+        with _reading():
+            hits, found = nearest(fetch, None)
+            if len(found) < k and len(hits) == fetch:  # crowded out: ask for the wanted status only
+                where = {"status": status} if status is not None else None
+                fetch = k if admit is None else fetch
                 hits, found = nearest(fetch, where)
+                while admit is not None and len(found) < k and len(hits) == fetch:
+                    fetch *= 4
+                    hits, found = nearest(fetch, where)
         return [(i, 1.0 - float(d), dict(m)) for i, d, m in found[:k]]
 
     def entries(self, expert_ids: list[str] | None = None) -> list[VectorEntry]:
         """Every stored vector (or those of ``expert_ids``) with its partition and metadata. An id
         found in two partitions appears twice: that is drift reconcile repairs."""
         found = []
-        for col in self._partitions():
-            if expert_ids is not None:
-                pages = [col.get(ids=list(expert_ids), include=["metadatas"])] if expert_ids else []
-            else:
-                pages = self._pages(col)
-            for page in pages:
-                for i, m in zip(page["ids"], page["metadatas"]):
-                    found.append(VectorEntry(i, col.name, m.get("kind", ""), m.get("base_model", ""),
-                                             m.get("status", ""), m.get("description_sha256", "")))
+        with _reading():
+            for col in self._partitions():
+                if expert_ids is not None:
+                    pages = [col.get(ids=list(expert_ids), include=["metadatas"])] if expert_ids else []
+                else:
+                    pages = self._pages(col)
+                for page in pages:
+                    for i, m in zip(page["ids"], page["metadatas"]):
+                        found.append(VectorEntry(i, col.name, m.get("kind", ""), m.get("base_model", ""),
+                                                 m.get("status", ""), m.get("description_sha256", "")))
         return found
 
     @staticmethod
@@ -274,7 +294,34 @@ class VectorStore:
         return {e.expert_id for e in self.entries()}
 
     def count(self) -> int:
-        return sum(col.count() for col in self._partitions())
+        with _reading():
+            return sum(col.count() for col in self._partitions())
+
+    def read_back(self) -> int:
+        """Read every partition end to end: its count, every vector, and one nearest-neighbour
+        query, which is what loads its index (see vector_recovery). Raises what Chroma raises, or
+        VectorsUnreadable when a vector comes back damaged (not finite or not unit length, which
+        ``upsert_many`` guarantees it was) or fewer vectors can be read than are counted. Returns
+        the number of vectors read."""
+        total = 0
+        for col in self._partitions():
+            n, read, sample = col.count(), 0, None
+            while read < n:
+                page = col.get(include=["embeddings"], limit=_PAGE, offset=read)
+                if not page["ids"]:
+                    break
+                vectors = np.asarray(page["embeddings"], dtype=np.float32).reshape(len(page["ids"]), -1)
+                norms = np.linalg.norm(vectors, axis=1)
+                damaged = int((~np.isfinite(norms) | (np.abs(norms - 1.0) > 1e-3)).sum())
+                if damaged:
+                    raise VectorsUnreadable(f"{damaged} vectors of {col.name} came back damaged (not unit length)")
+                read, sample = read + len(page["ids"]), vectors[:1]
+            if read != n:
+                raise VectorsUnreadable(f"{col.name} counts {n} vectors but only {read} can be read")
+            if sample is not None:
+                col.query(query_embeddings=sample, n_results=min(n, 10))
+            total += n
+        return total
 
     def get_embeddings(self, expert_ids: list[str],
                        partitions: Iterable[tuple[str, str]] | None = None) -> np.ndarray:
@@ -292,7 +339,8 @@ class VectorStore:
             # in pages: one get with every id of a 100k export is one unbounded request (and
             # one unbounded HTTP body against a Chroma server)
             for start in range(0, len(wanted), _PAGE):
-                got = col.get(ids=wanted[start:start + _PAGE], include=["embeddings"])
+                with _reading():
+                    got = col.get(ids=wanted[start:start + _PAGE], include=["embeddings"])
                 for i, vector in zip(got["ids"], got["embeddings"]):
                     found[i] = np.asarray(vector, dtype=np.float32)
         missing = [i for i in ids if i not in found]

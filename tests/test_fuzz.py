@@ -22,6 +22,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, PngImagePlugin
+from support.budget import budget
 from support.serving import serving
 
 from diffgraph.agents import brain, injection, refine
@@ -34,13 +35,6 @@ from diffgraph.settings import Settings
 from diffgraph.tools import page_text
 
 DEADLINE = timedelta(seconds=5)  # per example: generous for a loaded CI machine, short of a hang
-
-
-def budget(default: int, slow: int):
-    """Parametrize a test with its example budget: ``default`` in the default run, ``slow``
-    under the slow marker."""
-    return pytest.mark.parametrize("examples", [pytest.param(default, id="default"),
-                                                pytest.param(slow, id="slow", marks=pytest.mark.slow)])
 
 
 def one_line_error(exc: BaseException) -> None:
