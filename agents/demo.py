@@ -4,9 +4,11 @@
    sources the base's profile names (the mini world's bundled hub: Civitai- and HF-shaped
    APIs, homepages read in Chromium) into DIFFGRAPH_HOME; a base without sources needs a graph
    built first.
-2. For each of the profile's demo prompts the Expert Selection Agent picks experts, the planner
-   weighs them and the merged model renders; the base model renders the same prompt and seed.
-3. A labelled grid (prompt, base model, DiffGraph) and the PNGs, each carrying its recipe.
+2. For each demo prompt (the profile's own, else held-out test prompts drawn by a fixed seed:
+   tools/bases.demo_prompts) the Expert Selection Agent picks experts, the planner weighs them
+   and the merged model renders; the base model renders the same prompt and seed.
+3. A labelled grid (prompt; base model; DiffGraph, with the experts and their weights under
+   it) and the PNGs, each carrying its recipe.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ def run_demo(settings: Settings, out: Path, console: Console | None = None, seed
         base = bases.choose_base(base_model or settings.base, store.catalog.base_models())
         built = any(r.base_model == base for r in store.catalog.list_experts(status="active"))
     profile = bases.profile(base)
-    if not profile.demo_prompts:
+    prompts = bases.demo_prompts(profile)
+    if not prompts:
         raise DemoError(f"the {base} base has no demo prompts; try `diffgraph generate PROMPT --base-model {base}`")
     console.print(f"[bold]DiffGraph demo[/] on {base}")
     if built:
@@ -58,9 +61,9 @@ def run_demo(settings: Settings, out: Path, console: Console | None = None, seed
         result = run_pass(list(profile.sources), settings=settings, console=console, read_pages=chromium)
         console.print(f"   {result['counts']}")
     console.print("2. prompts -> experts (ESA) -> coefficients (planner) -> merged model -> image")
-    rows, images = [], []
+    rows, captions, images = [], [], []
     with GraphStore.from_settings(settings) as store:
-        for i, prompt in enumerate(profile.demo_prompts):
+        for i, prompt in enumerate(prompts):
             res = generate(prompt, seed=seed + i, out=out / f"{i:02d}_diffgraph.png", base_model=base,
                            settings=settings, store=store)
             alone = render_recipe(MergeRecipe(base_model=base, prompt=prompt, seed=seed + i), out / f"{i:02d}_base.png")
@@ -68,6 +71,8 @@ def run_demo(settings: Settings, out: Path, console: Console | None = None, seed
                               for e in res.experts) or "none (the base is best)"
             console.print(f"   {prompt!r}\n      experts: {picks}   [dim]planner: {res.planner}[/]")
             rows.append((prompt, [Image.open(alone["path"]), Image.open(res.image)]))
+            captions.append(["the base alone", picks])
             images += [alone["path"], res.image]
-    grid = labelled_grid(rows, out / "demo_grid.png", columns=["base model", "DiffGraph"])
+    grid = labelled_grid(rows, out / "demo_grid.png", columns=["base model", "DiffGraph"], captions=captions,
+                         cell=160)
     return {"grid": grid, "images": images, "base_model": base}

@@ -14,6 +14,12 @@
    VGAE; the VGAE over all experts keeping the top 10 (w/o ESA); 10 randomly activated
    experts; all experts merged (Diffusion Soup analogue); and, as a ceiling no method can
    reach by looking, each LoRA at the strength it was made for (the world's ground truth).
+   Two more rows say how much room a planner has at all: LLM-chosen weights (the offline
+   brain's stand-in: the weight each homepage recommends, as tools/plan.py's fallback reads
+   it) and the per-prompt optimum, a black-box search (CMA-ES) of each prompt's coefficients
+   against the reward on search seeds disjoint from the evaluation seeds, started from the best
+   constant. "Optimum minus best constant" is the headroom of any per-expert, per-prompt plan.
+   Every method is compared with the VGAE and the best constant prompt by prompt (paired).
 4. Scaling (Table 2): a planner trained with "year 1" experts only, used training-free with
    year 1 + year 2 experts, against the planner trained on both.
 
@@ -30,11 +36,14 @@ from pathlib import Path
 import numpy as np
 import typer
 from rich.console import Console
+from rich.progress import Progress, TimeElapsedColumn
 
 from diffgraph.benchmarks import write_result
 
 BASE = "miniworld-sd"
 SEEDS = (0, 1, 2)
+SEARCH_SEEDS = (100, 101)  # the per-prompt optimum's renders: never an evaluation seed
+SEARCH_RENDERS = 128  # per prompt: CMA-ES evaluations x len(SEARCH_SEEDS)
 CONSTANTS = (0.1, 0.25, 0.4, 0.55, 0.7, 0.85, 1.0)  # grid for the best-constant baseline
 console = Console()
 
@@ -104,6 +113,33 @@ def best_constant(bench: Bench, prompts: list[str]) -> tuple[float, dict[float, 
     return max(scores, key=scores.get), scores
 
 
+def per_prompt_optimum(bench: Bench, prompt: str, start: float, renders: int = SEARCH_RENDERS) -> dict[str, float]:
+    """The coefficients of ``prompt``'s selected experts that score best on SEARCH_SEEDS: CMA-ES
+    (pycma) in [0, 1]^n from the constant ``start``, ``renders`` renders in all; the best point
+    it evaluated. One expert is searched on an even grid instead (CMA-ES needs two dimensions)."""
+    import cma
+
+    ids = [s["id"] for s in bench.select(prompt)]
+    if not ids:
+        return {}
+    picks = [{"id": i} for i in ids]
+
+    def reward(x) -> float:
+        coef = dict(zip(ids, (float(v) for v in x)))
+        return float(np.mean([bench.score(prompt, picks, coef, seed)[-1] for seed in SEARCH_SEEDS]))
+
+    evaluations = renders // len(SEARCH_SEEDS)
+    if len(ids) == 1:
+        grid = np.linspace(0.02, 1.0, evaluations)
+        return {ids[0]: float(max(grid, key=lambda c: reward([c])))}
+    es = cma.CMAEvolutionStrategy([start] * len(ids), 0.25, {"bounds": [0.0, 1.0], "maxfevals": evaluations,
+                                                              "seed": 1, "verbose": -9})
+    while not es.stop():
+        xs = es.ask()
+        es.tell(xs, [-reward(x) for x in xs])
+    return dict(zip(ids, (float(v) for v in es.result.xbest)))
+
+
 def coefficient_spread(bench: Bench, planner, prompts: list[str]) -> dict:
     """How much the VGAE's plan varies between the experts of one prompt and across prompts:
     a planner that learned one global strength has spread ~0 on both."""
@@ -137,20 +173,19 @@ def oracle_coefficients(bench: Bench) -> dict[str, float] | None:
 
 
 def prompt_split(prompts: int, train_prompts: int, validation_prompts: int) -> tuple[list[str], list[str], list[str]]:
-    """Training, validation and test prompts, disjoint, the same for every run of these sizes."""
+    """Training, validation and test prompts of the mini world (tools/bases.prompt_split)."""
     from diffgraph.tools import bases
 
-    profile = bases.profile(BASE)
-    train_set = profile.training_prompts(train_prompts, 1)
-    test_set = [p for p in profile.training_prompts(prompts * 2, 7) if p not in set(train_set)][:prompts]
-    valid_set = [p for p in profile.training_prompts(validation_prompts * 2, 3)
-                 if p not in set(train_set) | set(test_set)][:validation_prompts]
-    return train_set, valid_set, test_set
+    return bases.prompt_split(bases.profile(BASE), prompts, train_prompts, validation_prompts)
 
 
-def methods(bench: Bench, planner, rng: random.Random, constant: float) -> dict:
-    """name -> function(prompt) -> (picks, coefficients)."""
+def methods(bench: Bench, planner, rng: random.Random, constant: float, optimum: dict[str, dict]) -> dict:
+    """name -> function(prompt) -> (picks, coefficients). ``optimum``: prompt -> its per-prompt
+    optimum (``per_prompt_optimum``)."""
+    from diffgraph.tools.plan import Planner
+
     all_ids = sorted(bench.rows)
+    recommended = Planner(bench.store)  # no model: each LoRA at its recommended weight
 
     def base(p):
         return [], {}
@@ -174,6 +209,13 @@ def methods(bench: Bench, planner, rng: random.Random, constant: float) -> dict:
     def brain_coef(p):
         sel = bench.select(p)
         return sel, {s["id"]: float(s["similarity"]) for s in sel}
+
+    def llm_coef(p):
+        sel = bench.select(p)
+        return sel, recommended.plan(p, sel)
+
+    def optimum_coef(p):
+        return bench.select(p), optimum[p]
 
     oracle = oracle_coefficients(bench)
 
@@ -199,8 +241,10 @@ def methods(bench: Bench, planner, rng: random.Random, constant: float) -> dict:
 
     return {"Direct (base)": base, "Single best expert (DiffAgent)": single_best,
             "Equal weights (w/o MP)": equal, "Random coefficients": random_coef,
-            "Brain-chosen coefficients": brain_coef,
+            "Brain-chosen coefficients (retrieval similarity)": brain_coef,
+            "LLM-chosen weights (offline stand-in: recommended weights)": llm_coef,
             f"Best constant coefficient ({constant}, tuned on validation)": constant_coef, "DiffGraph VGAE": vgae,
+            "Per-prompt optimum (CMA-ES on search seeds)": optimum_coef,
             "VGAE over all, top 10 (w/o ESA)": vgae_no_esa, "Random 10 experts": random_ten,
             "All experts merged (Soup)": all_experts,
             **({"Oracle per-expert strength (knows ExpertSpec.bake)": oracle_coef} if oracle else {})}
@@ -210,21 +254,50 @@ def evaluate(bench: Bench, fns: dict, prompts: list[str]) -> dict:
     names = [*bench.suite.names, "reward"]
     out = {}
     for method, fn in fns.items():
-        per_seed = []
+        per_seed, rewards = [], []
         for seed in SEEDS:
             vectors = []
             for prompt in prompts:
                 picks, coef = fn(prompt)
                 vectors.append(bench.score(prompt, picks, coef, seed))
             per_seed.append(np.mean(vectors, axis=0))
+            rewards.append([v[-1] for v in vectors])
         arr = np.array(per_seed)
         out[method] = {n: {"mean": float(arr[:, i].mean()), "std": float(arr[:, i].std())} for i, n in enumerate(names)}
+        out[method]["per_prompt_reward"] = rewards  # seeds x prompts, for paired comparisons
         console.print(f"  {method:34} reward {out[method]['reward']['mean']:.4f} ± {out[method]['reward']['std']:.4f}")
     return out
 
 
+def paired(results: dict, reference: str) -> dict:
+    """Every method against ``reference``, prompt by prompt on the same seeds: the mean reward
+    difference, its standard deviation over seeds (of the per-seed mean difference), its standard
+    error over prompts (of the per-prompt difference averaged over seeds), and the prompts won,
+    tied and lost."""
+    ref = np.array(results[reference]["per_prompt_reward"])
+    out = {}
+    for method, row in results.items():
+        diff = np.array(row["per_prompt_reward"]) - ref  # seeds x prompts
+        per_prompt = diff.mean(axis=0)
+        out[method] = {"mean": float(diff.mean()), "std_over_seeds": float(diff.mean(axis=1).std()),
+                       "se_over_prompts": float(per_prompt.std(ddof=1) / np.sqrt(len(per_prompt))),
+                       "won": int((per_prompt > 1e-9).sum()), "tied": int((np.abs(per_prompt) <= 1e-9).sum()),
+                       "lost": int((per_prompt < -1e-9).sum())}
+    return out
+
+
+def paired_table(comparison: dict, reference: str) -> str:
+    lines = [f"| method - {reference} | mean | std over seeds | s.e. over prompts | prompts won / tied / lost |",
+             "|---|---:|---:|---:|---:|"]
+    for method, d in comparison.items():
+        if method != reference:
+            lines.append(f"| {method} | {d['mean']:+.4f} | {d['std_over_seeds']:.4f} | {d['se_over_prompts']:.4f} | "
+                         f"{d['won']} / {d['tied']} / {d['lost']} |")
+    return "\n".join(lines)
+
+
 def table(results: dict) -> str:
-    names = list(next(iter(results.values())))
+    names = [n for n in next(iter(results.values())) if n != "per_prompt_reward"]
     lines = ["| method | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for method, row in results.items():
         lines.append(f"| {method} | " + " | ".join(f"{row[n]['mean']:.4f} ± {row[n]['std']:.4f}" for n in names) + " |")
@@ -232,13 +305,14 @@ def table(results: dict) -> str:
 
 
 def main(home: Path = typer.Option(Path("benchmarks/.work/graph"), help="Graph home (built if missing)."),
-         prompts: int = typer.Option(24, help="Held-out test prompts."),
-         train_prompts: int = typer.Option(48, help="Training prompts."),
+         prompts: int = typer.Option(48, help="Held-out test prompts."),
+         train_prompts: int = typer.Option(64, help="Training prompts."),
          steps: int = typer.Option(60, help="REINFORCE steps (4 prompts x 4 samples each)."),
-         validation_prompts: int = typer.Option(16, help="Prompts on which the best Beta-mean policy is kept."),
+         validation_prompts: int = typer.Option(32, help="Prompts on which the best Beta-mean policy is kept."),
          reference_prompts: int = typer.Option(12, help="N_r when the graph is built."),
          rule: str = typer.Option("strengths", help="Merge rule: 'strengths' (the product's default), "
                                   "'anchored' or 'paper' (softmax per kind); see merger.recipe.MergeRule."),
+         search_renders: int = typer.Option(SEARCH_RENDERS, help="Renders per prompt for the per-prompt optimum."),
          save_planner_to: Path = typer.Option(None, help="Also save the trained planner here."),
          out: Path = typer.Option(Path("benchmarks/results/paper_experiments.json"))) -> None:
     started = time.time()
@@ -259,7 +333,19 @@ def main(home: Path = typer.Option(Path("benchmarks/.work/graph"), help="Graph h
         save_planner(trained.planner, save_planner_to)
     constant, constant_scores = best_constant(bench, valid_set)
     console.print(f"best constant coefficient on validation: {constant} ({constant_scores})")
-    results = evaluate(bench, methods(bench, trained.planner, random.Random(0), constant), test_set)
+    t0 = time.time()
+    optimum = {}
+    with Progress(*Progress.get_default_columns(), TimeElapsedColumn(), console=console) as progress:
+        for prompt in progress.track(test_set, description=f"per-prompt optimum ({search_renders} renders each)"):
+            optimum[prompt] = per_prompt_optimum(bench, prompt, constant, search_renders)
+    optimum_s = time.time() - t0
+    results = evaluate(bench, methods(bench, trained.planner, random.Random(0), constant, optimum), test_set)
+    constant_name = next(m for m in results if m.startswith("Best constant"))
+    comparisons = {"DiffGraph VGAE": paired(results, "DiffGraph VGAE"), constant_name: paired(results, constant_name)}
+    optimum_name = next(m for m in results if m.startswith("Per-prompt optimum"))
+    room = comparisons[constant_name][optimum_name]["mean"]
+    closed = comparisons[constant_name]["DiffGraph VGAE"]["mean"] / room if room > 0 else float("nan")
+    console.print(f"headroom (optimum - best constant): {room:+.4f}; the VGAE closes {closed:.0%} of it")
     spread = coefficient_spread(bench, trained.planner, test_set)
     console.print(f"VGAE coefficients on the test prompts: mean {spread['mean']:.3f}, range "
                   f"[{spread['min']:.3f}, {spread['max']:.3f}], std within a prompt {spread['mean_std_within_prompt']:.3f}")
@@ -276,11 +362,15 @@ def main(home: Path = typer.Option(Path("benchmarks/.work/graph"), help="Graph h
               "year1_experts": sorted(year1), "train_seconds": train_s, "total_seconds": time.time() - started,
               "validation": trained.validation, "validation_year1": early.validation,
               "constant_grid_validation": constant_scores, "vgae_coefficients": spread,
+              "paired": comparisons, "headroom": room, "vgae_share_of_headroom": closed,
+              "optimum_coefficients": optimum, "optimum_seconds": optimum_s,
               "config": {"prompts": prompts, "train_prompts": train_prompts, "steps": steps, "seeds": SEEDS,
-                         "validation_prompts": validation_prompts,
-                         "rule": rule}}
+                         "validation_prompts": validation_prompts, "search_seeds": SEARCH_SEEDS,
+                         "search_renders": search_renders, "rule": rule}}
     write_result(out, report)
     console.print(table(results))
+    for reference, comparison in comparisons.items():
+        console.print(paired_table(comparison, reference))
     console.print(table(scaling))
     console.print(f"wrote {out} in {(time.time() - started) / 60:.1f} min")
 

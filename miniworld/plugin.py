@@ -23,12 +23,6 @@ from .scorers import METRICS, combined_reward
 
 NAME = "miniworld-sd"
 REFERENCE_SEED = 20231
-DEMO_PROMPTS = (
-    "a pink circle on a striped white background",
-    "a teal diamond on a mint background, warm light",
-    "vintage sepia photo of a red square on a beige background",
-    "masterpiece, best quality, an orange cross on a dotted gray background, with a black outline",
-)
 
 
 def _engine() -> MergeEngine:
@@ -69,7 +63,7 @@ class MiniWorldSuite:
 FAMILY = Family(NAME, "mini-world SD", ("unet", "vae", "text_encoder"), spellings=("miniworld",),
                 attention_in_first_down_block=True, attention_in_first_up_block=True)
 BASE = BaseProfile(NAME, _engine, MiniWorldSuite, lambda n: _prompts(n, REFERENCE_SEED), _training, _planner,
-                   sources=("miniworld",), demo_prompts=DEMO_PROMPTS)
+                   sources=("miniworld",))  # the demo draws from the held-out prompts (tools/bases.demo_prompts)
 
 
 @contextmanager

@@ -5,6 +5,7 @@ gets a one-line error, and the offline demo answers its prompts."""
 from __future__ import annotations
 
 import json
+import textwrap
 
 import numpy as np
 from PIL import Image
@@ -58,15 +59,37 @@ def test_render_refuses_a_png_without_recipe(monkeypatch, graph_home, tmp_path):
 
 def test_offline_demo_answers_its_prompts(graph_home, tmp_path):
     from diffgraph.agents.demo import run_demo
-    from diffgraph.miniworld.plugin import DEMO_PROMPTS
     from diffgraph.settings import Settings
+    from diffgraph.tools import bases
 
+    prompts = bases.demo_prompts(bases.profile("miniworld-sd"))
+    _, _, held_out = bases.prompt_split(bases.profile("miniworld-sd"))
+    assert len(prompts) == 4 and set(prompts) <= set(held_out)  # drawn from the held-out prompts
     result = run_demo(Settings(home=graph_home), tmp_path)
     assert result["base_model"] == "miniworld-sd"
-    assert result["grid"].exists() and len(result["images"]) == 2 * len(DEMO_PROMPTS)
+    assert result["grid"].exists() and len(result["images"]) == 2 * len(prompts)
     with GraphStore.open(graph_home) as store:
         words = {r.id: r.trigger_words for r in store.catalog.list_experts()}
     for path in result["images"]:  # each demo prompt, with the trigger words of the LoRAs it was rendered with
         recipe = read_recipe(path)
-        asked = next(p for p in DEMO_PROMPTS if recipe.prompt.startswith(p))
+        asked = next(p for p in prompts if recipe.prompt.startswith(p))
         assert recipe.prompt == with_trigger_words(asked, [words[e.name] for e in recipe.loras if e.name != BASE])
+
+
+def test_a_grid_writes_each_caption_under_its_image(tmp_path):
+    from diffgraph.grid import LINE_PX, labelled_grid
+
+    red, blue = Image.new("RGB", (32, 32), "red"), Image.new("RGB", (32, 32), "blue")
+    rows = [("a red thing", [red, blue]), ("a blue thing", [blue, red])]
+    plain = Image.open(labelled_grid(rows, tmp_path / "plain.png", cell=64, columns=["base", "DiffGraph"]))
+    assert plain.height == LINE_PX + 8 + 2 * 66
+    captions = [["the base alone", "Pink Pop 0.41, Stripes Pro 0.38, Warm Light 0.55"], ["", "none"]]
+    grid = Image.open(labelled_grid(rows, tmp_path / "grid.png", cell=64, columns=["base", "DiffGraph"],
+                                    captions=captions)).convert("L")
+    head, label_width = LINE_PX + 8, 200
+    strip = max(len(textwrap.wrap(c, 64 // 6)) for c in captions[0]) * LINE_PX + 4
+    assert grid.height == head + 66 + strip + 66 + LINE_PX + 4
+    for c, text in enumerate(captions[0]):  # ink under each image of the first row, in its own column
+        x = label_width + c * 66
+        box = grid.crop((x, head + 66, x + 64, head + 66 + strip))
+        assert box.getextrema()[0] < 128, f"no caption under image {c}"

@@ -40,6 +40,33 @@ class BaseProfile:
     check: Callable[[], None] = lambda: None  # raises what is not set up (cheaply: nothing is loaded)
 
 
+# The prompt split every planner is trained, chosen and judged on (benchmarks/paper_experiments.py)
+# at its default sizes, and where the demo draws its prompts from.
+TEST_PROMPTS, TRAINING_PROMPTS, VALIDATION_PROMPTS = 48, 64, 32
+DEMO_SEED = 20261203
+
+
+def prompt_split(profile: BaseProfile, test: int = TEST_PROMPTS, train: int = TRAINING_PROMPTS,
+                 validation: int = VALIDATION_PROMPTS) -> tuple[list[str], list[str], list[str]]:
+    """Training, validation and held-out test prompts of a base: disjoint, and the same for every
+    call with these sizes. A planner trains on the first, is chosen on the second and is judged
+    on the third; nothing is tuned on the third."""
+    train_set = profile.training_prompts(train, 1)
+    test_set = [p for p in profile.training_prompts(test * 2, 7) if p not in set(train_set)][:test]
+    valid_set = [p for p in profile.training_prompts(validation * 2, 3)
+                 if p not in set(train_set) | set(test_set)][:validation]
+    return train_set, valid_set, test_set
+
+
+def demo_prompts(profile: BaseProfile, n: int = 4) -> list[str]:
+    """What `diffgraph demo` answers: the profile's own demo prompts, else ``n`` held-out test
+    prompts drawn by a fixed seed, so the demo shows what the benchmark measures and nobody
+    picked them by looking at the results."""
+    if profile.demo_prompts:
+        return list(profile.demo_prompts)
+    return random.Random(DEMO_SEED).sample(prompt_split(profile)[2], n)
+
+
 def _check_profile(obj: object) -> BaseProfile:
     if not isinstance(obj, BaseProfile):
         raise TypeError(f"a diffgraph.bases entry point must name a BaseProfile, not {type(obj).__name__}")
