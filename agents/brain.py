@@ -26,6 +26,7 @@ QUALITY_TAGS = (
     "detailed", "sharp", "hdr", "uhd", "photorealistic", "absurdres",
 )
 ARTICLES = {"a", "an", "the", "some", "image", "picture", "photo", "of"}
+ABSENCE_START = re.compile(rf"\b({'|'.join(select.ABSENCE_WORDS)})\b")
 SPLIT = re.compile(r",|;|\band\b(?! white)|\bwith\b|\bagainst\b|\bon\b|\bin\b|\bunder\b|\bover\b")
 
 
@@ -43,12 +44,14 @@ def summarise(prompt: str) -> str:
 
 
 def components(prompt: str) -> list[str]:
-    """The prompt's phrases, e.g. 'a pink circle', 'striped white background', 'warm light'."""
-    parts = [p.strip() for p in SPLIT.split(strip_boilerplate(prompt))]
+    """The prompt's phrases, e.g. 'a pink circle', 'striped white background', 'warm light'.
+    A phrase asking for an absence ('no outline', 'without blur') is not one of them
+    (select.asks_for_absence)."""
+    text = ABSENCE_START.sub(r", \1", strip_boilerplate(prompt))  # "... background no outline": two phrases
     out = []
-    for p in parts:
+    for p in SPLIT.split(text):
         words = [w for w in re.findall(r"[a-z]+", p) if w not in ARTICLES]
-        if words:
+        if words and not select.asks_for_absence(p):
             out.append(" ".join(words))
     return list(dict.fromkeys(out))
 

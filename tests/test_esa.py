@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from diffgraph.agents.esa import select_experts
 from diffgraph.agents.llm import chat_model
 from diffgraph.graph_store.records import ExpertRecord
 from diffgraph.graph_store.store import GraphStore
 from diffgraph.settings import Settings
+from support.budget import budget
 from support.openai_server import ScriptedOpenAI, running, text, tool_call
 
 BASE = "miniworld-sd"
@@ -112,3 +115,34 @@ def test_dead_endpoint_falls_back(store):
     result = select_experts(store, "a pink circle", BASE, llm=_llm("http://127.0.0.1:9/v1"))
     assert result["selected"] and result["notes"]
     assert np.isfinite([p["similarity"] for p in result["selected"]]).all()
+
+
+# What a prompt asks to be absent ("no outline", "without blur") is no need: retrieving for it would
+# pick the very expert that adds it. Generated: a scene that needs no expert, plus the absence of a
+# skill some expert adds, in the phrasings people write.
+ABSENT = {"outline": {"ink-outline"}, "black outline": {"ink-outline"}, "outlines": {"ink-outline"},
+          "blur": {"dreamy-blur"}, "soft focus": {"dreamy-blur"}, "stripes": {"stripes-pro", "stripes-lite"},
+          "striped background": {"stripes-pro", "stripes-lite"}, "polka dots": {"polka-dots"},
+          "dots": {"polka-dots"}, "checkered pattern": {"checkerboard"}, "warm light": {"golden-hour"}}
+ABSENCE = ["no {}", "with no {}", "without {}", "without any {}", "not {}", "free of {}", "No {}", "(no {})"]
+SCENES = ["a red circle on a white background", "a blue square on a gray background",
+          "a green triangle on a black background", "yellow circle, beige background"]
+
+
+@budget(default=10, slow=80)
+def test_what_a_prompt_asks_to_be_absent_selects_no_expert(store, examples):
+    @settings(max_examples=examples, deadline=None, database=None)
+    @given(scene=st.sampled_from(SCENES), absent=st.sampled_from(sorted(ABSENT)), how=st.sampled_from(ABSENCE),
+           joiner=st.sampled_from([", ", " ", " and ", ", and "]), before=st.booleans())
+    def absent_is_not_selected(scene, absent, how, joiner, before):
+        phrase = how.format(absent)
+        prompt = f"{phrase}{joiner}{scene}" if before else f"{scene}{joiner}{phrase}"
+        names = _names(store, select_experts(store, prompt, BASE)["selected"])
+        assert not names & ABSENT[absent], f"{prompt!r} selected {sorted(names & ABSENT[absent])}"
+
+    absent_is_not_selected()
+
+
+def test_an_absence_next_to_a_need_keeps_the_need(store):
+    names = _names(store, select_experts(store, "a pink circle on a white background with no outline", BASE)["selected"])
+    assert "pink-pop" in names and "ink-outline" not in names

@@ -112,14 +112,28 @@ def prune(store: GraphStore, pool: list[Pick]) -> list[Pick]:
     return ckpts + loras
 
 
+ABSENCE_WORDS = ("no", "not", "non", "without", "never", "zero", "free of", "lacking")
+_ABSENCE = re.compile(rf"^\W*(?:{'|'.join(ABSENCE_WORDS)})\b", re.IGNORECASE)
+
+
+def asks_for_absence(phrase: str) -> bool:
+    """True for a phrase that asks for something to be absent ("no outline", "without blur",
+    "not blurry"): it is no need, and retrieving for it would find the very expert that adds it."""
+    return bool(_ABSENCE.match(phrase))
+
+
 def valid_components(raw: list) -> list[dict]:
-    """An LLM's decomposition reduced to well-formed {component, attributes} entries, bounded."""
+    """An LLM's decomposition reduced to well-formed {component, attributes} entries, bounded;
+    what asks for an absence is dropped (``asks_for_absence``)."""
     out = []
     for item in raw[:12]:
         if not isinstance(item, dict):
             continue
         comp = str(item.get("component", "")).strip()[:80]
-        attrs = [str(a).strip()[:60] for a in item.get("attributes", []) if str(a).strip()][:6]
+        if asks_for_absence(comp):
+            continue
+        attrs = [str(a).strip()[:60] for a in item.get("attributes", [])
+                 if str(a).strip() and not asks_for_absence(str(a))][:6]
         if comp and attrs:
             out.append({"component": comp, "attributes": attrs})
     return out
