@@ -8,17 +8,21 @@ password. Keys are compared in constant time, and never printed or logged.
 
 Without keys a server is for its own machine: ``diffgraph serve`` refuses to bind anything but
 loopback unless told ``--insecure-no-auth``, and then every visitor has the ``generate`` role
-only. On loopback without keys the UI is the local user's own, with the admin role, like the CLI.
+only. On loopback without keys the UI is the local user's own, with the admin role, like the CLI;
+HostCheck keeps the web pages that user visits from driving it.
 """
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 ROLES = ("generate", "admin")
 MIN_KEY_CHARS = 16  # a shorter key is guessable over a network in a day of tries
+_HOST = re.compile(r"\[(?P<v6>[0-9a-f:.]+)\](?::\d{1,5})?|(?P<name>[a-z0-9._-]+)(?::\d{1,5})?")
 
 
 class AuthConfigError(ValueError):
@@ -76,3 +80,71 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def host_name(value: str) -> str | None:
+    """The host a Host header or an Origin's authority names (``name``, ``name:port``, ``[v6]``,
+    ``[v6]:port``, or a bare address as a settings list writes it): lower-case, an address in its
+    canonical form. None for anything else (user info, a path, a space): no allowed name is that."""
+    value = value.strip().lower()
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        pass
+    m = _HOST.fullmatch(value)
+    if m is None:
+        return None
+    try:
+        return str(ipaddress.ip_address(m["v6"] or m["name"]))
+    except ValueError:
+        return None if m["v6"] else m["name"]
+
+
+@dataclass(frozen=True)
+class HostCheck:
+    """Which requests a served DiffGraph answers, by their Host and Origin headers: the defence
+    against DNS rebinding and cross-site requests. On loopback without keys the UI's user is an
+    admin, so no web page that user visits may drive the server, neither by pointing its own name
+    at 127.0.0.1 (the browser then sends ``Host: evil.example``) nor by posting to
+    http://127.0.0.1:7860/ from its own site (``Origin: https://evil.example``).
+
+    - Host must name this server: loopback (localhost, 127.0.0.0/8, [::1]) at any port, the bind
+      address, or a name DIFFGRAPH_SERVER_HOSTS lists; else 400. Bound to every interface (0.0.0.0,
+      ::) with keys and no such list, any Host passes: the keys are the gate there, and users reach
+      a GPU box by whatever name or address they have for it. Without keys the check always applies.
+    - Origin, which browsers send with every POST and every script's cross-site request, must be
+      the request's own Host or one of those names, whatever the first rule let through; else 403.
+      Requests without one (curl, OpenAI SDKs) are no page's, and pass; so does a cross-site GET a
+      link or an image tag sends without one, which changes nothing here and whose answer the
+      page cannot read.
+
+    (Starlette's TrustedHostMiddleware would match names and ``*.suffix`` only: not 127.0.0.0/8 nor
+    bracketed IPv6, not Origin, and its refusal is plain text rather than the API's error.)"""
+
+    names: frozenset[str] = frozenset()  # besides loopback: host_name() of the bind address and each listed name
+    any_host: bool = False
+
+    @classmethod
+    def for_server(cls, bind: str, server_hosts: Iterable[str], keys: ApiKeys) -> "HostCheck":
+        server_hosts = tuple(server_hosts)
+        names = frozenset(name for name in map(host_name, (bind, *server_hosts)) if name)
+        return cls(names, any_host=bool(keys) and not server_hosts and host_name(bind) in ("0.0.0.0", "::"))
+
+    def names_this_server(self, host: str) -> bool:
+        name = host_name(host)
+        return name is not None and (name in self.names or is_loopback(name))
+
+    def refusal(self, host: str | None, origin: str | None) -> tuple[int, str] | None:
+        """None when a request with these headers may go on, else its status and one-line reason
+        (the header's value last, so a long one is what gets cut)."""
+        host = host or ""
+        if not self.any_host and not self.names_this_server(host):
+            return 400, ("the Host header must name this server (loopback, its bind address or a name "
+                         f"DIFFGRAPH_SERVER_HOSTS lists: a defence against DNS rebinding), not {host!r}")
+        if origin is not None:
+            scheme, sep, authority = origin.partition("://")
+            if not (sep and scheme.lower() in ("http", "https")
+                    and ((host and authority.lower() == host.lower()) or self.names_this_server(authority))):
+                return 403, ("cross-site request refused: the Origin must be this server (loopback, its bind "
+                             f"address or a name DIFFGRAPH_SERVER_HOSTS lists), not {origin!r}")
+        return None

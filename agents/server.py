@@ -8,9 +8,11 @@
     GET  /v1/models                   the base models this server renders with (a request's ``model``)
 
 With DIFFGRAPH_API_KEYS set, every /v1 request needs ``Authorization: Bearer KEY`` (agents/auth.py)
-and the web UI a login, and each key may make DIFFGRAPH_RATE_LIMIT requests a minute; a request
-body is read up to MAX_BODY bytes. Refusals are one-line
-OpenAI-style errors (401, 413, 429 with Retry-After).
+and the web UI a login, and each key may make DIFFGRAPH_RATE_LIMIT requests a minute (each UI login
+and address as many chat turns); a request body is read up to MAX_BODY bytes. Every request, UI
+included, must name this server in its Host header and, from a browser, come from its own pages
+(auth.HostCheck: no DNS rebinding, no cross-site requests). Refusals are one-line OpenAI-style
+errors (400 for a Host, 401, 403 for a cross-site Origin, 413, 429 with Retry-After).
 
 Image requests are served one at a time in arrival order (GenerationQueue: they wait on the
 event loop, holding no thread, and a full queue is refused with 503 and Retry-After), so
@@ -52,7 +54,7 @@ from diffgraph.merger.png import RECIPE_KEY
 from diffgraph.settings import Settings, get_settings  # noqa: E402
 from diffgraph.tools import bases  # noqa: E402
 
-from .auth import ApiKeys, is_loopback  # noqa: E402
+from .auth import ApiKeys, HostCheck, is_loopback  # noqa: E402
 from .chat import ChatAgent, ChatError, ChatServices  # noqa: E402
 from .generate import ROW_HEADERS, expert_rows  # noqa: E402
 
@@ -184,6 +186,7 @@ class RateLimiter:
     are forgotten once their bucket is full again, so the table stays as small as the active set."""
 
     def __init__(self, per_minute: int):
+        self.per_minute = per_minute
         self.rate, self.capacity = per_minute / 60.0, float(per_minute)
         self._buckets: dict[str, tuple[float, float]] = {}  # caller -> (tokens, when)
         self._lock = threading.Lock()
@@ -203,6 +206,10 @@ class RateLimiter:
                 return (1 - tokens) / self.rate
             self._buckets[caller] = (tokens - 1, now)
             return 0.0
+
+    def refusal(self, wait: float) -> str:
+        """What a caller over the limit is told, in one line (the API's 429, the UI's chat)."""
+        return f"too many requests: at most {self.per_minute} a minute; retry in {max(1, round(wait))} s"
 
 
 async def _read_body(request: Request) -> bytes:
@@ -355,11 +362,13 @@ class ImageAPI:
 
 def create_app(settings: Settings | None = None, *, agent: ChatAgent | None = None, ui: bool = True,
                max_waiting: int = MAX_WAITING, max_active: int = 1, base_model: str | None = None,
-               local: bool = True) -> FastAPI:
-    """The server's ASGI app (API routes first, then the Gradio UI mounted at /). ``local``: it
-    is bound to loopback, so without keys the UI's user is this machine's, with the admin role."""
+               host: str = "127.0.0.1") -> FastAPI:
+    """The server's ASGI app (API routes first, then the Gradio UI mounted at /). ``host``: the
+    address it is bound to. On loopback without keys the UI's user is this machine's, with the
+    admin role; beyond it, ``generate``. The Host headers it answers follow from it (HostCheck)."""
     settings = settings or get_settings()
     keys = ApiKeys.parse(settings.api_keys)
+    hosts = HostCheck.for_server(host, settings.server_hosts, keys)
     limiter = RateLimiter(settings.rate_limit)
     agent = agent or ChatAgent(settings, base_model=base_model)
     api = ImageAPI(agent.services)
@@ -374,7 +383,12 @@ def create_app(settings: Settings | None = None, *, agent: ChatAgent | None = No
 
     @app.middleware("http")
     async def _guard(request: Request, call_next):
-        """Keys and rates for the API (its schema and /healthz stay open)."""
+        """Host and Origin for every request, the UI's included; then keys and rates for the API
+        (its schema and /healthz stay open to any request naming this server)."""
+        refused = hosts.refusal(request.headers.get("host"), request.headers.get("origin"))
+        if refused:
+            status, message = refused
+            return APIError(status, message, code="invalid_host" if status == 400 else "cross_site_request").response()
         path = request.url.path
         if not path.startswith("/v1/") or path in ("/v1/openapi.json", "/v1/docs"):
             return await call_next(request)
@@ -388,8 +402,7 @@ def create_app(settings: Settings | None = None, *, agent: ChatAgent | None = No
         else:
             wait = 0.0  # no keys: this machine's own use (or --insecure-no-auth), not rate-limited
         if wait:
-            return APIError(429, f"too many requests: at most {settings.rate_limit} a minute; retry in {wait:.0f} s",
-                            kind="rate_limit_error", code="rate_limit_exceeded",
+            return APIError(429, limiter.refusal(wait), kind="rate_limit_error", code="rate_limit_exceeded",
                             headers={"Retry-After": str(max(1, round(wait)))}).response()
         return await call_next(request)
 
@@ -477,7 +490,7 @@ def create_app(settings: Settings | None = None, *, agent: ChatAgent | None = No
     if ui:
         import gradio as gr
 
-        blocks = build_ui(agent, keys, "admin" if local else "generate")
+        blocks = build_ui(agent, keys, "admin" if is_loopback(host) else "generate", limiter)
         app = gr.mount_gradio_app(app, blocks, path="/", allowed_paths=[str(settings.artifacts_dir)], css=CSS,
                                   footer_links=[], ssr_mode=False, theme=_theme(), auth=keys.login if keys else None,
                                   auth_message="Log in as 'generate' or 'admin' with your DiffGraph API key as the password.")
@@ -511,18 +524,31 @@ def experts_markdown(image: dict | None) -> str:
     return "\n".join(lines)
 
 
-def build_ui(agent: ChatAgent, keys: ApiKeys, role_without_keys: str):
+def build_ui(agent: ChatAgent, keys: ApiKeys, role_without_keys: str, limiter: RateLimiter):
     """The chat UI. A session's role is its login's (agents/auth.py), else ``role_without_keys``;
-    only an admin session is offered the tools that change the graph."""
+    only an admin session is offered the tools that change the graph. With keys, each login and
+    client address may take as many chat turns a minute as an API key may make requests (the
+    API's limiter): a turn over it is not sent to the agent, and the chat says when to retry."""
     import gradio as gr
 
     def role_of(request: gr.Request | None) -> str:
         return (getattr(request, "username", None) or "generate") if keys else role_without_keys
 
+    def over_limit(request: gr.Request) -> str | None:
+        """The refusal when this session is over the limit; never without keys (as for the API)."""
+        if not keys:
+            return None
+        wait = limiter.take(f"ui:{role_of(request)}@{request.client.host if request.client else ''}")
+        return limiter.refusal(wait) if wait else None
+
     def respond(message, history, thread, images, request: gr.Request):
         thread = thread or f"web-{uuid.uuid4().hex[:10]}"
         history = list(history or [])
         images = list(images or [])
+        refused = over_limit(request)
+        if refused:  # the message stays in the box for when the wait is over; the rest as it was
+            return (message, history + [{"role": "assistant", "content": refused}], thread, images,
+                    *[gr.skip()] * 5)
         reply = agent.send(message or "", thread, role=role_of(request))
         history.append({"role": "user", "content": message or ""})
         history.append({"role": "assistant", "content": reply.text})
@@ -537,8 +563,10 @@ def build_ui(agent: ChatAgent, keys: ApiKeys, role_without_keys: str):
     def pick_base(choice, history, thread, request: gr.Request):
         """The base picker: "/base CHOICE" for this conversation, answered in it."""
         thread = thread or f"web-{uuid.uuid4().hex[:10]}"
-        reply = agent.send(f"/base {choice}", thread, role=role_of(request)) if choice else None
-        history = list(history or []) + ([{"role": "assistant", "content": reply.text}] if reply else [])
+        answer = None
+        if choice:
+            answer = over_limit(request) or agent.send(f"/base {choice}", thread, role=role_of(request)).text
+        history = list(history or []) + ([{"role": "assistant", "content": answer}] if answer else [])
         return history, thread
 
     for handler in (respond, pick_base):  # the annotation as a class, not this module's postponed string, so
@@ -595,7 +623,7 @@ def serve(host: str = "127.0.0.1", port: int = 7860, settings: Settings | None =
 
     settings = settings or get_settings()
     check_bind(host, ApiKeys.parse(settings.api_keys), insecure_no_auth)
-    app = create_app(settings, max_active=max_active, base_model=base_model, local=is_loopback(host))
+    app = create_app(settings, max_active=max_active, base_model=base_model, host=host)
     if console is not None:
         agent = app.state.agent if hasattr(app, "state") and hasattr(app.state, "agent") else None
         console.print(f"DiffGraph on http://{host}:{port}/  (web UI)  ·  API: POST http://{host}:{port}/v1/images/generations"

@@ -42,7 +42,11 @@ class Settings:
     nsfw: str = "false"  # DIFFGRAPH_NSFW: "true" lets NSFW experts be retrieved (graph_store.records.UsePolicy)
     licence: str = ""  # DIFFGRAPH_LICENCE: terms every retrieved expert's licence must grant ("commercial,derivatives")
     api_keys: str = ""  # DIFFGRAPH_API_KEYS: "KEY" (generate) and "KEY:admin", comma-separated (agents/auth.py)
-    rate_limit: int = 60  # DIFFGRAPH_RATE_LIMIT: API requests per minute per key (or per client without keys)
+    rate_limit: int = 60  # DIFFGRAPH_RATE_LIMIT: requests a minute per API key, and chat turns per UI login and address
+    # DIFFGRAPH_SERVER_HOSTS: the names clients reach `serve` by (its Host header), besides loopback and the bind
+    # address; a request naming any other host is refused, so no web page can rebind its own name to this server
+    # (agents/auth.HostCheck). Not DIFFGRAPH_ALLOWED_HOSTS, which says where the crawler may fetch from.
+    server_hosts: tuple[str, ...] = ()
     gca_checkpoints: int = 20  # checkpoints a GCA pass keeps of its thread (0: all); one suffices to resume
     allowed_hosts: tuple[str, ...] = ()  # DIFFGRAPH_ALLOWED_HOSTS: hosts inside the network sources may fetch from
     page_hosts: tuple[str, ...] = ()  # hosts (host or host:port) whose homepages the GCA may read besides the sources' own
@@ -87,6 +91,7 @@ def get_settings() -> Settings:
         licence=_env("LICENCE", ""),
         api_keys=_env("API_KEYS", ""),
         rate_limit=int(_env("RATE_LIMIT", "60")),
+        server_hosts=tuple(h.strip().lower() for h in (_env("SERVER_HOSTS") or "").split(",") if h.strip()),
         gca_checkpoints=int(_env("GCA_CHECKPOINTS", "20")),
         allowed_hosts=tuple(h.strip().lower() for h in (_env("ALLOWED_HOSTS") or "").split(",") if h.strip()),
         page_hosts=tuple(h.strip().lower() for h in (_env("PAGE_HOSTS") or "").split(",") if h.strip()),
