@@ -39,6 +39,7 @@ from rich.console import Console
 from rich.progress import Progress, TimeElapsedColumn
 
 from diffgraph.benchmarks import write_result
+from diffgraph.tools import bases
 
 BASE = "miniworld-sd"
 SEEDS = (0, 1, 2)
@@ -63,7 +64,6 @@ def _graph(home: Path, reference_prompts: int) -> None:
 class Bench:
     def __init__(self, home: Path, rule):
         from diffgraph.graph_store.store import GraphStore
-        from diffgraph.tools import bases
 
         self.store = GraphStore.open(home)
         self.engine = bases.engine_for(BASE)
@@ -174,8 +174,6 @@ def oracle_coefficients(bench: Bench) -> dict[str, float] | None:
 
 def prompt_split(prompts: int, train_prompts: int, validation_prompts: int) -> tuple[list[str], list[str], list[str]]:
     """Training, validation and test prompts of the mini world (tools/bases.prompt_split)."""
-    from diffgraph.tools import bases
-
     return bases.prompt_split(bases.profile(BASE), prompts, train_prompts, validation_prompts)
 
 
@@ -305,10 +303,10 @@ def table(results: dict) -> str:
 
 
 def main(home: Path = typer.Option(Path("benchmarks/.work/graph"), help="Graph home (built if missing)."),
-         prompts: int = typer.Option(48, help="Held-out test prompts."),
-         train_prompts: int = typer.Option(64, help="Training prompts."),
+         prompts: int = typer.Option(bases.TEST_PROMPTS, help="Held-out test prompts."),
+         train_prompts: int = typer.Option(bases.TRAINING_PROMPTS, help="Training prompts."),
          steps: int = typer.Option(60, help="REINFORCE steps (4 prompts x 4 samples each)."),
-         validation_prompts: int = typer.Option(32, help="Prompts on which the best Beta-mean policy is kept."),
+         validation_prompts: int = typer.Option(bases.VALIDATION_PROMPTS, help="Prompts on which the best Beta-mean policy is kept."),
          reference_prompts: int = typer.Option(12, help="N_r when the graph is built."),
          rule: str = typer.Option("strengths", help="Merge rule: 'strengths' (the product's default), "
                                   "'anchored' or 'paper' (softmax per kind); see merger.recipe.MergeRule."),
