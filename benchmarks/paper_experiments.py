@@ -19,7 +19,10 @@
    it) and the per-prompt optimum, a black-box search (CMA-ES) of each prompt's coefficients
    against the reward on search seeds disjoint from the evaluation seeds, started from the best
    constant. "Optimum minus best constant" is the headroom of any per-expert, per-prompt plan.
-   Every method is compared with the VGAE and the best constant prompt by prompt (paired).
+   Parameter-based weights (Table 5's variant) come from the same VGAE trained the same way
+   with each expert's node features replaced by a fixed random projection of its weight delta
+   (``ParameterVectors``). Every method is compared with the VGAE and the best constant prompt
+   by prompt (paired).
 4. Scaling (Table 2): a planner trained with "year 1" experts only, used training-free with
    year 1 + year 2 experts, against the planner trained on both.
 
@@ -31,6 +34,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -92,15 +96,58 @@ class Bench:
         return self.score(prompt, picks, dict(zip(expert_ids, w)), seed=seed)[-1]
 
 
+class ParameterVectors:
+    """The graph's vectors, except that an expert's vector is a feature of its parameters: its
+    weight delta from the base (a LoRA's dW per layer, a checkpoint's W - W_base), flattened
+    over every tensor in the base's key order, times one fixed sparse random projection to the
+    description embeddings' dimension (scikit-learn's SparseRandomProjection, seeded), scaled
+    to unit length as the description embeddings are. A random projection keeps the angles
+    between deltas (Johnson-Lindenstrauss), so experts that change the same weights the same
+    way get near vectors, while nothing of what the homepage says reaches the planner. The
+    length is dropped because featurise's cosines and the encoder expect unit vectors; the
+    planner keeps the calibration edges, which carry each expert's measured strength."""
+
+    def __init__(self, engine, rows: dict, dim: int, seed: int = 0):
+        import safetensors.torch
+        import torch
+        from sklearn.random_projection import SparseRandomProjection
+
+        self.dim, keys = dim, sorted(engine.base_state)
+        deltas = []
+        for expert_id, row in sorted(rows.items()):
+            file = next(f for f in row.files if f.local_path and f.name.endswith(".safetensors"))
+            if row.kind == "lora":
+                dw = engine.lora_delta(Path(file.local_path), file.sha256)
+            else:
+                weights = safetensors.torch.load_file(file.local_path)
+                dw = {k: weights[k].float() - engine.base_state[k].float() for k in keys if k in weights}
+            deltas.append(torch.cat([dw[k].flatten().float() if k in dw else torch.zeros(engine.base_state[k].numel())
+                                     for k in keys]).numpy())
+        projected = SparseRandomProjection(dim, random_state=seed).fit_transform(np.stack(deltas))
+        projected /= np.maximum(np.linalg.norm(projected, axis=1, keepdims=True), 1e-12)
+        self.by_id = dict(zip(sorted(rows), projected.astype(np.float32)))
+
+    def get_embeddings(self, ids, partitions) -> np.ndarray:
+        """The VectorStore call graph_store's activated subgraph makes; ``partitions`` is not needed."""
+        return np.asarray([self.by_id[i] for i in ids], dtype=np.float32).reshape(len(ids), self.dim)
+
+
+def parameter_store(bench: Bench):
+    """``bench.store`` whose expert vectors are ParameterVectors (the catalog is shared)."""
+    dim = len(bench.store.embed(["dimension probe"])[0])
+    return replace(bench.store, vectors=ParameterVectors(bench.engine, bench.rows, dim))
+
+
 def _train(bench: Bench, prompts: list[str], validation: list[str], steps: int, seed: int,
-           active: set[str] | None = None):
+           active: set[str] | None = None, store=None):
     from diffgraph.planner.train import TrainConfig, train
 
     def select(prompt):
         return [p["id"] for p in bench.select(prompt) if active is None or p["id"] in active]
 
     config = TrainConfig(steps=steps, prompts_per_step=4, samples_per_prompt=4, seed=seed)
-    return train(bench.store, prompts, select, bench.reward, config=config, validation=validation, console=console)
+    return train(store or bench.store, prompts, select, bench.reward, config=config, validation=validation,
+                 console=console)
 
 
 def best_constant(bench: Bench, prompts: list[str]) -> tuple[float, dict[float, float]]:
@@ -140,10 +187,11 @@ def per_prompt_optimum(bench: Bench, prompt: str, start: float, renders: int = S
     return dict(zip(ids, (float(v) for v in es.result.xbest)))
 
 
-def coefficient_spread(bench: Bench, planner, prompts: list[str]) -> dict:
+def coefficient_spread(bench: Bench, planner, prompts: list[str], store=None) -> dict:
     """How much the VGAE's plan varies between the experts of one prompt and across prompts:
     a planner that learned one global strength has spread ~0 on both."""
-    plans = {p: planner.plan(bench.store, [s["id"] for s in sel], p) for p in prompts if (sel := bench.select(p))}
+    plans = {p: planner.plan(store or bench.store, [s["id"] for s in sel], p) for p in prompts
+             if (sel := bench.select(p))}
     values = [c for plan in plans.values() for c in plan.values()]
     within = [float(np.std(list(plan.values()))) for plan in plans.values() if len(plan) > 1]
     return {"mean": float(np.mean(values)), "std_all": float(np.std(values)), "min": float(np.min(values)),
@@ -177,9 +225,11 @@ def prompt_split(prompts: int, train_prompts: int, validation_prompts: int) -> t
     return bases.prompt_split(bases.profile(BASE), prompts, train_prompts, validation_prompts)
 
 
-def methods(bench: Bench, planner, rng: random.Random, constant: float, optimum: dict[str, dict]) -> dict:
+def methods(bench: Bench, planner, rng: random.Random, constant: float, optimum: dict[str, dict],
+            parameter_planner, parameters) -> dict:
     """name -> function(prompt) -> (picks, coefficients). ``optimum``: prompt -> its per-prompt
-    optimum (``per_prompt_optimum``)."""
+    optimum (``per_prompt_optimum``); ``parameter_planner``: the VGAE trained on
+    ``parameters`` (``parameter_store``)."""
     from diffgraph.tools.plan import Planner
 
     all_ids = sorted(bench.rows)
@@ -225,6 +275,10 @@ def methods(bench: Bench, planner, rng: random.Random, constant: float, optimum:
         sel = bench.select(p)
         return sel, (planner.plan(bench.store, [s["id"] for s in sel], p) if sel else {})
 
+    def parameter_vgae(p):
+        sel = bench.select(p)
+        return sel, (parameter_planner.plan(parameters, [s["id"] for s in sel], p) if sel else {})
+
     def vgae_no_esa(p):
         coef = planner.plan(bench.store, all_ids, p)
         top = sorted(coef, key=lambda i: -coef[i])[:10]
@@ -241,6 +295,7 @@ def methods(bench: Bench, planner, rng: random.Random, constant: float, optimum:
             "Equal weights (w/o MP)": equal, "Random coefficients": random_coef,
             "Brain-chosen coefficients (retrieval similarity)": brain_coef,
             "LLM-chosen weights (offline stand-in: recommended weights)": llm_coef,
+            "Parameter-based weights (VGAE on weight-delta features)": parameter_vgae,
             f"Best constant coefficient ({constant}, tuned on validation)": constant_coef, "DiffGraph VGAE": vgae,
             "Per-prompt optimum (CMA-ES on search seeds)": optimum_coef,
             "VGAE over all, top 10 (w/o ESA)": vgae_no_esa, "Random 10 experts": random_ten,
@@ -329,6 +384,10 @@ def main(home: Path = typer.Option(Path("benchmarks/.work/graph"), help="Graph h
         from diffgraph.planner.checkpoint import save_planner
 
         save_planner(trained.planner, save_planner_to)
+    parameters = parameter_store(bench)
+    t0 = time.time()
+    by_parameters = _train(bench, train_set, valid_set, steps, seed=0, store=parameters)
+    parameter_train_s = time.time() - t0
     constant, constant_scores = best_constant(bench, valid_set)
     console.print(f"best constant coefficient on validation: {constant} ({constant_scores})")
     t0 = time.time()
@@ -337,7 +396,8 @@ def main(home: Path = typer.Option(Path("benchmarks/.work/graph"), help="Graph h
         for prompt in progress.track(test_set, description=f"per-prompt optimum ({search_renders} renders each)"):
             optimum[prompt] = per_prompt_optimum(bench, prompt, constant, search_renders)
     optimum_s = time.time() - t0
-    results = evaluate(bench, methods(bench, trained.planner, random.Random(0), constant, optimum), test_set)
+    results = evaluate(bench, methods(bench, trained.planner, random.Random(0), constant, optimum,
+                                      by_parameters.planner, parameters), test_set)
     constant_name = next(m for m in results if m.startswith("Best constant"))
     comparisons = {"DiffGraph VGAE": paired(results, "DiffGraph VGAE"), constant_name: paired(results, constant_name)}
     optimum_name = next(m for m in results if m.startswith("Per-prompt optimum"))
@@ -358,6 +418,8 @@ def main(home: Path = typer.Option(Path("benchmarks/.work/graph"), help="Graph h
     }, test_set)
     report = {"table1_5": results, "table2_scaling": scaling, "training_history": trained.history,
               "year1_experts": sorted(year1), "train_seconds": train_s, "total_seconds": time.time() - started,
+              "parameter_train_seconds": parameter_train_s, "validation_parameters": by_parameters.validation,
+              "parameter_coefficients": coefficient_spread(bench, by_parameters.planner, test_set, parameters),
               "validation": trained.validation, "validation_year1": early.validation,
               "constant_grid_validation": constant_scores, "vgae_coefficients": spread,
               "paired": comparisons, "headroom": room, "vgae_share_of_headroom": closed,

@@ -1,0 +1,64 @@
+"""The parameter-based baseline of benchmarks/paper_experiments.py (the paper's Table 5 variant):
+the VGAE reads each expert's node features from its weights, not from its homepage."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+
+from diffgraph.benchmarks.paper_experiments import Bench, ParameterVectors
+from diffgraph.graph_store.views import activated_subgraph
+from diffgraph.merger.recipe import RULES
+
+
+@pytest.fixture(scope="module")
+def bench(graph_home):
+    return Bench(graph_home, RULES["strengths"])
+
+
+def _raw_delta(bench, row) -> torch.Tensor:
+    """The expert's whole weight delta, flattened in the base's key order (the reference the
+    projection must preserve angles of)."""
+    file = next(f for f in row.files if f.local_path and f.name.endswith(".safetensors"))
+    base = bench.engine.base_state
+    if row.kind == "lora":
+        dw = bench.engine.lora_delta(file.local_path, file.sha256)
+    else:
+        weights = safetensors.torch.load_file(file.local_path)
+        dw = {k: weights[k].float() - base[k].float() for k in base if k in weights}
+    return torch.cat([dw[k].flatten().float() if k in dw else torch.zeros(base[k].numel()) for k in sorted(base)])
+
+
+def test_parameter_features_keep_the_angles_between_weight_deltas(bench):
+    loras = sorted(i for i, r in bench.rows.items() if r.kind == "lora")[:4]
+    ckpts = sorted(i for i, r in bench.rows.items() if r.kind == "ckpt")[:2]
+    rows = {i: bench.rows[i] for i in loras + ckpts}
+    ids = sorted(rows)
+    vectors = ParameterVectors(bench.engine, rows, dim=384)
+    x = vectors.get_embeddings(ids, None)
+    assert x.shape == (len(ids), 384) and x.dtype == np.float32
+    assert np.allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
+    raw = torch.nn.functional.normalize(torch.stack([_raw_delta(bench, rows[i]) for i in ids]), dim=1)
+    # Johnson-Lindenstrauss at 384 dimensions: cosines are kept to within a few tenths at worst
+    assert np.abs(x @ x.T - (raw @ raw.T).numpy()).max() < 0.3
+    again = ParameterVectors(bench.engine, rows, dim=384).get_embeddings(ids[::-1], None)
+    assert np.array_equal(again, x[::-1]), "the projection is fixed: the same weights give the same features"
+    assert vectors.get_embeddings([], None).shape == (0, 384)
+
+
+def test_the_planner_view_carries_parameter_features_not_descriptions(bench):
+    from dataclasses import replace
+
+    ids = sorted(bench.rows)[:3]
+    vectors = ParameterVectors(bench.engine, {i: bench.rows[i] for i in ids}, dim=384)
+    store = replace(bench.store, vectors=vectors)
+    view = activated_subgraph(store, ids, "a red circle on a white background")
+    described = activated_subgraph(bench.store, ids, "a red circle on a white background")
+    assert np.array_equal(view["expert"].x.numpy(), vectors.get_embeddings(ids, None))
+    assert not np.allclose(view["expert"].x.numpy(), described["expert"].x.numpy())
+    # everything else the planner sees is the graph's own: prompt, references, calibration edges
+    assert torch.equal(view["user_prompt"].x, described["user_prompt"].x)
+    edges = ("expert", "calibrated_on", "reference_prompt")
+    assert torch.equal(view[edges].edge_attr, described[edges].edge_attr)
