@@ -114,10 +114,10 @@ class APIError(Exception):
 class GenerationQueue:
     """Image requests served first come, first served, ``max_active`` at a time (default one).
 
-    Renders share one device (the engine's render thread), but the device takes renders, not
-    requests, and whoever asks while it is free: a request for n=3 images lost the device
-    between its images to five later single-image requests and finished last, and later
-    requests overtook earlier ones under load (benchmarks/RESULTS.md). Here a request
+    Renders share one device (the engine's lock), but a threading.Lock hands itself to whoever
+    asks first when it is free, not to whoever waited longest: a request for n=3 images lost
+    the device between its images to five later single-image requests and finished last, and
+    later requests overtook earlier ones under load (benchmarks/RESULTS.md). Here a request
     waits on the event loop in a FIFO of futures and a freed slot is handed straight to the
     oldest waiter, so no newcomer barges in; only then does it take a worker thread. A waiting
     request holds no thread and little memory, and past ``max_waiting`` new ones are refused at
@@ -126,7 +126,7 @@ class GenerationQueue:
     a large share of a request) at the price of one more request's working memory and of order:
     requests in progress side by side can finish out of order (a long one, n > 1, can be passed
     by short ones admitted while it runs). (The web UI's chat turns do not pass through here;
-    their renders queue on the engine's render thread.)"""
+    they take the engine's lock.)"""
 
     def __init__(self, max_waiting: int = MAX_WAITING, max_active: int = 1):
         if max_active < 1:
@@ -621,8 +621,11 @@ def serve(host: str = "127.0.0.1", port: int = 7860, settings: Settings | None =
           max_active: int = 1, base_model: str | None = None, insecure_no_auth: bool = False) -> None:
     import uvicorn
 
+    from diffgraph.malloc import limit_arenas
+
     settings = settings or get_settings()
     check_bind(host, ApiKeys.parse(settings.api_keys), insecure_no_auth)
+    limit_arenas()  # before any worker thread: a long-running server's RSS stays flat (diffgraph/malloc.py)
     app = create_app(settings, max_active=max_active, base_model=base_model, host=host)
     if console is not None:
         agent = app.state.agent if hasattr(app, "state") and hasattr(app.state, "agent") else None

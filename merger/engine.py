@@ -5,20 +5,13 @@ writes full-size merges to disk, so there is one checkpoint sum to trust. Merged
 cached by the checkpoint part of the recipe and LoRA deltas by file, both in LRU caches bounded
 by bytes, so refining a prompt or changing only LoRA weights never re-merges checkpoints, and a
 server under load keeps its memory bounded.
-
-Every merge and render runs on the engine's one render thread, whichever thread asks. The
-device takes one render at a time anyway, and the thread keeps a long-running server's memory
-flat: glibc gives each thread its own malloc arena, so renders handed to whichever worker of a
-server's thread pool is free leave freed tensor memory scattered over a dozen arenas that are
-never given back. Under the soak benchmark that grew RSS by ~3.5 MB a minute; with one render
-thread it stays flat (benchmarks/RESULTS.md). The thread's queue is also first come, first served.
 """
 
 from __future__ import annotations
 
 import copy
+import threading
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -109,8 +102,7 @@ def load_state(pipe, state: dict[str, torch.Tensor]) -> None:
 
 
 class MergeEngine:
-    """Merges and renders recipes on one base architecture (one device, one render at a time, on
-    the engine's render thread)."""
+    """Merges and renders recipes on one base architecture (one device, one render at a time)."""
 
     def __init__(self, pipe, cache_bytes: int = 256 << 20):
         self.pipe = pipe
@@ -119,7 +111,7 @@ class MergeEngine:
         self._scratch = None  # a copy of the pipeline where LoRA files are loaded to read their deltas
         self.bases = ByteLRU(cache_bytes)
         self.deltas = ByteLRU(cache_bytes // 2)
-        self._render_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffgraph-render")
+        self.lock = threading.Lock()  # renders queue on the one device
         self._loaded_key: str | None = None
 
     @classmethod
@@ -220,19 +212,17 @@ class MergeEngine:
 
     def render(self, recipe: MergeRecipe) -> Image.Image:
         """Merge (cached) and render one image at the recipe's size (see :meth:`sized`);
-        deterministic for a recipe on one machine. Runs on the render thread (see the module
-        docstring); the caller waits for it."""
-        return self._render_thread.submit(self._render, self.sized(recipe)).result()
-
-    def _render(self, recipe: MergeRecipe) -> Image.Image:
-        weights = self.weights(recipe)
-        key = recipe.checkpoint_key() + repr([(e.name, e.sha256, w) for e, w in recipe.lora_weights()])
-        if key != self._loaded_key:
-            load_state(self.pipe, weights)
-            self._loaded_key = key
-        self._use_scheduler(recipe.scheduler)
-        return render(self.pipe, [recipe.prompt], [recipe.seed], steps=recipe.steps, guidance=recipe.guidance,
-                      negative_prompt=recipe.negative_prompt, width=recipe.width, height=recipe.height)[0]
+        deterministic for a recipe on one machine."""
+        recipe = self.sized(recipe)
+        with self.lock:
+            weights = self.weights(recipe)
+            key = recipe.checkpoint_key() + repr([(e.name, e.sha256, w) for e, w in recipe.lora_weights()])
+            if key != self._loaded_key:
+                load_state(self.pipe, weights)
+                self._loaded_key = key
+            self._use_scheduler(recipe.scheduler)
+            return render(self.pipe, [recipe.prompt], [recipe.seed], steps=recipe.steps, guidance=recipe.guidance,
+                          negative_prompt=recipe.negative_prompt, width=recipe.width, height=recipe.height)[0]
 
     def _use_scheduler(self, name: str) -> None:
         if type(self.pipe.scheduler).__name__ == name:

@@ -137,35 +137,3 @@ def test_png_recipe_replays_bit_for_bit(engine, artifacts_dir, tmp_path):
     assert np.array_equal(np.asarray(again), np.asarray(image))
     params = a1111_parameters(recipe)
     assert "<lora:royal-purple:" in params and "Seed: 42" in params
-
-
-def test_renders_from_many_threads_run_one_at_a_time_on_one_thread(engine, artifacts_dir):
-    """Whichever threads ask (a server's worker pool), the UNet only ever runs on the engine's
-    render thread, one render at a time, and every image is the one a lone render gives."""
-    import threading
-    from concurrent.futures import ThreadPoolExecutor
-
-    recipes = [MergeRecipe(BASE_MODEL, "a red circle on a white background", seed=s,
-                           loras=[_entry(artifacts_dir, slug, 0.5)]) for s, slug in
-               enumerate(["royal-purple", "checkerboard", "stripes-lite", "royal-purple", "checkerboard", "mint-backdrop"])]
-    alone = [np.asarray(engine.render(r)) for r in recipes]
-    ran_on, inside, overlapped = set(), [0], []
-
-    def enter(module, args):
-        ran_on.add(threading.current_thread().name)
-        inside[0] += 1
-        overlapped.append(inside[0] > 1)
-
-    def leave(module, args, output):
-        inside[0] -= 1
-
-    hooks = [engine.pipe.unet.register_forward_pre_hook(enter), engine.pipe.unet.register_forward_hook(leave)]
-    try:
-        with ThreadPoolExecutor(max_workers=6) as pool:
-            together = list(pool.map(lambda r: np.asarray(engine.render(r)), recipes))
-    finally:
-        for h in hooks:
-            h.remove()
-    assert len(ran_on) == 1 and next(iter(ran_on)).startswith("diffgraph-render"), ran_on
-    assert overlapped and not any(overlapped)
-    assert all(np.array_equal(a, b) for a, b in zip(alone, together))
