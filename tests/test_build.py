@@ -16,6 +16,11 @@ from safetensors import safe_open
 from diffgraph.miniworld.build import BuildConfig, rebuild_experts, rebuild_scorers, sha256_file
 from diffgraph.miniworld.experts import EXPERTS
 
+# The quick build alone takes 2.5-4 min of both cores. Everything else runs on the committed
+# artifacts, so the build is a developer's command: run `pytest -m slow tests/test_build.py`
+# after changing miniworld/ (its training, experts or build).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def quick_build(tmp_path_factory):
@@ -38,7 +43,6 @@ def test_build_writes_every_artifact_with_its_hash(quick_build):
     assert not (quick_build / "_vae").exists()  # the VAE stage's hand-over folder is cleaned up
 
 
-@pytest.mark.slow  # 100 s; the default run keeps the quick build itself (test_build_writes_every_artifact_with_its_hash)
 def test_stage_reruns_reproduce_the_full_build_bit_for_bit(quick_build, tmp_path):
     """One worker instead of two, stages alone instead of the whole build: same bytes."""
     copy = tmp_path / "artifacts"

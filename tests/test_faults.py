@@ -219,14 +219,15 @@ def test_any_damage_to_chroma_files_ends_in_a_whole_store_after_reconcile(vector
     damaged_then_reconciled()
 
 
-def test_a_chroma_write_killed_at_any_moment_is_repaired_by_reconcile(vector_template, tmp_path):
+@budget(default=1, slow=3)
+def test_a_chroma_write_killed_at_any_moment_is_repaired_by_reconcile(vector_template, tmp_path, examples):
     """The writer rewrites descriptions (one by one through GraphStore.register, and in batches
     of 300 as reconcile and import write) and is SIGKILLed at seeded moments; after each kill,
     recover + reconcile leave the store whole and the catalog's SQLite intact."""
     home = _copy(vector_template, tmp_path)
     rng = random.Random("chroma writes killed")
     tests = Path(__file__).parent
-    for kill in range(3):
+    for kill in range(examples):
         writer = subprocess.Popen([sys.executable, "-m", "support.vector_damage", "write", str(home)], cwd=tests,
                                   stdout=subprocess.PIPE, text=True, start_new_session=True)
         try:

@@ -266,6 +266,7 @@ def _export_files(home: Path, directory: Path) -> dict[str, bytes]:
     return files
 
 
+@pytest.mark.slow  # 140-200 s; the default run kills GCA passes at random moments (test_crash.py)
 def test_sigkill_at_several_points_then_resume_equals_an_uninterrupted_run(published, artifacts_dir, tmp_path):
     subset = ("tangerine", "royal-purple", "navy-backdrop")  # civitai, hf, civitai
     with running_hub(artifacts_dir, experts=[published[s] for s in subset]) as hub:

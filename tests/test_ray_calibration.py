@@ -129,6 +129,7 @@ def _edges(home: Path) -> list[tuple[str, str, list[float]]]:
         catalog.close()
 
 
+@pytest.mark.slow  # 40-60 s; the default run keeps Ray calibration equal to local (test_ray_calibration_equals_local)
 def test_gca_pass_over_ray_matches_a_local_pass(ray_address, tmp_path):
     from rich.console import Console
 
