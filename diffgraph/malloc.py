@@ -6,10 +6,11 @@ thread pool is free, so over hours every worker's arena holds some of the memory
 embedding or an image encode freed, in pieces too scattered to give back to the system, and
 RSS creeps up although nothing leaks. In the soak benchmark (benchmarks/RESULTS.md, "A soak
 of the HTTP API") RSS grew 3.25 MB a minute with glibc's default arenas and 0.06 with
-MALLOC_ARENA_MAX=2, side by side in one run; with this cap RSS stayed at 859-860 MB for the last 100 minutes of a 2-hour soak. The
-price is speed: the load benchmark answered 9% fewer requests a second with the cap (five
-paired rounds, slower in each; where the time goes was not measured).
-A server that runs for days is worth that; set MALLOC_ARENA_MAX yourself to choose otherwise.
+MALLOC_ARENA_MAX=2, side by side in one run; with this cap RSS stayed at 859-860 MB for the
+last 100 minutes of a 2-hour soak. The price is speed: the load benchmark answered 9% fewer
+requests a second with the cap (five paired rounds, slower in each; where the time goes was
+not measured). A server that runs for days is worth that; set MALLOC_ARENA_MAX yourself to
+choose otherwise.
 
 The limit only applies to arenas created after the call, so ``serve`` makes it before any
 worker thread exists. A MALLOC_ARENA_MAX set by the user wins (glibc read it at start-up).
