@@ -96,10 +96,25 @@ class Bench:
         return self.score(prompt, picks, dict(zip(expert_ids, w)), seed=seed)[-1]
 
 
+def weight_delta(engine, row) -> "torch.Tensor":  # noqa: F821 (torch is imported inside)
+    """An expert's whole weight delta from the base, flattened over every tensor in the base's
+    key order: a LoRA's dW per layer (the engine's cached delta), a checkpoint's W - W_base;
+    tensors the expert leaves alone are zeros."""
+    import safetensors.torch
+    import torch
+
+    file, base = row.weights_file, engine.base_state
+    if row.kind == "lora":
+        dw = engine.lora_delta(Path(file.local_path), file.sha256)
+    else:
+        weights = safetensors.torch.load_file(file.local_path)
+        dw = {k: weights[k].float() - base[k].float() for k in base if k in weights}
+    return torch.cat([dw[k].flatten().float() if k in dw else torch.zeros(base[k].numel()) for k in sorted(base)])
+
+
 class ParameterVectors:
     """The graph's vectors, except that an expert's vector is a feature of its parameters: its
-    weight delta from the base (a LoRA's dW per layer, a checkpoint's W - W_base), flattened
-    over every tensor in the base's key order, times one fixed sparse random projection to the
+    weight delta (``weight_delta``) times one fixed sparse random projection to the
     description embeddings' dimension (scikit-learn's SparseRandomProjection, seeded), scaled
     to unit length as the description embeddings are. A random projection keeps the angles
     between deltas (Johnson-Lindenstrauss), so experts that change the same weights the same
@@ -108,22 +123,11 @@ class ParameterVectors:
     planner keeps the calibration edges, which carry each expert's measured strength."""
 
     def __init__(self, engine, rows: dict, dim: int, seed: int = 0):
-        import safetensors.torch
-        import torch
         from sklearn.random_projection import SparseRandomProjection
 
-        self.dim, keys = dim, sorted(engine.base_state)
-        deltas = []
-        for expert_id, row in sorted(rows.items()):
-            file = next(f for f in row.files if f.local_path and f.name.endswith(".safetensors"))
-            if row.kind == "lora":
-                dw = engine.lora_delta(Path(file.local_path), file.sha256)
-            else:
-                weights = safetensors.torch.load_file(file.local_path)
-                dw = {k: weights[k].float() - engine.base_state[k].float() for k in keys if k in weights}
-            deltas.append(torch.cat([dw[k].flatten().float() if k in dw else torch.zeros(engine.base_state[k].numel())
-                                     for k in keys]).numpy())
-        projected = SparseRandomProjection(dim, random_state=seed).fit_transform(np.stack(deltas))
+        self.dim = dim
+        deltas = np.stack([weight_delta(engine, row).numpy() for _, row in sorted(rows.items())])
+        projected = SparseRandomProjection(dim, random_state=seed).fit_transform(deltas)
         projected /= np.maximum(np.linalg.norm(projected, axis=1, keepdims=True), 1e-12)
         self.by_id = dict(zip(sorted(rows), projected.astype(np.float32)))
 

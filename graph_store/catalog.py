@@ -186,6 +186,11 @@ class ExpertRow:
     preferred_weight: float | None = None
     nsfw_level: int = 0
 
+    @property
+    def weights_file(self) -> ExpertFile | None:
+        """The downloaded .safetensors file the merger reads (None before the GCA fetched one)."""
+        return next((f for f in self.files if f.local_path and f.name.endswith(".safetensors")), None)
+
     def record(self) -> ExpertRecord:
         """The source-side view of this expert."""
         return ExpertRecord(source=self.source, source_id=self.source_id, version=self.version, name=self.name,

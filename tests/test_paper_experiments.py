@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import safetensors.torch
 import torch
 
-from diffgraph.benchmarks.paper_experiments import Bench, ParameterVectors
+from diffgraph.benchmarks.paper_experiments import Bench, ParameterVectors, weight_delta
 from diffgraph.graph_store.views import activated_subgraph
 from diffgraph.merger.recipe import RULES
 
@@ -16,19 +15,6 @@ from diffgraph.merger.recipe import RULES
 @pytest.fixture(scope="module")
 def bench(graph_home):
     return Bench(graph_home, RULES["strengths"])
-
-
-def _raw_delta(bench, row) -> torch.Tensor:
-    """The expert's whole weight delta, flattened in the base's key order (the reference the
-    projection must preserve angles of)."""
-    file = next(f for f in row.files if f.local_path and f.name.endswith(".safetensors"))
-    base = bench.engine.base_state
-    if row.kind == "lora":
-        dw = bench.engine.lora_delta(file.local_path, file.sha256)
-    else:
-        weights = safetensors.torch.load_file(file.local_path)
-        dw = {k: weights[k].float() - base[k].float() for k in base if k in weights}
-    return torch.cat([dw[k].flatten().float() if k in dw else torch.zeros(base[k].numel()) for k in sorted(base)])
 
 
 def test_parameter_features_keep_the_angles_between_weight_deltas(bench):
@@ -40,7 +26,9 @@ def test_parameter_features_keep_the_angles_between_weight_deltas(bench):
     x = vectors.get_embeddings(ids, None)
     assert x.shape == (len(ids), 384) and x.dtype == np.float32
     assert np.allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
-    raw = torch.nn.functional.normalize(torch.stack([_raw_delta(bench, rows[i]) for i in ids]), dim=1)
+    deltas = torch.stack([weight_delta(bench.engine, rows[i]) for i in ids])
+    assert (deltas != 0).any(dim=1).all(), "every expert changes some of the base's weights"
+    raw = torch.nn.functional.normalize(deltas, dim=1)
     # Johnson-Lindenstrauss at 384 dimensions: cosines are kept to within a few tenths at worst
     assert np.abs(x @ x.T - (raw @ raw.T).numpy()).max() < 0.3
     again = ParameterVectors(bench.engine, rows, dim=384).get_embeddings(ids[::-1], None)

@@ -29,7 +29,7 @@ def build_recipe(store: GraphStore, prompt: str, base_model: str, seed: int, pic
     ckpts, loras, triggers = [], [], []
     for pick in picks:
         row = store.catalog.get(pick["id"])
-        weights = next((f for f in row.files if f.local_path and f.name.endswith(".safetensors")), None)
+        weights = row.weights_file
         if weights is None:
             raise ValueError(f"{pick['id']} has no downloaded safetensors file; run the GCA for it")
         entry = ExpertWeight(pick["id"], float(coefficients.get(pick["id"], 0.5)), weights.local_path, weights.sha256,
