@@ -77,22 +77,33 @@ def _progress() -> Progress:
 
 
 def _train_scorers(vae, cfg: BuildConfig, rng: random.Random, progress, out: Path) -> None:
-    """Train the attribute classifier and MiniClip on clean and VAE-reconstructed images."""
+    """Train the attribute classifier, MiniClip and the damage judge on clean and
+    VAE-reconstructed images.
+
+    Half of each batch is drawn uniformly (every value equally known) and half from the
+    in-the-wild distribution: uniform scenes alone are almost never plain, evenly lit and
+    unstyled, and a judge that rarely saw such scenes called the base's gray and beige
+    backgrounds white. A small colour jitter keeps labels from hanging on exact pixel values
+    the generator never hits. The damage judge sees each image clean (target 0) and burnt at a
+    random severity (target the severity)."""
     from safetensors.torch import save_file
 
     from diffgraph.text_embedding import embed
 
-    net, clip = scorers.AttributeNet(), scorers.MiniClip()
-    opt = torch.optim.AdamW(list(net.parameters()) + list(clip.parameters()), lr=2e-3)
+    net, clip, damage = scorers.AttributeNet(), scorers.MiniClip(), scorers.DamageNet()
+    opt = torch.optim.AdamW([*net.parameters(), *clip.parameters(), *damage.parameters()], lr=2e-3)
     task = progress.add_task("scorers", total=cfg.scorer_steps)
     batch = cfg.batch
+    gen = torch.Generator().manual_seed(rng.randrange(2**31))
     for step in range(cfg.scorer_steps):
-        scenes = [domain.sample_scene(rng, uniform=True) for _ in range(batch)]
+        scenes = [domain.sample_scene(rng, uniform=i % 2 == 0) for i in range(batch)]
         x = training.render_batch(scenes)
         if step % 2:  # half the batches go through the VAE, as generated images will
             with torch.no_grad():
                 x = vae.decode(vae.encode(x).latent_dist.sample()).sample.clamp(-1, 1)
-        x = x + 0.03 * torch.randn_like(x)
+        gain = 1 + 0.1 * (2 * torch.rand(batch, 3, 1, 1, generator=gen) - 1)
+        shift = 0.1 * (2 * torch.rand(batch, 3, 1, 1, generator=gen) - 1)
+        x = (x * gain + shift + 0.03 * torch.randn(x.shape, generator=gen)).clamp(-1, 1)
         logits = net(x)
         loss = sum(F.cross_entropy(logits[a], torch.tensor([domain.ATTRIBUTES[a].index(s.attrs[a]) for s in scenes]))
                    for a in domain.ATTRIBUTES)
@@ -101,15 +112,16 @@ def _train_scorers(vae, cfg: BuildConfig, rng: random.Random, progress, out: Pat
         sim = img_e @ txt_e.T * clip.logit_scale.exp()
         labels = torch.arange(batch)
         loss = loss + (F.cross_entropy(sim, labels) + F.cross_entropy(sim.T, labels)) / 2
+        severity = 0.1 + 0.9 * torch.rand(batch, generator=gen)
+        judged = damage(torch.cat([x, training.burn(x, severity, gen)]))
+        loss = loss + F.binary_cross_entropy_with_logits(judged, torch.cat([torch.zeros(batch), severity]))
         opt.zero_grad()
         loss.backward()
         opt.step()
         progress.update(task, advance=1, description=f"scorers loss {loss.item():.3f}")
-    net.eval()
-    clip.eval()
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(out / "attribute_net.safetensors"))
-    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(out / "miniclip.safetensors"))
+    for name, model in (("attribute_net", net), ("miniclip", clip), ("damage_net", damage)):
+        save_file({k: v.contiguous() for k, v in model.eval().state_dict().items()}, str(out / f"{name}.safetensors"))
     scorers.save_config(out)
 
 

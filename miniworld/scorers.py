@@ -5,6 +5,10 @@
 - ``miniclip``: a small contrastive text-image model (image CNN against MiniLM text
   embeddings), the analogue of the learned preference scorers (PickScore, HPS).
 - ``quality``: sharpness and contrast of the image, the aesthetic-score analogue.
+- ``damage``: how burnt the image looks (0 clean, 1 destroyed), judged by a small network
+  trained on clean scenes against scenes damaged the way overdosed merges damage them
+  (``training.burn``). It is what makes the reward penalise an overcooked image as ImageReward
+  does: sharpness and contrast alone rise when a LoRA stack burns an image into noise.
 
 Each returns one float per (image, prompt); :func:`combined_reward` folds them into the
 scalar the planner is trained on.
@@ -23,7 +27,8 @@ from PIL import Image
 
 from . import domain
 
-METRICS = ("attr", "miniclip", "quality")
+METRICS = ("attr", "miniclip", "quality", "damage")
+DAMAGE_PENALTY = 0.5  # reward lost by a fully burnt image: more than any skill can win back
 
 
 def _conv_trunk(width: int = 32) -> nn.Sequential:
@@ -47,6 +52,18 @@ class AttributeNet(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.trunk(x)
         return {a: head(h) for a, head in self.heads.items()}
+
+
+class DamageNet(nn.Module):
+    """One logit per image: how damaged it is (sigmoid: 0 clean, 1 destroyed)."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.trunk = _conv_trunk(width)
+        self.head = nn.Linear(8 * width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(x)).squeeze(-1)
 
 
 class MiniClip(nn.Module):
@@ -78,9 +95,10 @@ def quality_score(images: torch.Tensor) -> torch.Tensor:
 class MetricSuite:
     """Scores rendered images against their prompts with the three mini metrics."""
 
-    def __init__(self, attribute_net: AttributeNet, miniclip: MiniClip, embed):
+    def __init__(self, attribute_net: AttributeNet, miniclip: MiniClip, damage_net: DamageNet, embed):
         self.attribute_net = attribute_net.eval()
         self.miniclip = miniclip.eval()
+        self.damage_net = damage_net.eval()
         self.embed = embed  # texts -> unit-norm MiniLM vectors, as in training
 
     @classmethod
@@ -89,10 +107,11 @@ class MetricSuite:
 
         from diffgraph.text_embedding import embed
 
-        net, clip = AttributeNet(), MiniClip()
+        net, clip, damage = AttributeNet(), MiniClip(), DamageNet()
         net.load_state_dict(load_file(directory / "attribute_net.safetensors"))
         clip.load_state_dict(load_file(directory / "miniclip.safetensors"))
-        return cls(net, clip, embed)
+        damage.load_state_dict(load_file(directory / "damage_net.safetensors"))
+        return cls(net, clip, damage, embed)
 
     @torch.no_grad()
     def predict_attributes(self, images: torch.Tensor) -> list[dict]:
@@ -101,23 +120,30 @@ class MetricSuite:
         return [{a: domain.ATTRIBUTES[a][preds[a][i]] for a in preds} for i in range(images.shape[0])]
 
     @torch.no_grad()
+    def damage(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.damage_net(images))
+
+    @torch.no_grad()
     def score(self, images: list[Image.Image] | torch.Tensor, prompts: list[str]) -> list[dict[str, float]]:
         x = images if isinstance(images, torch.Tensor) else images_to_tensor(images)
         preds = self.predict_attributes(x)
         img_emb, txt_emb = self.miniclip(x, torch.as_tensor(self.embed(prompts)))
         clip = (img_emb * txt_emb).sum(-1)
         qual = quality_score(x)
+        damage = self.damage(x)
         out = []
         for i, prompt in enumerate(prompts):
             target = domain.target_attrs(prompt)
             agree = float(np.mean([preds[i][a] == v for a, v in target.items()])) if target else 0.0
-            out.append({"attr": agree, "miniclip": float(clip[i]), "quality": float(qual[i])})
+            out.append({"attr": agree, "miniclip": float(clip[i]), "quality": float(qual[i]), "damage": float(damage[i])})
         return out
 
 
 def combined_reward(scores: dict[str, float]) -> float:
-    """The scalar reward: agreement dominates, the learned and quality scores refine it."""
-    return 0.6 * scores["attr"] + 0.3 * (scores["miniclip"] + 1) / 2 + 0.1 * scores["quality"]
+    """The scalar reward: agreement dominates, the learned and quality scores refine it, and
+    damage is subtracted, so a burnt image scores below a clean one that misses its skill."""
+    return (0.6 * scores["attr"] + 0.3 * (scores["miniclip"] + 1) / 2 + 0.1 * scores["quality"]
+            - DAMAGE_PENALTY * scores["damage"])
 
 
 def save_config(directory: Path) -> None:

@@ -37,6 +37,27 @@ def render_batch(scenes, corrupt_rng: random.Random | None = None) -> torch.Tens
     return torch.from_numpy(np.clip(arr, -1, 1).astype(np.float32))
 
 
+def burn(x: torch.Tensor, severity: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Damage images the way an overdosed merge does, ``severity`` in [0, 1] per image: colour
+    blotches at 4x4 and 8x8 (a burnt LoRA stack's smeared patches), per-pixel speckle, an
+    over-exposure that clips highlights and shadows, and a channel swap blended in (the harmful
+    expert's colour damage). Each image mixes the four in its own random proportions, so a
+    judge trained on them learns "damaged", not one signature. Images are in [-1, 1]."""
+    n = x.shape[0]
+    s = severity.view(n, 1, 1, 1)
+    mix = torch.rand(n, 4, 1, 1, 1, generator=generator)
+    mix = mix / mix.sum(dim=1, keepdim=True) * 2
+    out = x
+    for i, grid in enumerate((4, 8)):
+        blotch = torch.randn(n, 3, grid, grid, generator=generator)
+        out = out + mix[:, i] * s * 0.9 * F.interpolate(blotch, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    out = out + mix[:, 2] * s * 0.4 * torch.randn(x.shape, generator=generator)
+    out = out * (1 + mix[:, 3] * s * 1.5)
+    swapped = out[:, torch.randperm(3, generator=generator)]
+    out = torch.where(torch.rand(n, 1, 1, 1, generator=generator) < 0.3, out + s * 0.5 * (swapped - out), out)
+    return out.clamp(-1, 1)
+
+
 def train_vae(vae, steps: int, batch: int, rng: random.Random, progress: Progress) -> None:
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
