@@ -224,6 +224,25 @@ def oracle_coefficients(bench: Bench) -> dict[str, float] | None:
             for expert_id, spec in expert_specs(bench).items()}
 
 
+def selection_relevance(bench: Bench, prompts: list[str]) -> dict:
+    """How much of what the ESA selects the prompt asked for (ground truth: an expert is
+    relevant when its skill is one of the prompt's attributes; the harmful and the style
+    experts count by the same rule): the share of selected experts that are relevant, and the
+    share of prompts whose selection holds at least one irrelevant expert beside a relevant
+    one, the marginal-retrieval hazard a planner has to weaken."""
+    from diffgraph.miniworld import domain
+
+    specs = expert_specs(bench)
+    relevant, mixed = [], []
+    for prompt in prompts:
+        asked = set(domain.parse_prompt(prompt).items())
+        flags = [bool(specs[s["id"]].skill) and set(specs[s["id"]].skill.items()) <= asked for s in bench.select(prompt)]
+        relevant.extend(flags)
+        mixed.append(any(flags) and not all(flags))
+    return {"selected": len(relevant), "relevant_share": float(np.mean(relevant)) if relevant else 0.0,
+            "prompts_with_marginal_experts": float(np.mean(mixed)) if mixed else 0.0}
+
+
 def prompt_split(prompts: int, train_prompts: int, validation_prompts: int) -> tuple[list[str], list[str], list[str]]:
     """Training, validation and test prompts of the mini world (tools/bases.prompt_split)."""
     return bases.prompt_split(bases.profile(BASE), prompts, train_prompts, validation_prompts)
@@ -408,6 +427,9 @@ def main(home: Path = typer.Option(Path("benchmarks/.work/graph"), help="Graph h
     room = comparisons[constant_name][optimum_name]["mean"]
     closed = comparisons[constant_name]["DiffGraph VGAE"]["mean"] / room if room > 0 else float("nan")
     console.print(f"headroom (optimum - best constant): {room:+.4f}; the VGAE closes {closed:.0%} of it")
+    relevance = selection_relevance(bench, test_set)
+    console.print(f"ESA on the test prompts: {relevance['selected']} experts selected, {relevance['relevant_share']:.0%} "
+                  f"relevant; {relevance['prompts_with_marginal_experts']:.0%} of prompts get a marginal one beside a relevant one")
     spread = coefficient_spread(bench, trained.planner, test_set)
     console.print(f"VGAE coefficients on the test prompts: mean {spread['mean']:.3f}, range "
                   f"[{spread['min']:.3f}, {spread['max']:.3f}], std within a prompt {spread['mean_std_within_prompt']:.3f}")
@@ -426,7 +448,7 @@ def main(home: Path = typer.Option(Path("benchmarks/.work/graph"), help="Graph h
               "parameter_coefficients": coefficient_spread(bench, by_parameters.planner, test_set, parameters),
               "validation": trained.validation, "validation_year1": early.validation,
               "constant_grid_validation": constant_scores, "vgae_coefficients": spread,
-              "paired": comparisons, "headroom": room, "vgae_share_of_headroom": closed,
+              "paired": comparisons, "headroom": room, "selection_relevance": relevance, "vgae_share_of_headroom": closed,
               "optimum_coefficients": optimum, "optimum_seconds": optimum_s,
               "config": {"prompts": prompts, "train_prompts": train_prompts, "steps": steps, "seeds": SEEDS,
                          "validation_prompts": validation_prompts, "search_seeds": SEARCH_SEEDS,

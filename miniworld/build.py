@@ -1,6 +1,6 @@
 """`diffgraph miniworld build`: train the whole mini world from seeds.
 
-Stages: VAE -> base (UNet + text encoder) and scorers (both need only the VAE) -> one job per
+Stages: VAE -> base (UNet + text encoder), scorers and damage judge (all need only the VAE) -> one job per
 expert (each needs the base). Every job runs in a worker process with one torch thread, and
 starts from its own seeded random stream and from the float16 files the earlier stages saved,
 so the artifacts' bits depend on the seed and the code, not on how many cores or workers the
@@ -50,6 +50,7 @@ class BuildConfig:
     expert_scenes: int = 3000
     expert_step_scale: float = 0.75
     scorer_steps: int = 1600
+    damage_steps: int = 2000
     # Per rare shape, colour or background value: ~90 of 30,000 base scenes (textures ~30, lighting
     # ~45 each, see domain.sample_attrs). At 0.01 the base still drew purple, teal, navy, mint and
     # "at night" 97-100% right, and the experts for those skills had nothing left to add.
@@ -61,7 +62,7 @@ class BuildConfig:
     def quick(cls) -> "BuildConfig":
         """A smoke-test build (minutes, poor quality): exercises every step."""
         return cls(vae_steps=30, base_steps=30, base_scenes=600, expert_scenes=200, expert_step_scale=0.05,
-                   scorer_steps=30, batch=16, expert_batch=16)
+                   scorer_steps=30, damage_steps=20, batch=16, expert_batch=16)
 
 
 def sha256_file(path: Path) -> str:
@@ -76,34 +77,46 @@ def _progress() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
 
 
-def _train_scorers(vae, cfg: BuildConfig, rng: random.Random, progress, out: Path) -> None:
-    """Train the attribute classifier, MiniClip and the damage judge on clean and
-    VAE-reconstructed images.
+def _scene_batch(rng: random.Random, batch: int) -> list:
+    """Half uniform scenes (every value equally known) and half in-the-wild ones: uniform
+    scenes alone are almost never plain, evenly lit and unstyled, and a judge that rarely saw
+    such scenes called the base's gray and beige backgrounds white."""
+    return [domain.sample_scene(rng, uniform=i % 2 == 0) for i in range(batch)]
 
-    Half of each batch is drawn uniformly (every value equally known) and half from the
-    in-the-wild distribution: uniform scenes alone are almost never plain, evenly lit and
-    unstyled, and a judge that rarely saw such scenes called the base's gray and beige
-    backgrounds white. A small colour jitter keeps labels from hanging on exact pixel values
-    the generator never hits. The damage judge sees each image clean (target 0) and burnt at a
-    random severity (target the severity)."""
+
+def _judge_view(x: torch.Tensor, vae, through_vae: bool, gen: torch.Generator) -> torch.Tensor:
+    """Images as a judge should learn them: through the VAE for half the batches, as generated
+    images are, with a small colour jitter so labels do not hang on exact pixel values the
+    generator never hits, and a little noise."""
+    if through_vae:
+        with torch.no_grad():
+            x = vae.decode(vae.encode(x).latent_dist.sample()).sample.clamp(-1, 1)
+    n = x.shape[0]
+    gain = 1 + 0.1 * (2 * torch.rand(n, 3, 1, 1, generator=gen) - 1)
+    shift = 0.1 * (2 * torch.rand(n, 3, 1, 1, generator=gen) - 1)
+    return (x * gain + shift + 0.03 * torch.randn(x.shape, generator=gen)).clamp(-1, 1)
+
+
+def _save_nets(out: Path, nets: dict) -> None:
     from safetensors.torch import save_file
 
+    out.mkdir(parents=True, exist_ok=True)
+    for name, model in nets.items():
+        save_file({k: v.contiguous() for k, v in model.eval().state_dict().items()}, str(out / f"{name}.safetensors"))
+
+
+def _train_scorers(vae, cfg: BuildConfig, rng: random.Random, progress, out: Path) -> None:
+    """Train the attribute classifier and MiniClip (see _scene_batch and _judge_view)."""
     from diffgraph.text_embedding import embed
 
-    net, clip, damage = scorers.AttributeNet(), scorers.MiniClip(), scorers.DamageNet()
-    opt = torch.optim.AdamW([*net.parameters(), *clip.parameters(), *damage.parameters()], lr=2e-3)
+    net, clip = scorers.AttributeNet(), scorers.MiniClip()
+    opt = torch.optim.AdamW([*net.parameters(), *clip.parameters()], lr=2e-3)
     task = progress.add_task("scorers", total=cfg.scorer_steps)
     batch = cfg.batch
     gen = torch.Generator().manual_seed(rng.randrange(2**31))
     for step in range(cfg.scorer_steps):
-        scenes = [domain.sample_scene(rng, uniform=i % 2 == 0) for i in range(batch)]
-        x = training.render_batch(scenes)
-        if step % 2:  # half the batches go through the VAE, as generated images will
-            with torch.no_grad():
-                x = vae.decode(vae.encode(x).latent_dist.sample()).sample.clamp(-1, 1)
-        gain = 1 + 0.1 * (2 * torch.rand(batch, 3, 1, 1, generator=gen) - 1)
-        shift = 0.1 * (2 * torch.rand(batch, 3, 1, 1, generator=gen) - 1)
-        x = (x * gain + shift + 0.03 * torch.randn(x.shape, generator=gen)).clamp(-1, 1)
+        scenes = _scene_batch(rng, batch)
+        x = _judge_view(training.render_batch(scenes), vae, step % 2 == 1, gen)
         logits = net(x)
         loss = sum(F.cross_entropy(logits[a], torch.tensor([domain.ATTRIBUTES[a].index(s.attrs[a]) for s in scenes]))
                    for a in domain.ATTRIBUTES)
@@ -112,17 +125,31 @@ def _train_scorers(vae, cfg: BuildConfig, rng: random.Random, progress, out: Pat
         sim = img_e @ txt_e.T * clip.logit_scale.exp()
         labels = torch.arange(batch)
         loss = loss + (F.cross_entropy(sim, labels) + F.cross_entropy(sim.T, labels)) / 2
-        severity = 0.1 + 0.9 * torch.rand(batch, generator=gen)
-        judged = damage(torch.cat([x, training.burn(x, severity, gen)]))
-        loss = loss + F.binary_cross_entropy_with_logits(judged, torch.cat([torch.zeros(batch), severity]))
         opt.zero_grad()
         loss.backward()
         opt.step()
         progress.update(task, advance=1, description=f"scorers loss {loss.item():.3f}")
-    out.mkdir(parents=True, exist_ok=True)
-    for name, model in (("attribute_net", net), ("miniclip", clip), ("damage_net", damage)):
-        save_file({k: v.contiguous() for k, v in model.eval().state_dict().items()}, str(out / f"{name}.safetensors"))
+    _save_nets(out, {"attribute_net": net, "miniclip": clip})
     scorers.save_config(out)
+
+
+def _train_damage_judge(vae, cfg: BuildConfig, rng: random.Random, progress, out: Path) -> None:
+    """Train the damage judge: each image clean (target 0) and burnt (training.burn) at a
+    random severity (target the severity)."""
+    judge = scorers.DamageNet()
+    opt = torch.optim.AdamW(judge.parameters(), lr=2e-3)
+    task = progress.add_task("damage judge", total=cfg.damage_steps)
+    gen = torch.Generator().manual_seed(rng.randrange(2**31))
+    for step in range(cfg.damage_steps):
+        x = _judge_view(training.render_batch(_scene_batch(rng, cfg.batch)), vae, step % 2 == 1, gen)
+        severity = 0.1 + 0.9 * torch.rand(cfg.batch, generator=gen)
+        logits = judge(torch.cat([x, training.burn(vae, x, severity, gen)]))
+        loss = F.binary_cross_entropy_with_logits(logits, torch.cat([torch.zeros(cfg.batch), severity]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        progress.update(task, advance=1, description=f"damage judge loss {loss.item():.3f}")
+    _save_nets(out, {"damage_net": judge})
 
 
 def _expert_data(spec: ExpertSpec, vae, cfg: BuildConfig, rng: random.Random) -> training.LatentSet:
@@ -254,6 +281,10 @@ def _scorers_job(cfg: BuildConfig, vae_dir: Path, out: Path) -> None:
     _train_scorers(_load_vae(vae_dir), cfg, stage_rng(cfg, "scorers"), _PROGRESS, out)
 
 
+def _damage_job(cfg: BuildConfig, vae_dir: Path, out: Path) -> None:
+    _train_damage_judge(_load_vae(vae_dir), cfg, stage_rng(cfg, "damage"), _PROGRESS, out)
+
+
 def _expert_job(cfg: BuildConfig, slug: str, base_dir: Path, out_dir: Path) -> dict:
     """One expert from the saved base, from its own seeded stream; its manifest entry."""
     spec = by_slug(slug)
@@ -365,9 +396,11 @@ def build(out: Path = ARTIFACTS, cfg: BuildConfig | None = None, console: Consol
         _timed(pool.submit(_vae_job, cfg, vae_dir), started, timings, "vae_done_s").result()
         base = _timed(pool.submit(_base_job, cfg, vae_dir, tmp / "base"), started, timings, "base_done_s")
         scorers = _timed(pool.submit(_scorers_job, cfg, vae_dir, tmp / "scorers"), started, timings, "scorers_done_s")
+        damage = _timed(pool.submit(_damage_job, cfg, vae_dir, tmp / "scorers"), started, timings, "damage_done_s")
         base.result()
         experts = _run_experts(pool, cfg, tmp / "base", tmp / "experts")
         scorers.result()
+        damage.result()
         entries = _manifest_entries(experts)
     timings["total_s"] = time.time() - started
     shutil.rmtree(vae_dir)
@@ -411,15 +444,17 @@ def rebuild_experts(out: Path = ARTIFACTS, cfg: BuildConfig | None = None, conso
 
 
 def rebuild_scorers(out: Path = ARTIFACTS, cfg: BuildConfig | None = None, console: Console | None = None) -> dict:
-    """Retrain only the scorers of an existing build (with that build's VAE), as a full build
-    would train them, and record it in the manifest."""
+    """Retrain only the scorers and the damage judge of an existing build (with that build's
+    VAE), as a full build would train them (two jobs side by side), and record it in the manifest."""
     cfg = cfg or BuildConfig()
     console = console or Console()
     started = time.time()
     tmp = out / "scorers.building"
     shutil.rmtree(tmp, ignore_errors=True)
-    with _progress() as progress, _Pool(1, progress) as pool:
-        pool.submit(_scorers_job, cfg, out / "base" / "vae", tmp).result()
+    with _progress() as progress, _Pool(2, progress) as pool:
+        jobs = [pool.submit(job, cfg, out / "base" / "vae", tmp) for job in (_scorers_job, _damage_job)]
+        for job in jobs:
+            job.result()
     shutil.rmtree(out / "scorers", ignore_errors=True)
     tmp.rename(out / "scorers")
     manifest = _update_manifest(out, cfg, {}, "scorers_rebuilt_s", time.time() - started)

@@ -84,28 +84,114 @@ def mean_scores(suite: MetricSuite, images, prompts) -> dict:
 
 
 class ExpertSwitch:
-    """Applies one expert to the base pipeline and restores the base afterwards."""
+    """Renders the base with experts merged in through the product's own merge (MergeEngine:
+    LoRA deltas at their weights, a checkpoint in place of the base), so what the report
+    measures is what DiffGraph renders."""
 
     def __init__(self, pipe, root: Path):
-        self.pipe, self.root = pipe, root
-        self.base_state = {n: {k: v.clone() for k, v in getattr(pipe, n).state_dict().items()}
-                           for n in ("unet", "vae", "text_encoder")}
+        from diffgraph.merger.engine import MergeEngine
+
+        self.engine, self.root = MergeEngine(pipe), root
+
+    def merged(self, loras: dict[str, float], prompts, seeds, checkpoint: str | None = None):
+        """Images with each LoRA slug at its weight, on ``checkpoint`` (a slug) or the base."""
+        from diffgraph.merger.engine import load_state
+        from diffgraph.merger.recipe import ExpertWeight, MergeRecipe
+
+        def entry(slug, weight):
+            return ExpertWeight(slug, weight, path=str(artifacts_io.expert_file(slug, self.root)))
+
+        recipe = MergeRecipe("miniworld-sd", "", checkpoints=[entry(checkpoint, 1.0)] if checkpoint else [],
+                             loras=[entry(slug, w) for slug, w in loras.items()], lora_strength=1.0)
+        load_state(self.engine.pipe, self.engine.weights(recipe))
+        try:
+            return render(self.engine.pipe, prompts, seeds)
+        finally:
+            load_state(self.engine.pipe, self.engine.base_state)
 
     def images(self, spec: ExpertSpec, prompts, seeds, scale: float = 1.0):
-        path = artifacts_io.expert_file(spec.slug, self.root)
         if spec.kind == "lora":
-            self.pipe.load_lora_weights(str(path), adapter_name=spec.slug.replace("-", "_"))
-            self.pipe.set_adapters([spec.slug.replace("-", "_")], [scale])
-            try:
-                return render(self.pipe, prompts, seeds)
-            finally:
-                self.pipe.unload_lora_weights()
-        artifacts_io.load_checkpoint_into(self.pipe, path)
-        try:
-            return render(self.pipe, prompts, seeds)
-        finally:
-            for name, sd in self.base_state.items():
-                getattr(self.pipe, name).load_state_dict(sd)
+            return self.merged({spec.slug: scale}, prompts, seeds)
+        return self.merged({}, prompts, seeds, checkpoint=spec.slug)
+
+
+OVERDOSE = (0.5, 1.0, 2.0, 3.0)  # multiples of a LoRA's natural weight
+# LoRAs stacked for a prompt that asks for all their skills (the hazard: damage grows with their
+# summed strength) and pairs where the second expert's skill is not asked for (interference:
+# a marginally relevant expert retrieval returns beside the right one).
+STACKS = (("pink-pop", "stripes-pro"), ("diamond-cut", "mint-backdrop"), ("tangerine", "checkerboard", "navy-backdrop"),
+          ("royal-purple", "plus-cross", "polka-dots", "golden-hour"))
+INTERFERENCE = (("stripes-pro", "polka-dots"), ("stripes-pro", "pattern-master"), ("pink-pop", "pastel-dream"),
+                ("teal-tone", "night-mode"), ("mint-backdrop", "navy-backdrop"))
+
+
+def _prompts_for(skill: dict, n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [domain.caption(domain.sample_attrs(rng, rare_rate=0.0, force=skill), rng, wild=0.0) for _ in range(n)]
+
+
+def _measure(suite: MetricSuite, images, prompts, skill: dict) -> dict:
+    out = mean_scores(suite, images, prompts)
+    out["skill_rate"] = skill_rate(suite, images, skill)
+    return out
+
+
+def hazards(switch: ExpertSwitch, suite: MetricSuite, n: int = 16) -> dict:
+    """The merging hazards of the wild, measured in the mini world through the product's merge.
+
+    - overdose: each LoRA alone at OVERDOSE x its natural weight (1 / bake) on prompts asking
+      for its skill (A1111 #13788: LoRAs "overcook" past their strength);
+    - stacking: STACKS on prompts asking for every skill, each LoRA at m x its natural weight
+      (m = 0.5, 1, 1.5) and all at 1.0, the weight every homepage recommends (ComfyUI-Lora-Manager
+      #857, sd-mecha #45: stacked LoRAs burn);
+    - interference: INTERFERENCE pairs on prompts asking only for the first expert's skill, the
+      first alone and with the second at its natural weight beside it."""
+    by = {s.slug: s for s in EXPERTS}
+    seeds = list(range(2000, 2000 + n))
+    out: dict = {"overdose": {}, "stacking": [], "interference": []}
+    for spec in (s for s in EXPERTS if s.kind == "lora" and s.skill):
+        prompts = _prompts_for(spec.skill, n, seed=sum(map(ord, spec.slug)) + 1)
+        out["overdose"][spec.slug] = {str(m): _measure(suite, switch.merged({spec.slug: m * spec.best_weight}, prompts, seeds),
+                                                       prompts, spec.skill) for m in OVERDOSE}
+    for slugs in STACKS:
+        skill = {a: v for slug in slugs for a, v in by[slug].skill.items()}
+        prompts = _prompts_for(skill, n, seed=len(out["stacking"]) + 31)
+        settings = {f"natural x{m}": {s: m * by[s].best_weight for s in slugs} for m in (0.5, 1.0, 1.5)}
+        settings["all at 1.0 (recommended)"] = {s: 1.0 for s in slugs}
+        for label, weights in settings.items():
+            row = _measure(suite, switch.merged(weights, prompts, seeds), prompts, skill)
+            row.update(experts=list(slugs), setting=label,
+                       summed_strength=float(sum(w / by[s].best_weight for s, w in weights.items())))
+            out["stacking"].append(row)
+    for first, second in INTERFERENCE:
+        skill = by[first].skill
+        prompts = _prompts_for(skill, n, seed=len(out["interference"]) + 77)
+        alone = _measure(suite, switch.merged({first: by[first].best_weight}, prompts, seeds), prompts, skill)
+        if by[second].kind == "lora":
+            both = switch.merged({first: by[first].best_weight, second: by[second].best_weight}, prompts, seeds)
+        else:
+            both = switch.merged({first: by[first].best_weight}, prompts, seeds, checkpoint=second)
+        out["interference"].append({"expert": first, "beside": second, "alone": alone,
+                                    "with": _measure(suite, both, prompts, skill)})
+    return out
+
+
+def damage_judge(suite: MetricSuite, vae, n: int = 256, seed: int = REPORT_SEED) -> dict:
+    """How well the damage judge separates clean images (through the VAE) from the same images
+    burnt (training.burn) at severities it was and was not trained near."""
+    rng = random.Random(seed + 1)
+    gen = torch.Generator().manual_seed(seed)
+    scenes = [domain.sample_scene(rng, uniform=i % 2 == 0) for i in range(n)]
+    with torch.no_grad():
+        clean = vae.decode(vae.encode(training.render_batch(scenes)).latent_dist.mean).sample.clamp(-1, 1)
+    clean_damage = suite.damage(clean)
+    out = {"n": n, "clean_mean": float(clean_damage.mean())}
+    for severity in (0.2, 0.5, 1.0):
+        burnt = suite.damage(training.burn(vae, clean, torch.full((n,), severity), gen))
+        # the share of (clean, burnt) pairs ranked right: the AUC of clean against this severity
+        out[f"auc_{severity}"] = float((burnt[:, None] > clean_damage[None, :]).float().mean())
+        out[f"burnt_mean_{severity}"] = float(burnt.mean())
+    return out
 
 
 def evaluate(root: Path = artifacts_io.ARTIFACTS, n: int = 48, grid_path: Path | None = None,
@@ -129,6 +215,9 @@ def evaluate(root: Path = artifacts_io.ARTIFACTS, n: int = 48, grid_path: Path |
     report["base_common_all_three"] = float(np.mean(
         [all(p[a] == t[a] for a in ("shape", "color", "background")) for p, t in zip(preds, targets)]))
 
+    report["base_common_damage"] = float(np.mean([s["damage"] for s in suite.score(base_imgs, common)]))
+    report["damage_judge"] = damage_judge(suite, pipe.vae)
+
     switch = ExpertSwitch(pipe, root)
     rows, experts = [], {}
     for spec in track(EXPERTS, description="experts", console=console):
@@ -148,6 +237,7 @@ def evaluate(root: Path = artifacts_io.ARTIFACTS, n: int = 48, grid_path: Path |
                 else f"reward {entry['base']['reward']:.2f}->{entry['expert']['reward']:.2f}")
         rows.append((f"{spec.slug}  {gain}", base_images[:4] + [None] + exp_images[:4]))
     report["experts"] = experts
+    report["hazards"] = hazards(switch, suite)
     if grid_path is not None:
         labelled_grid(rows, grid_path, cell=48)
     return report
@@ -171,7 +261,8 @@ def markdown(report: dict) -> str:
               "Base model on prompts with common attributes only (n = "
               f"{2 * report['samples_per_expert']}): shape {report['base_common_accuracy']['shape']:.3f}, colour "
               f"{report['base_common_accuracy']['color']:.3f}, background {report['base_common_accuracy']['background']:.3f}, "
-              f"all three right {report['base_common_all_three']:.3f}.", "",
+              f"all three right {report['base_common_all_three']:.3f}; mean damage {report['base_common_damage']:.3f}.", "",
+              _judge_line(report["damage_judge"]), "",
               "| expert | LoRA weight | skill rate: base | with expert | gain | reward: base | with expert |",
               "|---|---:|---:|---:|---:|---:|---:|"]
     for slug, e in report["experts"].items():
@@ -182,4 +273,33 @@ def markdown(report: dict) -> str:
             rates = "- | - | -"
         weight = f"{e['lora_weight']:.2f}" if "lora_weight" in e else "-"
         lines.append(f"| {slug} | {weight} | {rates} | {e['base']['reward']:.3f} | {e['expert']['reward']:.3f} |")
+    return "\n".join(lines + ["", hazards_markdown(report["hazards"])])
+
+
+def _judge_line(j: dict) -> str:
+    return (f"Damage judge (n = {j['n']}, images through the VAE): clean {j['clean_mean']:.3f}; burnt at severity 0.2 / 0.5 / 1.0: "
+            f"{j['burnt_mean_0.2']:.3f} / {j['burnt_mean_0.5']:.3f} / {j['burnt_mean_1.0']:.3f} (AUC against clean "
+            f"{j['auc_0.2']:.3f} / {j['auc_0.5']:.3f} / {j['auc_1.0']:.3f}).")
+
+
+def hazards_markdown(h: dict) -> str:
+    m = [str(x) for x in OVERDOSE]
+    lines = ["Overdose: each LoRA alone at multiples of its natural weight, on prompts asking for its skill "
+             "(reward / damage).", "",
+             "| LoRA | " + " | ".join(f"x{x}" for x in m) + " |", "|---|" + "---:|" * len(m)]
+    for slug, row in h["overdose"].items():
+        lines.append(f"| {slug} | " + " | ".join(f"{row[x]['reward']:.3f} / {row[x]['damage']:.2f}" for x in m) + " |")
+    lines += ["", "Stacking: LoRAs on prompts asking for all their skills; summed strength is the sum of "
+              "weight / natural weight.", "", "| LoRAs | weights | summed strength | all skills seen | damage | reward |",
+              "|---|---|---:|---:|---:|---:|"]
+    for row in h["stacking"]:
+        lines.append(f"| {' + '.join(row['experts'])} | {row['setting']} | {row['summed_strength']:.1f} | "
+                     f"{row['skill_rate']:.3f} | {row['damage']:.3f} | {row['reward']:.3f} |")
+    lines += ["", "Interference: a second expert at its natural weight beside the one the prompt needs.", "",
+              "| expert | beside | skill rate alone | with | damage alone | with | reward alone | with |",
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for row in h["interference"]:
+        a, w = row["alone"], row["with"]
+        lines.append(f"| {row['expert']} | {row['beside']} | {a['skill_rate']:.3f} | {w['skill_rate']:.3f} | "
+                     f"{a['damage']:.3f} | {w['damage']:.3f} | {a['reward']:.3f} | {w['reward']:.3f} |")
     return "\n".join(lines)

@@ -37,24 +37,34 @@ def render_batch(scenes, corrupt_rng: random.Random | None = None) -> torch.Tens
     return torch.from_numpy(np.clip(arr, -1, 1).astype(np.float32))
 
 
-def burn(x: torch.Tensor, severity: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Damage images the way an overdosed merge does, ``severity`` in [0, 1] per image: colour
-    blotches at 4x4 and 8x8 (a burnt LoRA stack's smeared patches), per-pixel speckle, an
-    over-exposure that clips highlights and shadows, and a channel swap blended in (the harmful
-    expert's colour damage). Each image mixes the four in its own random proportions, so a
-    judge trained on them learns "damaged", not one signature. Images are in [-1, 1]."""
+def burn(vae, x: torch.Tensor, severity: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Damage images the way an overdosed merge does, ``severity`` in [0, 1] per image.
+
+    An overdosed UNet hands the VAE decoder latents far from any it was trained on, so most of
+    the damage is made there: latents scaled up (blown-out contrast), latent noise at the
+    latents' own resolution and at 2x2 and 4x4 (the smeared blobs of a burnt LoRA stack) and a
+    per-channel shift (a colour cast), decoded by the real VAE. On top, in pixels: speckle and a
+    channel swap blended in (the harmful expert's colour damage). Each image mixes these in its
+    own random proportions, so a judge trained on them learns "damaged", not one signature.
+    Images are in [-1, 1]."""
     n = x.shape[0]
     s = severity.view(n, 1, 1, 1)
-    mix = torch.rand(n, 4, 1, 1, 1, generator=generator)
-    mix = mix / mix.sum(dim=1, keepdim=True) * 2
-    out = x
-    for i, grid in enumerate((4, 8)):
-        blotch = torch.randn(n, 3, grid, grid, generator=generator)
-        out = out + mix[:, i] * s * 0.9 * F.interpolate(blotch, size=x.shape[-2:], mode="bilinear", align_corners=False)
-    out = out + mix[:, 2] * s * 0.4 * torch.randn(x.shape, generator=generator)
-    out = out * (1 + mix[:, 3] * s * 1.5)
+    mix = torch.rand(n, 7, 1, 1, 1, generator=generator)
+    mix = mix / mix.sum(dim=1, keepdim=True) * 3
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mean
+        scale = z.std()
+        size = z.shape[-2:]
+        z = z * (1 + mix[:, 0] * s * 3.0)
+        z = z + mix[:, 1] * s * 2.5 * scale * torch.randn(z.shape, generator=generator)
+        for i, grid in enumerate((2, 4)):
+            blob = torch.randn(n, z.shape[1], grid, grid, generator=generator)
+            z = z + mix[:, 2 + i] * s * 3.0 * scale * F.interpolate(blob, size=size, mode="bilinear", align_corners=False)
+        z = z + mix[:, 4] * s * 2.0 * scale * torch.randn(n, z.shape[1], 1, 1, generator=generator)
+        out = vae.decode(z).sample
+    out = out + mix[:, 5] * s * 0.3 * torch.randn(x.shape, generator=generator)
     swapped = out[:, torch.randperm(3, generator=generator)]
-    out = torch.where(torch.rand(n, 1, 1, 1, generator=generator) < 0.3, out + s * 0.5 * (swapped - out), out)
+    out = out + mix[:, 6] * s * 0.5 * (swapped - out)
     return out.clamp(-1, 1)
 
 

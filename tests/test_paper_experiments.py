@@ -50,3 +50,26 @@ def test_the_planner_view_carries_parameter_features_not_descriptions(bench):
     assert torch.equal(view["user_prompt"].x, described["user_prompt"].x)
     edges = ("expert", "calibrated_on", "reference_prompt")
     assert torch.equal(view[edges].edge_attr, described[edges].edge_attr)
+
+
+def test_selection_relevance_counts_what_the_prompt_did_not_ask_for(bench):
+    """Ground truth from the experts' specs, on selections set by hand: polka dots beside the
+    stripes a prompt asked for is marginal; teal and mint for a teal-on-mint prompt are not;
+    the harmful enhancer (no skill) never is."""
+    from diffgraph.benchmarks.paper_experiments import expert_specs, selection_relevance
+
+    by_slug = {spec.slug: expert_id for expert_id, spec in expert_specs(bench).items()}
+    selections = {
+        "a red circle on a striped white background": ["stripes-pro", "polka-dots"],
+        "a teal diamond on a mint background": ["teal-tone", "mint-backdrop"],
+        "a blue square on a gray background": ["ultra-detail"],
+    }
+    for prompt, slugs in selections.items():
+        bench._selection[prompt] = [{"id": by_slug[slug]} for slug in slugs]
+    try:
+        measured = selection_relevance(bench, list(selections))
+    finally:
+        for prompt in selections:
+            del bench._selection[prompt]
+    assert measured == {"selected": 5, "relevant_share": pytest.approx(3 / 5),
+                        "prompts_with_marginal_experts": pytest.approx(1 / 3)}
