@@ -252,7 +252,7 @@ def methods(bench: Bench, planner, rng: random.Random, constant: float, optimum:
             parameter_planner, parameters) -> dict:
     """name -> function(prompt) -> (picks, coefficients). ``optimum``: prompt -> its per-prompt
     optimum (``per_prompt_optimum``); ``parameter_planner``: the VGAE trained on
-    ``parameters`` (``parameter_store``)."""
+    ``parameters`` (``parameter_store``). A planner that is None drops the rows that need it."""
     from diffgraph.tools.plan import Planner
 
     all_ids = sorted(bench.rows)
@@ -314,7 +314,7 @@ def methods(bench: Bench, planner, rng: random.Random, constant: float, optimum:
     def all_experts(p):
         return [{"id": i} for i in all_ids], {i: 0.5 for i in all_ids}
 
-    return {"Direct (base)": base, "Single best expert (DiffAgent)": single_best,
+    rows = {"Direct (base)": base, "Single best expert (DiffAgent)": single_best,
             "Equal weights (w/o MP)": equal, "Random coefficients": random_coef,
             "Brain-chosen coefficients (retrieval similarity)": brain_coef,
             "LLM-chosen weights (offline stand-in: recommended weights)": llm_coef,
@@ -324,6 +324,9 @@ def methods(bench: Bench, planner, rng: random.Random, constant: float, optimum:
             "VGAE over all, top 10 (w/o ESA)": vgae_no_esa, "Random 10 experts": random_ten,
             "All experts merged (Soup)": all_experts,
             **({"Oracle per-expert strength (knows ExpertSpec.bake)": oracle_coef} if oracle else {})}
+    needs_planner = {"DiffGraph VGAE", "VGAE over all, top 10 (w/o ESA)"}
+    return {name: fn for name, fn in rows.items()
+            if not ((planner is None and name in needs_planner) or (parameter_planner is None and fn is parameter_vgae))}
 
 
 def evaluate(bench: Bench, fns: dict, prompts: list[str]) -> dict:
@@ -380,6 +383,18 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def measure_room(bench: Bench, valid_set: list[str], test_set: list[str], search_renders: int) -> dict:
+    """The best constant (tuned on ``valid_set``) and each test prompt's per-prompt optimum."""
+    constant, constant_scores = best_constant(bench, valid_set)
+    console.print(f"best constant coefficient on validation: {constant} ({constant_scores})")
+    t0 = time.time()
+    optimum = {}
+    with Progress(*Progress.get_default_columns(), TimeElapsedColumn(), console=console) as progress:
+        for prompt in progress.track(test_set, description=f"per-prompt optimum ({search_renders} renders each)"):
+            optimum[prompt] = per_prompt_optimum(bench, prompt, constant, search_renders)
+    return {"constant": constant, "constant_scores": constant_scores, "optimum": optimum, "seconds": time.time() - t0}
+
+
 def main(home: Path = typer.Option(Path("benchmarks/.work/graph"), help="Graph home (built if missing)."),
          prompts: int = typer.Option(bases.TEST_PROMPTS, help="Held-out test prompts."),
          train_prompts: int = typer.Option(bases.TRAINING_PROMPTS, help="Training prompts."),
@@ -389,6 +404,8 @@ def main(home: Path = typer.Option(Path("benchmarks/.work/graph"), help="Graph h
          rule: str = typer.Option("strengths", help="Merge rule: 'strengths' (the product's default), "
                                   "'anchored' or 'paper' (softmax per kind); see merger.recipe.MergeRule."),
          search_renders: int = typer.Option(SEARCH_RENDERS, help="Renders per prompt for the per-prompt optimum."),
+         room_only: bool = typer.Option(False, "--room-only", help="Measure only what needs no trained planner: the "
+                                        "headroom (per-prompt optimum - best constant) and the fixed-rule rows."),
          save_planner_to: Path = typer.Option(None, help="Also save the trained planner here."),
          out: Path = typer.Option(Path("benchmarks/results/paper_experiments.json"))) -> None:
     started = time.time()
@@ -399,6 +416,28 @@ def main(home: Path = typer.Option(Path("benchmarks/.work/graph"), help="Graph h
     train_set, valid_set, test_set = prompt_split(prompts, train_prompts, validation_prompts)
     console.print(f"graph: {len(bench.rows)} active experts; {len(train_set)} training, {len(valid_set)} validation, "
                   f"{len(test_set)} test prompts")
+    config = {"prompts": prompts, "train_prompts": train_prompts, "steps": steps, "seeds": SEEDS,
+              "validation_prompts": validation_prompts, "search_seeds": SEARCH_SEEDS,
+              "search_renders": search_renders, "rule": rule, "room_only": room_only}
+    relevance = selection_relevance(bench, test_set)
+    console.print(f"ESA on the test prompts: {relevance['selected']} experts selected, {relevance['relevant_share']:.0%} "
+                  f"relevant; {relevance['prompts_with_marginal_experts']:.0%} of prompts get a marginal one beside a relevant one")
+    if room_only:
+        room = measure_room(bench, valid_set, test_set, search_renders)
+        results = evaluate(bench, methods(bench, None, random.Random(0), room["constant"], room["optimum"], None, None),
+                           test_set)
+        constant_name = next(m for m in results if m.startswith("Best constant"))
+        comparisons = {constant_name: paired(results, constant_name)}
+        headroom = comparisons[constant_name][next(m for m in results if m.startswith("Per-prompt optimum"))]["mean"]
+        console.print(f"headroom (optimum - best constant): {headroom:+.4f}")
+        write_result(out, {"table1_5": results, "paired": comparisons, "headroom": headroom,
+                           "selection_relevance": relevance, "constant_grid_validation": room["constant_scores"],
+                           "optimum_coefficients": room["optimum"], "optimum_seconds": room["seconds"],
+                           "total_seconds": time.time() - started, "config": config})
+        console.print(table(results))
+        console.print(paired_table(comparisons[constant_name], constant_name))
+        console.print(f"wrote {out} in {(time.time() - started) / 60:.1f} min")
+        return
 
     t0 = time.time()
     trained = _train(bench, train_set, valid_set, steps, seed=0)
@@ -411,14 +450,8 @@ def main(home: Path = typer.Option(Path("benchmarks/.work/graph"), help="Graph h
     t0 = time.time()
     by_parameters = _train(bench, train_set, valid_set, steps, seed=0, store=parameters)
     parameter_train_s = time.time() - t0
-    constant, constant_scores = best_constant(bench, valid_set)
-    console.print(f"best constant coefficient on validation: {constant} ({constant_scores})")
-    t0 = time.time()
-    optimum = {}
-    with Progress(*Progress.get_default_columns(), TimeElapsedColumn(), console=console) as progress:
-        for prompt in progress.track(test_set, description=f"per-prompt optimum ({search_renders} renders each)"):
-            optimum[prompt] = per_prompt_optimum(bench, prompt, constant, search_renders)
-    optimum_s = time.time() - t0
+    measured = measure_room(bench, valid_set, test_set, search_renders)
+    constant, constant_scores, optimum = measured["constant"], measured["constant_scores"], measured["optimum"]
     results = evaluate(bench, methods(bench, trained.planner, random.Random(0), constant, optimum,
                                       by_parameters.planner, parameters), test_set)
     constant_name = next(m for m in results if m.startswith("Best constant"))
@@ -427,9 +460,6 @@ def main(home: Path = typer.Option(Path("benchmarks/.work/graph"), help="Graph h
     room = comparisons[constant_name][optimum_name]["mean"]
     closed = comparisons[constant_name]["DiffGraph VGAE"]["mean"] / room if room > 0 else float("nan")
     console.print(f"headroom (optimum - best constant): {room:+.4f}; the VGAE closes {closed:.0%} of it")
-    relevance = selection_relevance(bench, test_set)
-    console.print(f"ESA on the test prompts: {relevance['selected']} experts selected, {relevance['relevant_share']:.0%} "
-                  f"relevant; {relevance['prompts_with_marginal_experts']:.0%} of prompts get a marginal one beside a relevant one")
     spread = coefficient_spread(bench, trained.planner, test_set)
     console.print(f"VGAE coefficients on the test prompts: mean {spread['mean']:.3f}, range "
                   f"[{spread['min']:.3f}, {spread['max']:.3f}], std within a prompt {spread['mean_std_within_prompt']:.3f}")
@@ -449,10 +479,7 @@ def main(home: Path = typer.Option(Path("benchmarks/.work/graph"), help="Graph h
               "validation": trained.validation, "validation_year1": early.validation,
               "constant_grid_validation": constant_scores, "vgae_coefficients": spread,
               "paired": comparisons, "headroom": room, "selection_relevance": relevance, "vgae_share_of_headroom": closed,
-              "optimum_coefficients": optimum, "optimum_seconds": optimum_s,
-              "config": {"prompts": prompts, "train_prompts": train_prompts, "steps": steps, "seeds": SEEDS,
-                         "validation_prompts": validation_prompts, "search_seeds": SEARCH_SEEDS,
-                         "search_renders": search_renders, "rule": rule}}
+              "optimum_coefficients": optimum, "optimum_seconds": measured["seconds"], "config": config}
     write_result(out, report)
     console.print(table(results))
     for reference, comparison in comparisons.items():
