@@ -45,7 +45,7 @@ def _planner() -> Path | None:
 
 
 class MiniWorldSuite:
-    """The mini world's three scorers behind the MetricSuite interface."""
+    """The mini world's four scores (METRICS) behind the MetricSuite interface."""
 
     def __init__(self, root: Path | None = None):
         self._suite = artifacts_io.load_scorers(root or artifacts_io.ARTIFACTS)

@@ -93,7 +93,7 @@ def quality_score(images: torch.Tensor) -> torch.Tensor:
 
 
 class MetricSuite:
-    """Scores rendered images against their prompts with the three mini metrics."""
+    """Scores rendered images against their prompts with the mini metrics (METRICS)."""
 
     def __init__(self, attribute_net: AttributeNet, miniclip: MiniClip, damage_net: DamageNet, embed):
         self.attribute_net = attribute_net.eval()
