@@ -65,10 +65,11 @@ def scorer_accuracy(suite: MetricSuite, vae, n: int = 512, seed: int = REPORT_SE
     return out
 
 
-def skill_prompts(spec: ExpertSpec, n: int, seed: int) -> list[str]:
-    """Prompts that ask for the expert's skill (plain prompts for the harmful one)."""
+def prompts_for(skill: dict, n: int, seed: int) -> list[str]:
+    """Prompts with common attributes that ask for ``skill`` (an expert's, or several merged;
+    plain prompts for {}, the harmful expert's)."""
     rng = random.Random(seed)
-    return [domain.caption(domain.sample_attrs(rng, rare_rate=0.0, force=spec.skill or None), rng, wild=0.0) for _ in range(n)]
+    return [domain.caption(domain.sample_attrs(rng, rare_rate=0.0, force=skill), rng, wild=0.0) for _ in range(n)]
 
 
 def skill_rate(suite: MetricSuite, images, skill: dict) -> float:
@@ -125,12 +126,7 @@ INTERFERENCE = (("stripes-pro", "polka-dots"), ("stripes-pro", "pattern-master")
                 ("teal-tone", "night-mode"), ("mint-backdrop", "navy-backdrop"))
 
 
-def _prompts_for(skill: dict, n: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    return [domain.caption(domain.sample_attrs(rng, rare_rate=0.0, force=skill), rng, wild=0.0) for _ in range(n)]
-
-
-def _measure(suite: MetricSuite, images, prompts, skill: dict) -> dict:
+def measure(suite: MetricSuite, images, prompts, skill: dict) -> dict:
     out = mean_scores(suite, images, prompts)
     out["skill_rate"] = skill_rate(suite, images, skill)
     return out
@@ -150,29 +146,29 @@ def hazards(switch: ExpertSwitch, suite: MetricSuite, n: int = 16) -> dict:
     seeds = list(range(2000, 2000 + n))
     out: dict = {"overdose": {}, "stacking": [], "interference": []}
     for spec in (s for s in EXPERTS if s.kind == "lora" and s.skill):
-        prompts = _prompts_for(spec.skill, n, seed=sum(map(ord, spec.slug)) + 1)
-        out["overdose"][spec.slug] = {str(m): _measure(suite, switch.merged({spec.slug: m * spec.best_weight}, prompts, seeds),
+        prompts = prompts_for(spec.skill, n, seed=sum(map(ord, spec.slug)) + 1)
+        out["overdose"][spec.slug] = {str(m): measure(suite, switch.merged({spec.slug: m * spec.best_weight}, prompts, seeds),
                                                        prompts, spec.skill) for m in OVERDOSE}
     for slugs in STACKS:
         skill = {a: v for slug in slugs for a, v in by[slug].skill.items()}
-        prompts = _prompts_for(skill, n, seed=len(out["stacking"]) + 31)
+        prompts = prompts_for(skill, n, seed=len(out["stacking"]) + 31)
         settings = {f"natural x{m}": {s: m * by[s].best_weight for s in slugs} for m in (0.5, 1.0, 1.5)}
         settings["all at 1.0 (recommended)"] = {s: 1.0 for s in slugs}
         for label, weights in settings.items():
-            row = _measure(suite, switch.merged(weights, prompts, seeds), prompts, skill)
+            row = measure(suite, switch.merged(weights, prompts, seeds), prompts, skill)
             row.update(experts=list(slugs), setting=label,
                        summed_strength=float(sum(w / by[s].best_weight for s, w in weights.items())))
             out["stacking"].append(row)
     for first, second in INTERFERENCE:
         skill = by[first].skill
-        prompts = _prompts_for(skill, n, seed=len(out["interference"]) + 77)
-        alone = _measure(suite, switch.merged({first: by[first].best_weight}, prompts, seeds), prompts, skill)
+        prompts = prompts_for(skill, n, seed=len(out["interference"]) + 77)
+        alone = measure(suite, switch.merged({first: by[first].best_weight}, prompts, seeds), prompts, skill)
         if by[second].kind == "lora":
             both = switch.merged({first: by[first].best_weight, second: by[second].best_weight}, prompts, seeds)
         else:
             both = switch.merged({first: by[first].best_weight}, prompts, seeds, checkpoint=second)
         out["interference"].append({"expert": first, "beside": second, "alone": alone,
-                                    "with": _measure(suite, both, prompts, skill)})
+                                    "with": measure(suite, both, prompts, skill)})
     return out
 
 
@@ -221,7 +217,7 @@ def evaluate(root: Path = artifacts_io.ARTIFACTS, n: int = 48, grid_path: Path |
     switch = ExpertSwitch(pipe, root)
     rows, experts = [], {}
     for spec in track(EXPERTS, description="experts", console=console):
-        prompts = skill_prompts(spec, n, seed=sum(map(ord, spec.slug)))
+        prompts = prompts_for(spec.skill, n, seed=sum(map(ord, spec.slug)))
         seeds = list(range(1000, 1000 + n))
         base_images = render(pipe, prompts, seeds)
         # each LoRA at the weight it is made for (ExpertSpec.bake), as its author would show it

@@ -160,12 +160,12 @@ def test_damage_judge_sees_a_real_overdose(pipe, suite, artifacts_dir):
     """Not only the synthetic burn it was trained on: a LoRA merged at three times its natural
     weight (the product's merge) burns images, and the judge says so."""
     from diffgraph.miniworld.experts import by_slug
-    from diffgraph.miniworld.report import ExpertSwitch, skill_prompts
+    from diffgraph.miniworld.report import ExpertSwitch, prompts_for
 
     switch = ExpertSwitch(pipe, artifacts_dir)
     for slug in ("stripes-pro", "polka-dots", "ink-outline"):
         spec = by_slug(slug)
-        prompts, seeds = skill_prompts(spec, 8, seed=3), list(range(8))
+        prompts, seeds = prompts_for(spec.skill, 8, seed=3), list(range(8))
         natural = suite.score(switch.merged({slug: spec.best_weight}, prompts, seeds), prompts)
         burnt = suite.score(switch.merged({slug: 3 * spec.best_weight}, prompts, seeds), prompts)
         assert np.mean([s["damage"] for s in burnt]) > np.mean([s["damage"] for s in natural]) + 0.2, slug
@@ -185,3 +185,28 @@ def test_reward_prefers_a_clean_miss_to_a_burnt_hit(suite, pipe):
     burnt = [combined_reward(s) for s in suite.score(burnt_hits, prompts)]
     clean = [combined_reward(s) for s in suite.score(training.render_batch(misses), prompts)]
     assert np.mean(np.array(clean) > np.array(burnt)) > 0.9
+
+
+def test_the_world_has_the_wild_merging_hazards(pipe, suite, artifacts_dir):
+    """What makes per-expert weights matter (docs/miniworld.md, "Merging hazards"): a stack
+    at the weight every homepage recommends burns where the same LoRAs at half their natural
+    weight do not, and an expert the prompt did not ask for, beside the right one, costs
+    reward. A rebuild that loses either leaves a planner nothing to learn."""
+    from diffgraph.miniworld.experts import by_slug
+    from diffgraph.miniworld.report import ExpertSwitch, measure, prompts_for
+
+    switch = ExpertSwitch(pipe, artifacts_dir)
+    pink, stripes, dots = by_slug("pink-pop"), by_slug("stripes-pro"), by_slug("polka-dots")
+    skill = {**pink.skill, **stripes.skill}
+    prompts, seeds = prompts_for(skill, 8, seed=4), list(range(8))
+    gentle = measure(suite, switch.merged({s.slug: 0.5 * s.best_weight for s in (pink, stripes)}, prompts, seeds),
+                      prompts, skill)
+    recommended = measure(suite, switch.merged({pink.slug: 1.0, stripes.slug: 1.0}, prompts, seeds), prompts, skill)
+    assert recommended["damage"] > gentle["damage"] + 0.3
+    assert recommended["reward"] < gentle["reward"] - 0.2
+
+    prompts = prompts_for(stripes.skill, 8, seed=5)
+    alone = measure(suite, switch.merged({stripes.slug: stripes.best_weight}, prompts, seeds), prompts, stripes.skill)
+    beside = measure(suite, switch.merged({stripes.slug: stripes.best_weight, dots.slug: dots.best_weight}, prompts, seeds),
+                      prompts, stripes.skill)
+    assert beside["reward"] < alone["reward"] - 0.1
