@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from diffgraph.miniworld import ARTIFACTS
+from diffgraph.miniworld.scorers import METRICS
 from diffgraph.tools.calibrate import CalibrationJob, calibrate_experts
 
 ray = pytest.importorskip("ray")
@@ -81,7 +82,7 @@ def test_ray_calibration_equals_local(ray_address):
     local = calibrate_experts(jobs, PROMPTS, (0, 1))
     remote = calibrate_experts(jobs, PROMPTS, (0, 1), ray_address=ray_address, workers=2)
     assert remote == local  # exactly: same function, same seeds, same torch thread count
-    assert len(local) == 3 and all(len(v) == 3 and len(v[0]) == 3 for v in local)
+    assert len(local) == 3 and all(len(v) == 3 and len(v[0]) == len(METRICS) for v in local)
     assert len({tuple(v[0]) for v in local}) == 3, "each expert scores differently"
 
     stats = ray_calibrate.get_pool(2).last
