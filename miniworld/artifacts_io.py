@@ -54,12 +54,6 @@ def split_single_file(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     return parts
 
 
-def load_checkpoint_into(pipe, path: Path) -> None:
-    """Replace the pipeline's weights by a single-file checkpoint's (strict: every key)."""
-    for name, sd in split_single_file(path).items():
-        getattr(pipe, name).load_state_dict(sd, strict=True)
-
-
 @lru_cache(maxsize=2)
 def load_scorers(root: Path = ARTIFACTS):
     from .scorers import MetricSuite
