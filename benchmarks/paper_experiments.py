@@ -422,71 +422,59 @@ def main(home: Path = typer.Option(Path("benchmarks/.work/graph"), help="Graph h
     relevance = selection_relevance(bench, test_set)
     console.print(f"ESA on the test prompts: {relevance['selected']} experts selected, {relevance['relevant_share']:.0%} "
                   f"relevant; {relevance['prompts_with_marginal_experts']:.0%} of prompts get a marginal one beside a relevant one")
-    if room_only:
-        room = measure_room(bench, valid_set, test_set, search_renders)
-        results = evaluate(bench, methods(bench, None, random.Random(0), room["constant"], room["optimum"], None, None),
-                           test_set)
-        constant_name = next(m for m in results if m.startswith("Best constant"))
-        comparisons = {constant_name: paired(results, constant_name)}
-        headroom = comparisons[constant_name][next(m for m in results if m.startswith("Per-prompt optimum"))]["mean"]
-        console.print(f"headroom (optimum - best constant): {headroom:+.4f}")
-        write_result(out, {"table1_5": results, "paired": comparisons, "headroom": headroom,
-                           "selection_relevance": relevance, "constant_grid_validation": room["constant_scores"],
-                           "optimum_coefficients": room["optimum"], "optimum_seconds": room["seconds"],
-                           "total_seconds": time.time() - started, "config": config})
-        console.print(table(results))
-        console.print(paired_table(comparisons[constant_name], constant_name))
-        console.print(f"wrote {out} in {(time.time() - started) / 60:.1f} min")
-        return
+    report: dict = {"selection_relevance": relevance, "config": config}
+    planner = parameter_planner = parameters = None
+    if not room_only:
+        t0 = time.time()
+        trained = _train(bench, train_set, valid_set, steps, seed=0)
+        report.update(train_seconds=time.time() - t0, training_history=trained.history, validation=trained.validation)
+        planner = trained.planner
+        if save_planner_to is not None:
+            from diffgraph.planner.checkpoint import save_planner
 
-    t0 = time.time()
-    trained = _train(bench, train_set, valid_set, steps, seed=0)
-    train_s = time.time() - t0
-    if save_planner_to is not None:
-        from diffgraph.planner.checkpoint import save_planner
-
-        save_planner(trained.planner, save_planner_to)
-    parameters = parameter_store(bench)
-    t0 = time.time()
-    by_parameters = _train(bench, train_set, valid_set, steps, seed=0, store=parameters)
-    parameter_train_s = time.time() - t0
+            save_planner(planner, save_planner_to)
+        parameters = parameter_store(bench)
+        t0 = time.time()
+        by_parameters = _train(bench, train_set, valid_set, steps, seed=0, store=parameters)
+        parameter_planner = by_parameters.planner
+        report.update(parameter_train_seconds=time.time() - t0, validation_parameters=by_parameters.validation,
+                      parameter_coefficients=coefficient_spread(bench, parameter_planner, test_set, parameters))
     measured = measure_room(bench, valid_set, test_set, search_renders)
-    constant, constant_scores, optimum = measured["constant"], measured["constant_scores"], measured["optimum"]
-    results = evaluate(bench, methods(bench, trained.planner, random.Random(0), constant, optimum,
-                                      by_parameters.planner, parameters), test_set)
+    results = evaluate(bench, methods(bench, planner, random.Random(0), measured["constant"], measured["optimum"],
+                                      parameter_planner, parameters), test_set)
     constant_name = next(m for m in results if m.startswith("Best constant"))
-    comparisons = {"DiffGraph VGAE": paired(results, "DiffGraph VGAE"), constant_name: paired(results, constant_name)}
-    optimum_name = next(m for m in results if m.startswith("Per-prompt optimum"))
-    room = comparisons[constant_name][optimum_name]["mean"]
-    closed = comparisons[constant_name]["DiffGraph VGAE"]["mean"] / room if room > 0 else float("nan")
-    console.print(f"headroom (optimum - best constant): {room:+.4f}; the VGAE closes {closed:.0%} of it")
-    spread = coefficient_spread(bench, trained.planner, test_set)
-    console.print(f"VGAE coefficients on the test prompts: mean {spread['mean']:.3f}, range "
-                  f"[{spread['min']:.3f}, {spread['max']:.3f}], std within a prompt {spread['mean_std_within_prompt']:.3f}")
+    comparisons = {constant_name: paired(results, constant_name)}
+    room = comparisons[constant_name][next(m for m in results if m.startswith("Per-prompt optimum"))]["mean"]
+    report.update(table1_5=results, paired=comparisons, headroom=room, constant_grid_validation=measured["constant_scores"],
+                  optimum_coefficients=measured["optimum"], optimum_seconds=measured["seconds"])
+    console.print(f"headroom (optimum - best constant): {room:+.4f}")
+    scaling = None
+    if planner is not None:
+        comparisons["DiffGraph VGAE"] = paired(results, "DiffGraph VGAE")
+        closed = comparisons[constant_name]["DiffGraph VGAE"]["mean"] / room if room > 0 else float("nan")
+        spread = coefficient_spread(bench, planner, test_set)
+        console.print(f"the VGAE closes {closed:.0%} of the headroom; its coefficients on the test prompts: mean "
+                      f"{spread['mean']:.3f}, range [{spread['min']:.3f}, {spread['max']:.3f}], std within a prompt "
+                      f"{spread['mean_std_within_prompt']:.3f}")
+        year1 = {i for i, r in bench.rows.items() if (r.published_at or "").startswith("2023")}
+        early = _train(bench, train_set, valid_set, steps, seed=0, active=year1)
 
-    year1 = {i for i, r in bench.rows.items() if (r.published_at or "").startswith("2023")}
-    early = _train(bench, train_set, valid_set, steps, seed=0, active=year1)
-    scaling = evaluate(bench, {
-        "Planner trained on year 1, year 2 added training-free": lambda p: (bench.select(p), early.planner.plan(
-            bench.store, [s["id"] for s in bench.select(p)], p) if bench.select(p) else {}),
-        "Planner trained on year 1 + year 2": lambda p: (bench.select(p), trained.planner.plan(
-            bench.store, [s["id"] for s in bench.select(p)], p) if bench.select(p) else {}),
-    }, test_set)
-    report = {"table1_5": results, "table2_scaling": scaling, "training_history": trained.history,
-              "year1_experts": sorted(year1), "train_seconds": train_s, "total_seconds": time.time() - started,
-              "parameter_train_seconds": parameter_train_s, "validation_parameters": by_parameters.validation,
-              "parameter_coefficients": coefficient_spread(bench, by_parameters.planner, test_set, parameters),
-              "validation": trained.validation, "validation_year1": early.validation,
-              "constant_grid_validation": constant_scores, "vgae_coefficients": spread,
-              "paired": comparisons, "headroom": room, "selection_relevance": relevance, "vgae_share_of_headroom": closed,
-              "optimum_coefficients": optimum, "optimum_seconds": measured["seconds"], "config": config}
+        def plan_with(model):
+            return lambda p: (bench.select(p), model.plan(bench.store, [s["id"] for s in bench.select(p)], p)
+                              if bench.select(p) else {})
+
+        scaling = evaluate(bench, {"Planner trained on year 1, year 2 added training-free": plan_with(early.planner),
+                                   "Planner trained on year 1 + year 2": plan_with(planner)}, test_set)
+        report.update(vgae_share_of_headroom=closed, vgae_coefficients=spread, year1_experts=sorted(year1),
+                      validation_year1=early.validation, table2_scaling=scaling)
+    report["total_seconds"] = time.time() - started
     write_result(out, report)
     console.print(table(results))
     for reference, comparison in comparisons.items():
         console.print(paired_table(comparison, reference))
-    console.print(table(scaling))
+    if scaling is not None:
+        console.print(table(scaling))
     console.print(f"wrote {out} in {(time.time() - started) / 60:.1f} min")
-
 
 if __name__ == "__main__":
     typer.run(main)
