@@ -262,7 +262,9 @@ def graph_import(directory: Path = typer.Argument(..., help="A folder written by
 
 @planner_app.command("train")
 def planner_train(
-    steps: int = typer.Option(60, help="REINFORCE steps (4 prompts x 4 coefficient draws each)."),
+    steps: int = typer.Option(60, help="REINFORCE steps (--prompts-per-step prompts x 4 coefficient draws each)."),
+    prompts_per_step: int = typer.Option(16, help="Prompts per step; each costs 4 renders. Fewer prompts per step "
+                                         "are cheaper but noisier steps."),
     prompts: int = typer.Option(48, help="Training prompts (disjoint from the reference prompts)."),
     seed: int = typer.Option(0, help="Seed of the training run."),
     base_model: Optional[str] = typer.Option(None, help=BASE_HELP),
@@ -271,7 +273,8 @@ def planner_train(
     from diffgraph.agents.planner_training import train_planner
 
     try:
-        result = train_planner(base_model, steps=steps, prompts=prompts, seed=seed, console=console)
+        result = train_planner(base_model, steps=steps, prompts=prompts, seed=seed, prompts_per_step=prompts_per_step,
+                               console=console)
     except (KeyError, ValueError) as exc:  # no such base, several and none named, too few prompts
         _fail(reason(exc))
     h = result["history"]

@@ -51,7 +51,8 @@ def split_prompts(training_prompts, n: int, seed: int, references: set[str]) -> 
 
 
 def train_planner(base_model: str | None = None, steps: int = 60, prompts: int = 48, seed: int = 0,
-                  settings: Settings | None = None, console: Console | None = None) -> dict:
+                  prompts_per_step: int = TrainConfig.prompts_per_step, settings: Settings | None = None,
+                  console: Console | None = None) -> dict:
     settings = settings or get_settings()
     console = console or Console()
     llm = chat_model(settings)
@@ -72,8 +73,8 @@ def train_planner(base_model: str | None = None, steps: int = 60, prompts: int =
                                   dict(zip(expert_ids, w)), STRENGTHS)
             return suite.reward(suite.score([engine.render(recipe)], [prompt])[0])
 
-        result = train(store, train_set, select, reward, config=TrainConfig(steps=steps, seed=seed),
-                       validation=validation, console=console)
+        config = TrainConfig(steps=steps, prompts_per_step=prompts_per_step, seed=seed)
+        result = train(store, train_set, select, reward, config=config, validation=validation, console=console)
         # coefficients mean something only under the rule they were trained for
         result.planner.training_info["merge_rule"] = asdict(STRENGTHS)
         path = save_planner(result.planner, planner_dir(settings.home, base_model))

@@ -149,7 +149,7 @@ def _train(bench: Bench, prompts: list[str], validation: list[str], steps: int, 
     def select(prompt):
         return [p["id"] for p in bench.select(prompt) if active is None or p["id"] in active]
 
-    config = TrainConfig(steps=steps, prompts_per_step=4, samples_per_prompt=4, seed=seed)
+    config = TrainConfig(steps=steps, seed=seed)  # the product's batch: 16 prompts x 4 draws
     return train(store or bench.store, prompts, select, bench.reward, config=config, validation=validation,
                  console=console)
 
@@ -398,7 +398,7 @@ def measure_room(bench: Bench, valid_set: list[str], test_set: list[str], search
 def main(home: Path = typer.Option(Path("benchmarks/.work/graph"), help="Graph home (built if missing)."),
          prompts: int = typer.Option(bases.TEST_PROMPTS, help="Held-out test prompts."),
          train_prompts: int = typer.Option(bases.TRAINING_PROMPTS, help="Training prompts."),
-         steps: int = typer.Option(60, help="REINFORCE steps (4 prompts x 4 samples each)."),
+         steps: int = typer.Option(60, help="REINFORCE steps (16 prompts x 4 samples each)."),
          validation_prompts: int = typer.Option(bases.VALIDATION_PROMPTS, help="Prompts on which the best Beta-mean policy is kept."),
          reference_prompts: int = typer.Option(12, help="N_r when the graph is built."),
          rule: str = typer.Option("strengths", help="Merge rule: 'strengths' (the product's default), "

@@ -11,13 +11,20 @@ The kind matters because the merger treats the two kinds differently (a softmax 
 kind), so the same skill is worth a different coefficient on a checkpoint and on a LoRA.
 
 Edge features, ``schema.edge_columns``, one layout for every edge kind:
-    [edge kind one-hot (3) | metric z-scores (M) | cosine similarity (1)]
+    [edge kind one-hot (3) | metric z-scores (M) | cosine similarity, z-scored per edge kind (1)]
 - calibrated_on, expert <-> reference prompt r: the calibration scores, z-scored per metric
   with statistics fitted once on the training graph and stored in the checkpoint (raw
   metrics live on unrelated scales, e.g. CLIP ~0.3 and aesthetic ~5), and cos(prompt, r);
 - similar_to, user prompt <-> every reference prompt r: cos(prompt, r);
 - asks, user prompt <-> every expert: cos(prompt, expert description), the retrieval signal.
 Columns an edge kind does not use are zero. Every edge is present in both directions.
+
+Why the cosines are z-scored too (per edge kind, statistics fitted on the training subgraphs):
+MiniLM cosines between a prompt and an expert description sit in a narrow band (about
+0.3-0.6 in the mini world), and what separates an expert the prompt asked for from a marginal
+one is a difference of about 0.1 in that band, beside z-scores of order 1. Raw, that
+difference needs large first-layer weights before the reward can act on it, which REINFORCE's
+few hundred noisy steps do not reach; z-scored, it is a unit-scale input from the first step.
 
 Why the similar_to edges: a calibration score says how well an expert rendered one reference
 prompt, which only matters for a user prompt that resembles it. With the prompt linked to
@@ -72,6 +79,8 @@ class FeatureSchema:
     metric_std: tuple[float, ...]
     embedding_model: str = EMBEDDING_MODEL
     embedding_dim: int = DIM
+    cosine_mean: tuple[float, ...] = (0.0,) * len(EDGE_KINDS)  # per edge kind, EDGE_KINDS' order
+    cosine_std: tuple[float, ...] = (1.0,) * len(EDGE_KINDS)
 
     @classmethod
     def fit(cls, graphs: Sequence[HeteroData], embedding_model: str = EMBEDDING_MODEL) -> "FeatureSchema":
@@ -87,13 +96,13 @@ class FeatureSchema:
             for e, r, scores in zip(src.tolist(), dst.tolist(), g[CALIBRATED].edge_attr):
                 edges[(g.expert_ids[e], g.reference_prompt_ids[r])] = scores
         scores = torch.stack(list(edges.values())).double()
-        std = scores.std(dim=0, unbiased=False)
-        std = torch.where(std > 1e-8, std, torch.ones_like(std))  # a constant metric carries no signal
         dims = {g["user_prompt"].x.shape[1] for g in graphs}
         if len(dims) != 1:
             raise SchemaMismatch(f"graphs disagree on the embedding dimension: {sorted(dims)}")
-        return cls(next(iter(names)), tuple(scores.mean(dim=0).tolist()), tuple(std.tolist()),
-                   embedding_model, dims.pop())
+        cosines = [torch.cat(c).double() for c in zip(*(_cosines(g) for g in graphs))]
+        return cls(next(iter(names)), tuple(scores.mean(dim=0).tolist()), tuple(_std(scores).tolist()),
+                   embedding_model, dims.pop(), tuple(float(c.mean()) for c in cosines),
+                   tuple(float(_std(c)) for c in cosines))
 
     @property
     def node_columns(self) -> list[str]:
@@ -115,13 +124,17 @@ class FeatureSchema:
     def to_dict(self) -> dict:
         return {"embedding_model": self.embedding_model, "embedding_dim": self.embedding_dim,
                 "metric_names": list(self.metric_names), "metric_mean": list(self.metric_mean),
-                "metric_std": list(self.metric_std), "node_columns": self.node_columns,
+                "metric_std": list(self.metric_std), "cosine_mean": list(self.cosine_mean),
+                "cosine_std": list(self.cosine_std), "node_columns": self.node_columns,
                 "edge_columns": self.edge_columns}
 
     @classmethod
     def from_dict(cls, d: dict) -> "FeatureSchema":
+        """A checkpoint written before the cosines were z-scored has no cosine statistics and
+        was trained on raw cosines, which the defaults (mean 0, std 1) reproduce."""
         schema = cls(tuple(d["metric_names"]), tuple(d["metric_mean"]), tuple(d["metric_std"]),
-                     d["embedding_model"], int(d["embedding_dim"]))
+                     d["embedding_model"], int(d["embedding_dim"]),
+                     tuple(d.get("cosine_mean", cls.cosine_mean)), tuple(d.get("cosine_std", cls.cosine_std)))
         if d.get("node_columns", schema.node_columns) != schema.node_columns or \
                 d.get("edge_columns", schema.edge_columns) != schema.edge_columns:
             raise SchemaMismatch("the checkpoint was written with another feature layout than this code builds")
@@ -145,16 +158,32 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
 
 
+def _std(values: torch.Tensor) -> torch.Tensor:
+    """Per-column standard deviation, 1 where a column is constant (it carries no signal)."""
+    std = values.std(dim=0, unbiased=False)
+    return torch.where(std > 1e-8, std, torch.ones_like(std))
+
+
+def _cosines(data: HeteroData) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The raw cosine column of each edge kind, in EDGE_KINDS' order: cos(prompt, r) per
+    calibration edge, cos(prompt, r) per reference, cos(prompt, expert description) per expert."""
+    x_p, x_e, x_r = (data[t].x.float() for t in NODE_TYPES)
+    sim = _cosine(x_p, x_r)[0]
+    return sim[data[CALIBRATED].edge_index[1]], sim, _cosine(x_p, x_e)[0]
+
+
 def _one_hot(index: int | torch.Tensor, n: int, rows: int) -> torch.Tensor:
     index = torch.full((rows,), index) if isinstance(index, int) else index
     return F.one_hot(index.long(), n).float()
 
 
-def _block(kind: str, src: torch.Tensor, dst: torch.Tensor, scores: torch.Tensor,
-           cosine: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Edges src -> dst of one kind and their features [kind one-hot | scores | cosine]."""
-    kind_columns = _one_hot(EDGE_KINDS.index(kind), len(EDGE_KINDS), src.shape[0])
-    return torch.stack([src, dst]), torch.cat([kind_columns, scores, cosine.reshape(-1, 1)], dim=1)
+def _block(kind: str, src: torch.Tensor, dst: torch.Tensor, scores: torch.Tensor, cosine: torch.Tensor,
+           schema: FeatureSchema) -> tuple[torch.Tensor, torch.Tensor]:
+    """Edges src -> dst of one kind and their features [kind one-hot | scores | z-scored cosine]."""
+    k = EDGE_KINDS.index(kind)
+    kind_columns = _one_hot(k, len(EDGE_KINDS), src.shape[0])
+    z = (cosine - schema.cosine_mean[k]) / schema.cosine_std[k]
+    return torch.stack([src, dst]), torch.cat([kind_columns, scores, z.reshape(-1, 1)], dim=1)
 
 
 def featurise(data: HeteroData, schema: FeatureSchema) -> Data:
@@ -185,10 +214,10 @@ def featurise(data: HeteroData, schema: FeatureSchema) -> Data:
     scores = data[CALIBRATED].edge_attr.reshape(cal_index.shape[1], m).float()
     z = (scores - torch.tensor(schema.metric_mean)) / torch.tensor(schema.metric_std)
     experts, refs = torch.arange(1, n + 1), torch.arange(n + 1, n + r + 1)
-    sim = _cosine(x_p, x_r)[0]
-    blocks = [_block("calibrated_on", experts[cal_index[0]], refs[cal_index[1]], z, sim[cal_index[1]]),
-              _block("similar_to", torch.zeros_like(refs), refs, torch.zeros(r, m), sim),
-              _block("asks", torch.zeros_like(experts), experts, torch.zeros(n, m), _cosine(x_p, x_e)[0])]
+    calibrated, similar, asks = _cosines(data)
+    blocks = [_block("calibrated_on", experts[cal_index[0]], refs[cal_index[1]], z, calibrated, schema),
+              _block("similar_to", torch.zeros_like(refs), refs, torch.zeros(r, m), similar, schema),
+              _block("asks", torch.zeros_like(experts), experts, torch.zeros(n, m), asks, schema)]
     edge_index = torch.cat([e for e, _ in blocks], dim=1)
     edge_attr = torch.cat([a for _, a in blocks])
     return Data(x=x, edge_index=torch.cat([edge_index, edge_index.flip(0)], dim=1),

@@ -31,6 +31,13 @@ running mean of all rewards instead. Advantages are then divided by a running RM
 advantages, so the KL weight and the learning rate mean the same whatever the units of the
 reward; it changes the step size, not the direction of the gradient.
 
+Batch size: B = 16 prompts per step by default. Adam moves every parameter by about the
+learning rate per step whatever the gradient's noise, so a noisy gradient moves the many
+parameters the reward does not pin down as far as the few it does, and the plan drifts at
+random. Averaging over more prompts per step makes the update mostly signal; for the same
+number of renders, fewer and cleaner steps learn where many noisy ones do not
+(benchmarks/RESULTS.md has the runs).
+
 Model selection: the policy that is trained (random draws) is not the one that is used (the
 Beta means). Adam's normalised steps keep moving the parameters at a fixed speed even when the
 reward's signal is mostly noise, and a measured run drifted past the good region until every
@@ -66,7 +73,7 @@ Reward = Callable[[str, list[str], list[str], list[float], int], float]
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 200
-    prompts_per_step: int = 4  # B in Eq. 4
+    prompts_per_step: int = 16  # B in Eq. 4 (module docstring: why 16)
     samples_per_prompt: int = 4  # K draws of w per prompt, for the leave-one-out baseline
     lr: float = 1e-2  # AdamW as in the paper
     betas: tuple[float, float] = (0.9, 0.99)

@@ -129,7 +129,7 @@ def trained(world, targets):
     before = {"train": mean_reward(planner, store, TRAIN, SUBSETS.get, targets),
               "held_out": mean_reward(planner, store, HELD_OUT, lambda p: ALL, targets)}
     result = train(store, TRAIN, SUBSETS.get, make_reward(targets), planner=planner,
-                   config=TrainConfig(steps=200, seed=0), progress=False)
+                   config=TrainConfig(steps=200, prompts_per_step=4, seed=0), progress=False)
     assert result.planner is planner
     return planner, before, result.history
 
@@ -164,8 +164,26 @@ def test_feature_layout(world, fresh):
     z = graph.edge_attr[calibration][:, 3:5]
     assert z.abs().max() < 5 and z.abs().sum() > 0
     sims = graph.edge_attr[graph.edge_attr[:, 1] == 1][:, -1]
-    assert sims.shape == (2 * r,) and ((sims > -1) & (sims < 1)).all()
+    assert sims.shape == (2 * r,)
+    raw = torch.from_numpy(np.asarray(store.embed([TRAIN[0]]))).float()
+    refs = torch.from_numpy(store.catalog.reference_prompt_embeddings(
+        [p.id for p in store.catalog.reference_prompts()])).float()
+    cosine = torch.nn.functional.cosine_similarity(raw, refs)
+    mean, std = fresh.schema.cosine_mean[1], fresh.schema.cosine_std[1]
+    torch.testing.assert_close(sims[:r], (cosine - mean) / std)
     assert fresh.schema.metric_names == tuple(METRICS)
+
+
+def test_cosines_are_z_scored_on_the_training_subgraphs(world, fresh):
+    """Each edge kind's cosine column has mean 0 and std 1 over the subgraphs the schema was
+    fitted on, so the narrow band MiniLM cosines live in is a unit-scale input."""
+    store, _ = world
+    graphs = [featurise(v, fresh.schema) for v in views(store, TRAIN, SUBSETS.get, fresh.schema)]
+    half = [g.edge_attr[: g.edge_attr.shape[0] // 2] for g in graphs]  # one direction of each edge
+    for kind in range(3):
+        column = torch.cat([a[a[:, kind] == 1][:, -1] for a in half])
+        assert abs(column.mean().item()) < 1e-4 and abs(column.std(unbiased=False).item() - 1) < 1e-3, kind
+    assert all(0 < s < 1 for s in fresh.schema.cosine_std)
 
 
 def test_beta_head_bounds_and_coefficients(world, fresh):
@@ -245,7 +263,7 @@ def test_validation_keeps_the_best_beta_mean_policy(world, targets):
     planner = VGAEPlanner(FeatureSchema.fit(views(store, TRAIN, SUBSETS.get)))
     start = {k: v.clone() for k, v in planner.state_dict().items()}
     result = train(store, TRAIN, select, misleading, planner=planner, validation=HELD_OUT,
-                   config=TrainConfig(steps=30, seed=4, validate_every=10), progress=False)
+                   config=TrainConfig(steps=30, prompts_per_step=4, seed=4, validate_every=10), progress=False)
     steps = [step for step, _ in result.validation]
     assert steps == [0, 10, 20, 30]
     assert result.validation[-1][1] < result.validation[0][1]  # training did push it the wrong way
@@ -262,7 +280,7 @@ def test_training_is_deterministic(world, targets, samples):
     runs = []
     for _ in range(2):
         torch.manual_seed(3)
-        config = TrainConfig(steps=5, samples_per_prompt=samples, seed=3)
+        config = TrainConfig(steps=5, prompts_per_step=4, samples_per_prompt=samples, seed=3)
         result = train(store, TRAIN, SUBSETS.get, make_reward(targets), config=config, progress=False)
         runs.append((result.history, result.planner.coefficients(activated_view(store, ALL, TRAIN[0]))))
     assert runs[0][0] == runs[1][0]
@@ -332,6 +350,11 @@ def test_checkpoint_round_trip_and_schema_mismatch(trained, world, tmp_path):
     with pytest.raises(SchemaMismatch, match="recalibrate") as err:
         loaded.coefficients(other)
     assert "\n" not in str(err.value)
+
+    # a checkpoint from before the cosines were z-scored was trained on raw cosines
+    legacy = dict(meta, features={k: v for k, v in meta["features"].items() if not k.startswith("cosine_")})
+    (path / "planner.json").write_text(json.dumps(legacy))
+    assert load_planner(path).schema.cosine_mean == (0.0,) * 3 and load_planner(path).schema.cosine_std == (1.0,) * 3
 
     meta["features"]["edge_columns"] = ["cosine"]
     (path / "planner.json").write_text(json.dumps(meta))

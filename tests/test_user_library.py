@@ -177,10 +177,11 @@ def test_planner_training_and_generate_through_the_commands(graph, tmp_path):
     split off them) writes the base's planner, which `generate` then uses."""
     import json as json_module
 
-    trained = CliRunner().invoke(app, ["planner", "train", "--base-model", "SD 1.5", "--steps", "1", "--prompts", "30"],
-                                 env={"COLUMNS": "300"})
+    command = ["planner", "train", "--base-model", "SD 1.5", "--steps", "1", "--prompts-per-step", "4", "--prompts", "30"]
+    trained = CliRunner().invoke(app, command, env={"COLUMNS": "300"})
     assert trained.exit_code == 0, trained.output[-3000:]
-    assert (get_settings().home / "planner" / "sd15" / "planner.json").is_file()
+    meta = json_module.loads((get_settings().home / "planner" / "sd15" / "planner.json").read_text())
+    assert meta["training"]["config"]["prompts_per_step"] == 4
     made = CliRunner().invoke(app, ["generate", "a heron by a river, ink wash painting", "--base-model", "sd15", "--json",
                                     "--out", str(tmp_path / "heron.png")])
     assert made.exit_code == 0, made.output[-3000:]
