@@ -1,6 +1,12 @@
-"""What one REINFORCE configuration learns in the mini world, on validation prompts only.
+"""What one training configuration learns in the mini world, on validation prompts only.
 
     python -m diffgraph.benchmarks.planner_batch --home H --prompts-per-step 16 --steps 40 [--lr 0.01]
+    python -m diffgraph.benchmarks.planner_batch --home H --trainer distil --steps 300 --targets T.json
+
+--trainer reinforce (the default) is planner/train.py; --trainer distil is planner/distil.py,
+fitted to each training prompt's per-prompt optimum (paper_experiments.per_prompt_optimum from
+the best constant on validation, --search-renders renders each, search seeds only), which is
+computed once and kept in --targets; --steps is then its number of epochs.
 
 With --steps 60 --validate-every 10 it trains, step for step, the planner of a paper_experiments
 run on the same --home (the same split, seed and configuration), so --save-planner-to can
@@ -17,18 +23,44 @@ same number of renders (steps x prompts per step x 4).
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import numpy as np
 import typer
 from rich.console import Console
+from rich.progress import Progress, TimeElapsedColumn
 
 from diffgraph.benchmarks import write_result
 
 from . import paper_experiments as pe
 
 console = Console()
+
+
+def select_ids(bench: "pe.Bench"):
+    return lambda prompt: [s["id"] for s in bench.select(prompt)]
+
+
+def training_optima(bench: "pe.Bench", train_set: list[str], valid_set: list[str], renders: int,
+                    path: Path | None) -> dict[str, dict[str, float]]:
+    """Each training prompt's per-prompt optimum (prompts that select nothing are left out),
+    searched from the best constant on ``valid_set``; read from ``path`` when it holds the same
+    prompts and budget, else searched and written there."""
+    chosen = [p for p in train_set if bench.select(p)]
+    if path is not None and path.exists():
+        saved = json.loads(path.read_text())
+        if saved["renders"] == renders and set(saved["optima"]) == set(chosen):
+            return saved["optima"]
+        raise typer.BadParameter(f"{path} holds other prompts or another budget", param_hint="--targets")
+    constant, _ = pe.best_constant(bench, valid_set)
+    with Progress(*Progress.get_default_columns(), TimeElapsedColumn(), console=console) as progress:
+        optima = {p: pe.per_prompt_optimum(bench, p, constant, renders)
+                  for p in progress.track(chosen, description=f"training optima ({renders} renders each)")}
+    if path is not None:
+        write_result(path, {"constant": constant, "renders": renders, "optima": optima})
+    return optima
 
 
 def main(home: Path = typer.Option(..., help="Graph home of a paper_experiments run."),
@@ -40,17 +72,35 @@ def main(home: Path = typer.Option(..., help="Graph home of a paper_experiments 
          train_prompts: int = typer.Option(64, help="Training prompts."),
          validation_prompts: int = typer.Option(32, help="Validation prompts."),
          seed: int = typer.Option(0, help="Seed of the training run."),
+         trainer: str = typer.Option("reinforce", help="reinforce (planner/train.py) or distil (planner/distil.py)."),
+         targets: Path = typer.Option(None, help="distil: the training prompts' optima (read if present, "
+                                      "else searched and written)."),
+         search_renders: int = typer.Option(pe.SEARCH_RENDERS, help="distil: renders per training prompt's optimum."),
          save_planner_to: Path = typer.Option(None, help="Also save the kept planner here."),
          out: Path = typer.Option(None, help="JSON to write (default: results/planner_batch_B<b>_S<steps>.json).")) -> None:
     from diffgraph.merger.recipe import RULES
-    from diffgraph.planner.train import TrainConfig, train
 
+    if trainer not in ("reinforce", "distil"):
+        raise typer.BadParameter(f"unknown trainer {trainer!r}: reinforce or distil", param_hint="--trainer")
     bench = pe.Bench(home, RULES["strengths"])
     train_set, valid_set, _ = pe.prompt_split(prompts, train_prompts, validation_prompts)
-    config = TrainConfig(steps=steps, prompts_per_step=prompts_per_step, lr=lr, seed=seed, validate_every=validate_every)
     started = time.time()
-    result = train(bench.store, train_set, lambda p: [s["id"] for s in bench.select(p)], bench.reward, config=config,
-                   validation=valid_set, console=console)
+    if trainer == "reinforce":
+        from diffgraph.planner.train import TrainConfig, train
+
+        config = TrainConfig(steps=steps, prompts_per_step=prompts_per_step, lr=lr, seed=seed,
+                             validate_every=validate_every)
+        result = train(bench.store, train_set, select_ids(bench), bench.reward, config=config,
+                       validation=valid_set, console=console)
+        renders, history_name = steps * prompts_per_step * config.samples_per_prompt, "sampled_reward"
+    else:
+        from diffgraph.planner.distil import DistilConfig, distil
+
+        goal = training_optima(bench, train_set, valid_set, search_renders, targets)
+        config = DistilConfig(epochs=steps, lr=lr, seed=seed, validate_every=validate_every)
+        result = distil(bench.store, goal, select_ids(bench), bench.reward, config=config, validation=valid_set,
+                        console=console)
+        renders, history_name = search_renders * len(goal), "loss"
     if save_planner_to is not None:
         from diffgraph.planner.checkpoint import save_planner
 
@@ -59,15 +109,16 @@ def main(home: Path = typer.Option(..., help="Graph home of a paper_experiments 
     specs = pe.expert_specs(bench)
     plans = {p: {specs[i].slug: round(c, 3) for i, c in plan.items()} for p, plan in spread.pop("plans").items()}
     tenths = [float(np.mean(chunk)) for chunk in np.array_split(result.history, min(10, len(result.history)))]
-    report = {"config": {"prompts_per_step": prompts_per_step, "steps": steps, "lr": lr, "seed": seed,
-                         "renders": steps * prompts_per_step * config.samples_per_prompt},
+    report = {"config": {"trainer": trainer, "prompts_per_step": prompts_per_step, "steps": steps, "lr": lr,
+                         "seed": seed, "renders": renders},
               "seconds": time.time() - started, "validation": result.validation,
-              "kept_step": result.planner.training_info.get("kept_step"), "sampled_reward_by_tenth": tenths,
+              "kept_step": result.planner.training_info.get("kept_step"), f"{history_name}_by_tenth": tenths,
               "coefficients": spread, "plans": plans}
-    out = out or Path(f"benchmarks/results/planner_batch_B{prompts_per_step}_S{steps}.json")
+    out = out or Path(f"benchmarks/results/planner_batch_{trainer}_B{prompts_per_step}_S{steps}.json")
     write_result(out, report)
     console.print("validation (step, reward): " + ", ".join(f"{s}: {v:.4f}" for s, v in result.validation))
-    console.print(f"kept step {report['kept_step']}; sampled reward by tenth: " + " ".join(f"{v:.4f}" for v in tenths))
+    console.print(f"kept step {report['kept_step']}; {history_name.replace('_', ' ')} by tenth: "
+                  + " ".join(f"{v:.4f}" for v in tenths))
     console.print(f"coefficients on validation: mean {spread['mean']:.3f}, range [{spread['min']:.3f}, "
                   f"{spread['max']:.3f}], std within a prompt {spread['mean_std_within_prompt']:.3f}")
     for prompt, plan in list(plans.items())[:12]:

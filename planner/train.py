@@ -150,12 +150,48 @@ def policy_reward(planner: VGAEPlanner, data: Sequence[Episode], reward: Reward)
     return float(sum(values) / len(values))
 
 
+def seeded_planner(schema: FeatureSchema, seed: int) -> VGAEPlanner:
+    """A new planner whose initial weights follow ``seed`` alone. Drawn from the global torch
+    RNG instead, they would depend on whatever the process ran before (building or loading a
+    pipeline draws from it), and the same training command would give a different planner in a
+    different process. The caller's global RNG state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return VGAEPlanner(schema)
+
+
+class KeepBest:
+    """Model selection on validation prompts (module docstring): scores the Beta-mean policy on
+    ``held_out`` when asked and, at the end, puts back the best weights seen. With no
+    validation prompts it does nothing and the last weights stay."""
+
+    def __init__(self, planner: VGAEPlanner, held_out: Sequence[Episode], reward: Reward):
+        self.planner, self.held_out, self.reward = planner, held_out, reward
+        self.scores: list[tuple[int, float]] = []
+        self.best: tuple[float, int, dict] | None = None
+
+    def validate(self, step: int) -> None:
+        if self.held_out:
+            self.scores.append((step, policy_reward(self.planner, self.held_out, self.reward)))
+            if self.best is None or self.scores[-1][1] > self.best[0]:
+                self.best = (self.scores[-1][1], step, copy.deepcopy(self.planner.state_dict()))
+
+    def restore(self) -> None:
+        """Eval mode, the best weights, and their record in ``planner.training_info``."""
+        self.planner.eval()
+        if self.best is not None:
+            self.planner.load_state_dict(self.best[2])
+            self.planner.training_info.update(validation=self.scores, validation_prompts=len(self.held_out),
+                                              kept_step=self.best[1])
+
+
 def train(store: "GraphStore", prompts: Sequence[str], select: Select, reward: Reward, *,
           planner: VGAEPlanner | None = None, config: TrainConfig = TrainConfig(),
           validation: Sequence[str] = (), console: Console | None = None, progress: bool = True) -> TrainResult:
-    """Train ``planner`` (a new one when None, its feature schema fitted on the training
-    subgraphs) on ``prompts``, which should be disjoint from the reference prompts (the paper's
-    protocol: otherwise the calibration edges already hold the answer). With ``validation``
+    """Train ``planner`` (a new one seeded with ``config.seed`` when None, its feature schema
+    fitted on the training subgraphs) on ``prompts``, which should be disjoint from the
+    reference prompts (the paper's protocol: otherwise the calibration edges already hold the
+    answer). With ``validation``
     prompts, the best Beta-mean policy seen on them is the one returned (module docstring).
     Returns the planner, the mean reward of each step and the validation scores."""
     if not prompts:
@@ -163,7 +199,7 @@ def train(store: "GraphStore", prompts: Sequence[str], select: Select, reward: R
     if config.steps < 1 or config.prompts_per_step < 1 or config.samples_per_prompt < 1:
         raise ValueError("steps, prompts_per_step and samples_per_prompt must be positive")
     data, schema = episodes(store, prompts, select, None if planner is None else planner.schema)
-    planner = VGAEPlanner(schema) if planner is None else planner
+    planner = seeded_planner(schema, config.seed) if planner is None else planner
     held_out = episodes(store, validation, select, schema)[0] if validation else []
     generator = torch.Generator().manual_seed(config.seed)
     shuffle = random.Random(config.seed)
@@ -175,17 +211,8 @@ def train(store: "GraphStore", prompts: Sequence[str], select: Select, reward: R
     history: list[float] = []
     queue: list[Episode] = []
     planner.train()
-    scores: list[tuple[int, float]] = []
-    best: tuple[float, int, dict] | None = None
-
-    def validate(step: int) -> None:
-        nonlocal best
-        if held_out:
-            scores.append((step, policy_reward(planner, held_out, reward)))
-            if best is None or scores[-1][1] > best[0]:
-                best = (scores[-1][1], step, copy.deepcopy(planner.state_dict()))
-
-    validate(0)
+    keeper = KeepBest(planner, held_out, reward)
+    keeper.validate(0)
     columns = (TextColumn("planner"), BarColumn(), MofNCompleteColumn(),
                TextColumn("mean reward {task.fields[reward]}"), TimeElapsedColumn())
     with Progress(*columns, console=console, disable=not progress) as bar:
@@ -212,11 +239,8 @@ def train(store: "GraphStore", prompts: Sequence[str], select: Select, reward: R
             history.append(rewards.mean().item())
             bar.update(task, advance=1, reward=f"{history[-1]:.4f}")
             if (len(history) % config.validate_every == 0) or len(history) == config.steps:
-                validate(len(history))
-    planner.eval()
+                keeper.validate(len(history))
     planner.training_info = {"config": asdict(config), "prompts": len(data), "first_mean_reward": history[0],
                              "last_mean_reward": history[-1]}
-    if best is not None:
-        planner.load_state_dict(best[2])
-        planner.training_info.update(validation=scores, validation_prompts=len(held_out), kept_step=best[1])
-    return TrainResult(planner, history, scores)
+    keeper.restore()
+    return TrainResult(planner, history, keeper.scores)
