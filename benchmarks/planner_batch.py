@@ -77,7 +77,8 @@ def main(home: Path = typer.Option(..., help="Graph home of a paper_experiments 
                                       "else searched and written)."),
          search_renders: int = typer.Option(pe.SEARCH_RENDERS, help="distil: renders per training prompt's optimum."),
          save_planner_to: Path = typer.Option(None, help="Also save the kept planner here."),
-         out: Path = typer.Option(None, help="JSON to write (default: results/planner_batch_B<b>_S<steps>.json).")) -> None:
+         out: Path = typer.Option(None, help="JSON to write (default: "
+                                "results/planner_batch_<trainer>_B<b>_S<steps>.json).")) -> None:
     from diffgraph.merger.recipe import RULES
 
     if trainer not in ("reinforce", "distil"):
