@@ -3,8 +3,11 @@
     python -m diffgraph.benchmarks.paper_experiments [--prompts 24] [--steps 60]
 
 1. Build the universal graph of the mini world with the GCA (or reuse --home).
-2. Train the VGAE planner with REINFORCE on training prompts (disjoint from the reference
-   prompts and from the held-out test prompts).
+2. Train the VGAE planner on training prompts (disjoint from the reference prompts and from
+   the held-out test prompts), keeping the best policy on validation prompts: with REINFORCE
+   (the paper's), or with --trainer distil by regression onto each training prompt's
+   per-prompt optimum (``training_optima``, kept in --targets since the search is most of
+   the cost). Every planner of the table is trained the same way.
 3. On held-out prompts, render with each method and score with the mini metric suite, over
    three render seeds: Direct (base); single best retrieved expert (DiffAgent analogue);
    selected experts with equal weights (w/o MP); random coefficients; brain-chosen
@@ -50,6 +53,7 @@ SEEDS = (0, 1, 2)
 SEARCH_SEEDS = (100, 101)  # the per-prompt optimum's renders: never an evaluation seed
 SEARCH_RENDERS = 128  # per prompt: CMA-ES evaluations x len(SEARCH_SEEDS)
 CONSTANTS = (0.1, 0.25, 0.4, 0.55, 0.7, 0.85, 1.0)  # grid for the best-constant baseline
+DISTIL_VALIDATE_EVERY = 5  # distil epochs between validations (the fit overshoots within tens of epochs)
 console = Console()
 
 
@@ -142,12 +146,46 @@ def parameter_store(bench: Bench):
     return replace(bench.store, vectors=ParameterVectors(bench.engine, bench.rows, dim))
 
 
-def _train(bench: Bench, prompts: list[str], validation: list[str], steps: int, seed: int,
-           active: set[str] | None = None, store=None):
-    from diffgraph.planner.train import TrainConfig, train
+def selector(bench: Bench, active: set[str] | None = None):
+    """The planner's ``select``: the ESA's experts for a prompt, only those in ``active`` if given."""
+    return lambda prompt: [p["id"] for p in bench.select(prompt) if active is None or p["id"] in active]
 
-    def select(prompt):
-        return [p["id"] for p in bench.select(prompt) if active is None or p["id"] in active]
+
+def training_optima(bench: Bench, prompts: list[str], start: float, renders: int, path: Path | None,
+                    active: set[str] | None = None) -> dict[str, dict[str, float]]:
+    """The distil trainer's targets: each training prompt's per-prompt optimum over its selected
+    experts (those in ``active`` if given; prompts left with none are left out), searched from
+    the constant ``start``. Read from ``path`` when it holds the same prompts, experts and
+    budget (the search is most of a distil run's cost), else searched and written there; a
+    file that holds anything else is an error, never silently reused."""
+    select = selector(bench, active)
+    chosen = {p: ids for p in prompts if (ids := select(p))}
+    if path is not None and path.exists():
+        saved = json.loads(path.read_text())
+        if saved["renders"] == renders and {p: sorted(c) for p, c in saved["optima"].items()} == \
+                {p: sorted(ids) for p, ids in chosen.items()}:
+            return saved["optima"]
+        raise typer.BadParameter(f"{path} holds the optima of other prompts, experts or budget", param_hint="--targets")
+    with Progress(*Progress.get_default_columns(), TimeElapsedColumn(), console=console) as progress:
+        optima = {p: per_prompt_optimum(bench, p, start, renders, ids)
+                  for p, ids in progress.track(chosen.items(), description=f"training optima ({renders} renders each)")}
+    if path is not None:
+        write_result(path, {"constant": start, "renders": renders, "optima": optima})
+    return optima
+
+
+def _train(bench: Bench, prompts: list[str], validation: list[str], steps: int, seed: int,
+           active: set[str] | None = None, store=None, targets: dict | None = None):
+    """REINFORCE (planner/train.py) for ``steps`` steps, or, given ``targets``, distillation
+    onto them (planner/distil.py) for ``steps`` epochs; model selection on ``validation``."""
+    select = selector(bench, active)
+    if targets is not None:
+        from diffgraph.planner.distil import DistilConfig, distil
+
+        config = DistilConfig(epochs=steps, seed=seed, validate_every=DISTIL_VALIDATE_EVERY)
+        return distil(store or bench.store, targets, select, bench.reward, config=config, validation=validation,
+                      console=console)
+    from diffgraph.planner.train import TrainConfig, train
 
     config = TrainConfig(steps=steps, seed=seed)  # the product's batch: 16 prompts x 4 draws
     return train(store or bench.store, prompts, select, bench.reward, config=config, validation=validation,
@@ -164,13 +202,15 @@ def best_constant(bench: Bench, prompts: list[str]) -> tuple[float, dict[float, 
     return max(scores, key=scores.get), scores
 
 
-def per_prompt_optimum(bench: Bench, prompt: str, start: float, renders: int = SEARCH_RENDERS) -> dict[str, float]:
-    """The coefficients of ``prompt``'s selected experts that score best on SEARCH_SEEDS: CMA-ES
-    (pycma) in [0, 1]^n from the constant ``start``, ``renders`` renders in all; the best point
-    it evaluated. One expert is searched on an even grid instead (CMA-ES needs two dimensions)."""
+def per_prompt_optimum(bench: Bench, prompt: str, start: float, renders: int = SEARCH_RENDERS,
+                       ids: list[str] | None = None) -> dict[str, float]:
+    """The coefficients of ``ids`` (default: ``prompt``'s selected experts) that score best on
+    SEARCH_SEEDS: CMA-ES (pycma) in [0, 1]^n from the constant ``start``, ``renders`` renders in
+    all; the best point it evaluated. One expert is searched on an even grid instead (CMA-ES
+    needs two dimensions)."""
     import cma
 
-    ids = [s["id"] for s in bench.select(prompt)]
+    ids = [s["id"] for s in bench.select(prompt)] if ids is None else ids
     if not ids:
         return {}
     picks = [{"id": i} for i in ids]
@@ -383,22 +423,20 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def measure_room(bench: Bench, valid_set: list[str], test_set: list[str], search_renders: int) -> dict:
-    """The best constant (tuned on ``valid_set``) and each test prompt's per-prompt optimum."""
-    constant, constant_scores = best_constant(bench, valid_set)
-    console.print(f"best constant coefficient on validation: {constant} ({constant_scores})")
+def measure_room(bench: Bench, constant: float, test_set: list[str], search_renders: int) -> dict:
+    """Each test prompt's per-prompt optimum, searched from the best constant."""
     t0 = time.time()
     optimum = {}
     with Progress(*Progress.get_default_columns(), TimeElapsedColumn(), console=console) as progress:
         for prompt in progress.track(test_set, description=f"per-prompt optimum ({search_renders} renders each)"):
             optimum[prompt] = per_prompt_optimum(bench, prompt, constant, search_renders)
-    return {"constant": constant, "constant_scores": constant_scores, "optimum": optimum, "seconds": time.time() - t0}
+    return {"optimum": optimum, "seconds": time.time() - t0}
 
 
 def main(home: Path = typer.Option(Path("benchmarks/.work/graph"), help="Graph home (built if missing)."),
          prompts: int = typer.Option(bases.TEST_PROMPTS, help="Held-out test prompts."),
          train_prompts: int = typer.Option(bases.TRAINING_PROMPTS, help="Training prompts."),
-         steps: int = typer.Option(60, help="REINFORCE steps (16 prompts x 4 samples each)."),
+         steps: int = typer.Option(60, help="REINFORCE steps (16 prompts x 4 samples each), or distil epochs."),
          validation_prompts: int = typer.Option(bases.VALIDATION_PROMPTS, help="Prompts on which the best Beta-mean policy is kept."),
          reference_prompts: int = typer.Option(12, help="N_r when the graph is built."),
          rule: str = typer.Option("strengths", help="Merge rule: 'strengths' (the product's default), "
@@ -406,9 +444,17 @@ def main(home: Path = typer.Option(Path("benchmarks/.work/graph"), help="Graph h
          search_renders: int = typer.Option(SEARCH_RENDERS, help="Renders per prompt for the per-prompt optimum."),
          room_only: bool = typer.Option(False, "--room-only", help="Measure only what needs no trained planner: the "
                                         "headroom (per-prompt optimum - best constant) and the fixed-rule rows."),
+         trainer: str = typer.Option("reinforce", help="How every planner of the table is trained: reinforce "
+                                     "(planner/train.py, the paper's) or distil (planner/distil.py, onto each "
+                                     "training prompt's per-prompt optimum)."),
+         target_renders: int = typer.Option(SEARCH_RENDERS, help="distil: renders per training prompt's optimum."),
+         targets: Path = typer.Option(None, help="distil: folder keeping the training optima (all.json, year1.json); "
+                                      "read when they match, else searched and written."),
          save_planner_to: Path = typer.Option(None, help="Also save the trained planner here."),
          out: Path = typer.Option(Path("benchmarks/results/paper_experiments.json"))) -> None:
     started = time.time()
+    if trainer not in ("reinforce", "distil"):
+        raise typer.BadParameter(f"unknown trainer {trainer!r}: reinforce or distil", param_hint="--trainer")
     _graph(home, reference_prompts)
     from diffgraph.merger.recipe import RULES
 
@@ -418,15 +464,31 @@ def main(home: Path = typer.Option(Path("benchmarks/.work/graph"), help="Graph h
                   f"{len(test_set)} test prompts")
     config = {"prompts": prompts, "train_prompts": train_prompts, "steps": steps, "seeds": SEEDS,
               "validation_prompts": validation_prompts, "search_seeds": SEARCH_SEEDS,
-              "search_renders": search_renders, "rule": rule, "room_only": room_only}
+              "search_renders": search_renders, "rule": rule, "room_only": room_only, "trainer": trainer}
+    if trainer == "distil":
+        config["target_renders"] = target_renders
     relevance = selection_relevance(bench, test_set)
     console.print(f"ESA on the test prompts: {relevance['selected']} experts selected, {relevance['relevant_share']:.0%} "
                   f"relevant; {relevance['prompts_with_marginal_experts']:.0%} of prompts get a marginal one beside a relevant one")
     report: dict = {"selection_relevance": relevance, "config": config}
+    constant, constant_scores = best_constant(bench, valid_set)
+    console.print(f"best constant coefficient on validation: {constant} ({constant_scores})")
+    year1 = {i for i, r in bench.rows.items() if (r.published_at or "").startswith("2023")}
+
+    def goal(active: set[str] | None, name: str) -> dict | None:
+        if trainer != "distil":
+            return None
+        t0 = time.time()
+        optima = training_optima(bench, train_set, constant, target_renders,
+                                 None if targets is None else targets / f"{name}.json", active)
+        report[f"{name}_targets_seconds"] = time.time() - t0
+        return optima
+
     planner = parameter_planner = parameters = None
     if not room_only:
+        all_targets = goal(None, "all")
         t0 = time.time()
-        trained = _train(bench, train_set, valid_set, steps, seed=0)
+        trained = _train(bench, train_set, valid_set, steps, seed=0, targets=all_targets)
         report.update(train_seconds=time.time() - t0, training_history=trained.history, validation=trained.validation)
         planner = trained.planner
         if save_planner_to is not None:
@@ -435,17 +497,17 @@ def main(home: Path = typer.Option(Path("benchmarks/.work/graph"), help="Graph h
             save_planner(planner, save_planner_to)
         parameters = parameter_store(bench)
         t0 = time.time()
-        by_parameters = _train(bench, train_set, valid_set, steps, seed=0, store=parameters)
+        by_parameters = _train(bench, train_set, valid_set, steps, seed=0, store=parameters, targets=all_targets)
         parameter_planner = by_parameters.planner
         report.update(parameter_train_seconds=time.time() - t0, validation_parameters=by_parameters.validation,
                       parameter_coefficients=coefficient_spread(bench, parameter_planner, test_set, parameters))
-    measured = measure_room(bench, valid_set, test_set, search_renders)
-    results = evaluate(bench, methods(bench, planner, random.Random(0), measured["constant"], measured["optimum"],
+    measured = measure_room(bench, constant, test_set, search_renders)
+    results = evaluate(bench, methods(bench, planner, random.Random(0), constant, measured["optimum"],
                                       parameter_planner, parameters), test_set)
     constant_name = next(m for m in results if m.startswith("Best constant"))
     comparisons = {constant_name: paired(results, constant_name)}
     room = comparisons[constant_name][next(m for m in results if m.startswith("Per-prompt optimum"))]["mean"]
-    report.update(table1_5=results, paired=comparisons, headroom=room, constant_grid_validation=measured["constant_scores"],
+    report.update(table1_5=results, paired=comparisons, headroom=room, constant_grid_validation=constant_scores,
                   optimum_coefficients=measured["optimum"], optimum_seconds=measured["seconds"])
     console.print(f"headroom (optimum - best constant): {room:+.4f}")
     scaling = None
@@ -456,8 +518,8 @@ def main(home: Path = typer.Option(Path("benchmarks/.work/graph"), help="Graph h
         console.print(f"the VGAE closes {closed:.0%} of the headroom; its coefficients on the test prompts: mean "
                       f"{spread['mean']:.3f}, range [{spread['min']:.3f}, {spread['max']:.3f}], std within a prompt "
                       f"{spread['mean_std_within_prompt']:.3f}")
-        year1 = {i for i, r in bench.rows.items() if (r.published_at or "").startswith("2023")}
-        early = _train(bench, train_set, valid_set, steps, seed=0, active=year1)
+        year1_targets = goal(year1, "year1")
+        early = _train(bench, train_set, valid_set, steps, seed=0, active=year1, targets=year1_targets)
 
         def plan_with(model):
             return lambda p: (bench.select(p), model.plan(bench.store, [s["id"] for s in bench.select(p)], p)

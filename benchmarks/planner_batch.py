@@ -4,8 +4,8 @@
     python -m diffgraph.benchmarks.planner_batch --home H --trainer distil --steps 300 --targets T.json
 
 --trainer reinforce (the default) is planner/train.py; --trainer distil is planner/distil.py,
-fitted to each training prompt's per-prompt optimum (paper_experiments.per_prompt_optimum from
-the best constant on validation, --search-renders renders each, search seeds only), which is
+fitted to each training prompt's per-prompt optimum (paper_experiments.training_optima from the
+best constant on validation, --search-renders renders each, search seeds only), which is
 computed once and kept in --targets; --steps is then its number of epochs.
 
 With --steps 60 --validate-every 10 it trains, step for step, the planner of a paper_experiments
@@ -23,44 +23,18 @@ same number of renders (steps x prompts per step x 4).
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import typer
 from rich.console import Console
-from rich.progress import Progress, TimeElapsedColumn
 
 from diffgraph.benchmarks import write_result
 
 from . import paper_experiments as pe
 
 console = Console()
-
-
-def select_ids(bench: "pe.Bench"):
-    return lambda prompt: [s["id"] for s in bench.select(prompt)]
-
-
-def training_optima(bench: "pe.Bench", train_set: list[str], valid_set: list[str], renders: int,
-                    path: Path | None) -> dict[str, dict[str, float]]:
-    """Each training prompt's per-prompt optimum (prompts that select nothing are left out),
-    searched from the best constant on ``valid_set``; read from ``path`` when it holds the same
-    prompts and budget, else searched and written there."""
-    chosen = [p for p in train_set if bench.select(p)]
-    if path is not None and path.exists():
-        saved = json.loads(path.read_text())
-        if saved["renders"] == renders and set(saved["optima"]) == set(chosen):
-            return saved["optima"]
-        raise typer.BadParameter(f"{path} holds other prompts or another budget", param_hint="--targets")
-    constant, _ = pe.best_constant(bench, valid_set)
-    with Progress(*Progress.get_default_columns(), TimeElapsedColumn(), console=console) as progress:
-        optima = {p: pe.per_prompt_optimum(bench, p, constant, renders)
-                  for p in progress.track(chosen, description=f"training optima ({renders} renders each)")}
-    if path is not None:
-        write_result(path, {"constant": constant, "renders": renders, "optima": optima})
-    return optima
 
 
 def main(home: Path = typer.Option(..., help="Graph home of a paper_experiments run."),
@@ -91,15 +65,15 @@ def main(home: Path = typer.Option(..., help="Graph home of a paper_experiments 
 
         config = TrainConfig(steps=steps, prompts_per_step=prompts_per_step, lr=lr, seed=seed,
                              validate_every=validate_every)
-        result = train(bench.store, train_set, select_ids(bench), bench.reward, config=config,
+        result = train(bench.store, train_set, pe.selector(bench), bench.reward, config=config,
                        validation=valid_set, console=console)
         renders, history_name = steps * prompts_per_step * config.samples_per_prompt, "sampled_reward"
     else:
         from diffgraph.planner.distil import DistilConfig, distil
 
-        goal = training_optima(bench, train_set, valid_set, search_renders, targets)
+        goal = pe.training_optima(bench, train_set, pe.best_constant(bench, valid_set)[0], search_renders, targets)
         config = DistilConfig(epochs=steps, lr=lr, seed=seed, validate_every=validate_every)
-        result = distil(bench.store, goal, select_ids(bench), bench.reward, config=config, validation=valid_set,
+        result = distil(bench.store, goal, pe.selector(bench), bench.reward, config=config, validation=valid_set,
                         console=console)
         renders, history_name = search_renders * len(goal), "loss"
     if save_planner_to is not None:

@@ -73,3 +73,35 @@ def test_selection_relevance_counts_what_the_prompt_did_not_ask_for(bench):
             del bench._selection[prompt]
     assert measured == {"selected": 5, "relevant_share": pytest.approx(3 / 5),
                         "prompts_with_marginal_experts": pytest.approx(1 / 3)}
+
+
+def test_training_optima_are_kept_and_never_reused_for_another_selection(bench, tmp_path):
+    """The distil trainer's targets: one optimum per prompt over exactly its selected experts,
+    read back without a render, and refused (file untouched) for another budget or selection."""
+    import json
+
+    import typer
+
+    from diffgraph.benchmarks.paper_experiments import training_optima
+
+    prompts = ["a magenta box shape on a navy background, outlined", "a teal square on a white background"]
+    selected = {p: sorted(s["id"] for s in bench.select(p)) for p in prompts if bench.select(p)}
+    assert selected, "the mini world's ESA selects experts for these prompts"
+    path = tmp_path / "all.json"
+    first = training_optima(bench, prompts, 0.25, 4, path)
+    assert {p: sorted(plan) for p, plan in first.items()} == selected
+    assert all(0.0 <= c <= 1.0 for plan in first.values() for c in plan.values())
+    renders = []
+    score = bench.score
+    bench.score = lambda *args, **kwargs: renders.append(args) or score(*args, **kwargs)
+    try:
+        assert training_optima(bench, prompts, 0.25, 4, path) == first
+    finally:
+        del bench.score
+    assert not renders, "kept optima are read, not searched again"
+    dropped = next(iter(next(iter(selected.values()))))
+    active = {i for ids in selected.values() for i in ids} - {dropped}
+    for renders_, active_ in ((8, None), (4, active)):
+        with pytest.raises(typer.BadParameter, match="other prompts, experts or budget"):
+            training_optima(bench, prompts, 0.25, renders_, path, active_)
+    assert json.loads(path.read_text())["optima"] == first
