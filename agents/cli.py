@@ -262,24 +262,35 @@ def graph_import(directory: Path = typer.Argument(..., help="A folder written by
 
 @planner_app.command("train")
 def planner_train(
-    steps: int = typer.Option(60, help="REINFORCE steps (--prompts-per-step prompts x 4 coefficient draws each)."),
+    steps: int = typer.Option(60, help="REINFORCE steps (--prompts-per-step prompts x 4 coefficient draws each), "
+                              "or distil epochs."),
     prompts_per_step: int = typer.Option(16, help="Prompts per step; each costs 4 renders. Fewer prompts per step "
                                          "are cheaper but noisier steps."),
     prompts: int = typer.Option(48, help="Training prompts (disjoint from the reference prompts)."),
     seed: int = typer.Option(0, help="Seed of the training run."),
+    trainer: str = typer.Option("reinforce", help="reinforce (the paper's policy gradient) or distil (fit to the "
+                                "coefficients a search finds for each training prompt; benchmarks/RESULTS.md "
+                                "compares the two)."),
+    target_renders: Optional[int] = typer.Option(None, min=2, help="distil: renders the search spends per training "
+                                                 "prompt (default: planner.search.SEARCH_RENDERS, 128)."),
     base_model: Optional[str] = typer.Option(None, help=BASE_HELP),
 ) -> None:
-    """Train the planner with REINFORCE on rendered-and-scored merges; saves a checkpoint."""
+    """Train the planner on rendered-and-scored merges; saves a checkpoint."""
     from diffgraph.agents.planner_training import train_planner
 
     try:
         result = train_planner(base_model, steps=steps, prompts=prompts, seed=seed, prompts_per_step=prompts_per_step,
-                               console=console)
+                               trainer=trainer, target_renders=target_renders, console=console)
     except (KeyError, ValueError) as exc:  # no such base, several and none named, too few prompts
         _fail(reason(exc))
     h = result["history"]
     k = max(1, len(h) // 5)
-    console.print(f"mean reward: first {k} steps {sum(h[:k]) / k:.4f} -> last {k} steps {sum(h[-k:]) / k:.4f}")
+    what, unit = ("mean reward", "steps") if trainer == "reinforce" else ("loss", "epochs")
+    console.print(f"{what}: first {k} {unit} {sum(h[:k]) / k:.4f} -> last {k} {unit} {sum(h[-k:]) / k:.4f}")
+    if result["validation"]:
+        best = max(result["validation"], key=lambda v: v[1])
+        console.print(f"validation reward: {result['validation'][0][1]:.4f} untrained, {best[1]:.4f} kept "
+                      f"(step {best[0]})")
     console.print(f"[green]checkpoint:[/] {result['checkpoint']}")
 
 

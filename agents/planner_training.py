@@ -1,4 +1,7 @@
-"""`diffgraph planner train`: REINFORCE training of the VGAE planner on a built graph.
+"""`diffgraph planner train`: training the VGAE planner on a built graph, with REINFORCE
+(planner/train.py, the paper's) or by distillation onto each training prompt's searched
+coefficients (planner/distil.py; the search starts from the best constant on the validation
+prompts, planner/search.py).
 
 The selection callback is the Expert Selection Agent (offline brain or LLM), the reward
 callback merges, renders and scores with the base's metric suite; training prompts come from
@@ -14,7 +17,9 @@ from rich.console import Console
 from diffgraph.errors import DiffGraphError
 from diffgraph.graph_store.store import GraphStore
 from diffgraph.merger.recipe import STRENGTHS
+from diffgraph.planner import search
 from diffgraph.planner.checkpoint import save_planner
+from diffgraph.planner.distil import DistilConfig, distil
 from diffgraph.planner.train import TrainConfig, train
 from diffgraph.settings import Settings, get_settings
 from diffgraph.tools import bases
@@ -25,6 +30,7 @@ from .esa import select_experts
 from .llm import chat_model
 
 MIN_TRAIN, MIN_VALIDATION = 8, 4
+TRAINERS = ("reinforce", "distil")
 
 
 class PlannerTrainingError(DiffGraphError, ValueError):
@@ -51,8 +57,14 @@ def split_prompts(training_prompts, n: int, seed: int, references: set[str]) -> 
 
 
 def train_planner(base_model: str | None = None, steps: int = 60, prompts: int = 48, seed: int = 0,
-                  prompts_per_step: int = TrainConfig.prompts_per_step, settings: Settings | None = None,
+                  prompts_per_step: int = TrainConfig.prompts_per_step, trainer: str = "reinforce",
+                  target_renders: int | None = None, settings: Settings | None = None,
                   console: Console | None = None) -> dict:
+    """Train and save the base's planner: ``steps`` REINFORCE steps, or with ``trainer`` "distil"
+    ``steps`` epochs fitted to the coefficients a search finds for each training prompt in
+    ``target_renders`` renders (default planner.search.SEARCH_RENDERS)."""
+    if trainer not in TRAINERS:
+        raise PlannerTrainingError(f"unknown trainer {trainer!r}: {' or '.join(TRAINERS)}")
     settings = settings or get_settings()
     console = console or Console()
     llm = chat_model(settings)
@@ -64,17 +76,29 @@ def train_planner(base_model: str | None = None, steps: int = 60, prompts: int =
         train_set, validation = split_prompts(profile.training_prompts, prompts, seed, references)
         kinds: dict[str, list[dict]] = {}
 
-        def select(prompt: str) -> list[str]:
-            kinds[prompt] = select_experts(store, prompt, base_model, llm)["selected"]
+        def select(prompt: str) -> list[str]:  # once per prompt: the search and the training both ask
+            if prompt not in kinds:
+                kinds[prompt] = select_experts(store, prompt, base_model, llm)["selected"]
             return [p["id"] for p in kinds[prompt]]
+
+        def selections(prompts: list[str]) -> list[search.Selection]:
+            return [(p, ids, [pick["kind"] for pick in kinds[p]]) for p in prompts if (ids := select(p))]
 
         def reward(prompt, expert_ids, _kinds, w, render_seed) -> float:
             recipe = build_recipe(store, prompt, base_model, render_seed, [{"id": i} for i in expert_ids],
                                   dict(zip(expert_ids, w)), STRENGTHS)
             return suite.reward(suite.score([engine.render(recipe)], [prompt])[0])
 
-        config = TrainConfig(steps=steps, prompts_per_step=prompts_per_step, seed=seed)
-        result = train(store, train_set, select, reward, config=config, validation=validation, console=console)
+        if trainer == "distil":
+            target_renders = target_renders or search.SEARCH_RENDERS
+            start, _ = search.best_constant(reward, selections(validation))
+            targets = search.search_targets(reward, selections(train_set), start, target_renders, console=console)
+            result = distil(store, targets, select, reward, config=DistilConfig(epochs=steps, seed=seed),
+                            validation=validation, console=console)
+            result.planner.training_info.update(search_start=start, target_renders=target_renders)
+        else:
+            config = TrainConfig(steps=steps, prompts_per_step=prompts_per_step, seed=seed)
+            result = train(store, train_set, select, reward, config=config, validation=validation, console=console)
         # coefficients mean something only under the rule they were trained for
         result.planner.training_info["merge_rule"] = asdict(STRENGTHS)
         path = save_planner(result.planner, planner_dir(settings.home, base_model))

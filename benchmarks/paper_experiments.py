@@ -46,14 +46,11 @@ from rich.console import Console
 from rich.progress import Progress, TimeElapsedColumn
 
 from diffgraph.benchmarks import write_result
+from diffgraph.planner import search
 from diffgraph.tools import bases
 
 BASE = "miniworld-sd"
 SEEDS = (0, 1, 2)
-SEARCH_SEEDS = (100, 101)  # the per-prompt optimum's renders: never an evaluation seed
-SEARCH_RENDERS = 128  # per prompt: CMA-ES evaluations x len(SEARCH_SEEDS)
-CONSTANTS = (0.1, 0.25, 0.4, 0.55, 0.7, 0.85, 1.0)  # grid for the best-constant baseline
-DISTIL_VALIDATE_EVERY = 5  # distil epochs between validations (the fit overshoots within tens of epochs)
 console = Console()
 
 
@@ -94,6 +91,11 @@ class Bench:
         image = self.engine.render(recipe)
         vector = self.suite.score([image], [prompt])[0]
         return [*vector, self.suite.reward(vector)]
+
+    def selection(self, prompt: str, active: set[str] | None = None) -> tuple[str, list[str], list[str]]:
+        """``prompt``'s selection as planner.search takes it, only experts in ``active`` if given."""
+        ids = [s["id"] for s in self.select(prompt) if active is None or s["id"] in active]
+        return prompt, ids, [self.rows[i].kind for i in ids]
 
     def reward(self, prompt, expert_ids, kinds, w, seed) -> float:
         picks = [{"id": i} for i in expert_ids]
@@ -148,7 +150,7 @@ def parameter_store(bench: Bench):
 
 def selector(bench: Bench, active: set[str] | None = None):
     """The planner's ``select``: the ESA's experts for a prompt, only those in ``active`` if given."""
-    return lambda prompt: [p["id"] for p in bench.select(prompt) if active is None or p["id"] in active]
+    return lambda prompt: bench.selection(prompt, active)[1]
 
 
 def training_optima(bench: Bench, prompts: list[str], start: float, renders: int, path: Path | None,
@@ -166,9 +168,8 @@ def training_optima(bench: Bench, prompts: list[str], start: float, renders: int
                 {p: sorted(ids) for p, ids in chosen.items()}:
             return saved["optima"]
         raise typer.BadParameter(f"{path} holds the optima of other prompts, experts or budget", param_hint="--targets")
-    with Progress(*Progress.get_default_columns(), TimeElapsedColumn(), console=console) as progress:
-        optima = {p: per_prompt_optimum(bench, p, start, renders, ids)
-                  for p, ids in progress.track(chosen.items(), description=f"training optima ({renders} renders each)")}
+    optima = search.search_targets(bench.reward, [bench.selection(p, active) for p in chosen], start, renders,
+                                   console=console)
     if path is not None:
         write_result(path, {"constant": start, "renders": renders, "optima": optima})
     return optima
@@ -182,7 +183,7 @@ def _train(bench: Bench, prompts: list[str], validation: list[str], steps: int, 
     if targets is not None:
         from diffgraph.planner.distil import DistilConfig, distil
 
-        config = DistilConfig(epochs=steps, seed=seed, validate_every=DISTIL_VALIDATE_EVERY)
+        config = DistilConfig(epochs=steps, seed=seed)
         return distil(store or bench.store, targets, select, bench.reward, config=config, validation=validation,
                       console=console)
     from diffgraph.planner.train import TrainConfig, train
@@ -193,42 +194,8 @@ def _train(bench: Bench, prompts: list[str], validation: list[str], steps: int, 
 
 
 def best_constant(bench: Bench, prompts: list[str]) -> tuple[float, dict[float, float]]:
-    """The coefficient that, given to every selected expert, scores best on ``prompts`` (render
-    seed 0, as the planner's validation), and the grid's scores."""
-    scores = {}
-    for c in CONSTANTS:
-        values = [bench.score(p, sel, {s["id"]: c for s in sel}, seed=0)[-1] for p in prompts if (sel := bench.select(p))]
-        scores[c] = float(np.mean(values))
-    return max(scores, key=scores.get), scores
-
-
-def per_prompt_optimum(bench: Bench, prompt: str, start: float, renders: int = SEARCH_RENDERS,
-                       ids: list[str] | None = None) -> dict[str, float]:
-    """The coefficients of ``ids`` (default: ``prompt``'s selected experts) that score best on
-    SEARCH_SEEDS: CMA-ES (pycma) in [0, 1]^n from the constant ``start``, ``renders`` renders in
-    all; the best point it evaluated. One expert is searched on an even grid instead (CMA-ES
-    needs two dimensions)."""
-    import cma
-
-    ids = [s["id"] for s in bench.select(prompt)] if ids is None else ids
-    if not ids:
-        return {}
-    picks = [{"id": i} for i in ids]
-
-    def reward(x) -> float:
-        coef = dict(zip(ids, (float(v) for v in x)))
-        return float(np.mean([bench.score(prompt, picks, coef, seed)[-1] for seed in SEARCH_SEEDS]))
-
-    evaluations = renders // len(SEARCH_SEEDS)
-    if len(ids) == 1:
-        grid = np.linspace(0.02, 1.0, evaluations)
-        return {ids[0]: float(max(grid, key=lambda c: reward([c])))}
-    es = cma.CMAEvolutionStrategy([start] * len(ids), 0.25, {"bounds": [0.0, 1.0], "maxfevals": evaluations,
-                                                              "seed": 1, "verbose": -9})
-    while not es.stop():
-        xs = es.ask()
-        es.tell(xs, [-reward(x) for x in xs])
-    return dict(zip(ids, (float(v) for v in es.result.xbest)))
+    """planner.search.best_constant on the prompts that select an expert."""
+    return search.best_constant(bench.reward, [s for p in prompts if (s := bench.selection(p))[1]])
 
 
 def coefficient_spread(bench: Bench, planner, prompts: list[str], store=None) -> dict:
@@ -291,7 +258,7 @@ def prompt_split(prompts: int, train_prompts: int, validation_prompts: int) -> t
 def methods(bench: Bench, planner, rng: random.Random, constant: float, optimum: dict[str, dict],
             parameter_planner, parameters) -> dict:
     """name -> function(prompt) -> (picks, coefficients). ``optimum``: prompt -> its per-prompt
-    optimum (``per_prompt_optimum``); ``parameter_planner``: the VGAE trained on
+    optimum (planner.search.search_coefficients); ``parameter_planner``: the VGAE trained on
     ``parameters`` (``parameter_store``). A planner that is None drops the rows that need it."""
     from diffgraph.tools.plan import Planner
 
@@ -429,7 +396,8 @@ def measure_room(bench: Bench, constant: float, test_set: list[str], search_rend
     optimum = {}
     with Progress(*Progress.get_default_columns(), TimeElapsedColumn(), console=console) as progress:
         for prompt in progress.track(test_set, description=f"per-prompt optimum ({search_renders} renders each)"):
-            optimum[prompt] = per_prompt_optimum(bench, prompt, constant, search_renders)
+            optimum[prompt] = search.search_coefficients(
+                bench.reward, bench.selection(prompt), constant, search_renders)
     return {"optimum": optimum, "seconds": time.time() - t0}
 
 
@@ -441,13 +409,15 @@ def main(home: Path = typer.Option(Path("benchmarks/.work/graph"), help="Graph h
          reference_prompts: int = typer.Option(12, help="N_r when the graph is built."),
          rule: str = typer.Option("strengths", help="Merge rule: 'strengths' (the product's default), "
                                   "'anchored' or 'paper' (softmax per kind); see merger.recipe.MergeRule."),
-         search_renders: int = typer.Option(SEARCH_RENDERS, help="Renders per prompt for the per-prompt optimum."),
+         search_renders: int = typer.Option(search.SEARCH_RENDERS,
+                                            help="Renders per prompt for the per-prompt optimum."),
          room_only: bool = typer.Option(False, "--room-only", help="Measure only what needs no trained planner: the "
                                         "headroom (per-prompt optimum - best constant) and the fixed-rule rows."),
          trainer: str = typer.Option("reinforce", help="How every planner of the table is trained: reinforce "
                                      "(planner/train.py, the paper's) or distil (planner/distil.py, onto each "
                                      "training prompt's per-prompt optimum)."),
-         target_renders: int = typer.Option(SEARCH_RENDERS, help="distil: renders per training prompt's optimum."),
+         target_renders: int = typer.Option(search.SEARCH_RENDERS,
+                                            help="distil: renders per training prompt's optimum."),
          targets: Path = typer.Option(None, help="distil: folder keeping the training optima (all.json, year1.json); "
                                       "read when they match, else searched and written."),
          save_planner_to: Path = typer.Option(None, help="Also save the trained planner here."),
@@ -463,7 +433,7 @@ def main(home: Path = typer.Option(Path("benchmarks/.work/graph"), help="Graph h
     console.print(f"graph: {len(bench.rows)} active experts; {len(train_set)} training, {len(valid_set)} validation, "
                   f"{len(test_set)} test prompts")
     config = {"prompts": prompts, "train_prompts": train_prompts, "steps": steps, "seeds": SEEDS,
-              "validation_prompts": validation_prompts, "search_seeds": SEARCH_SEEDS,
+              "validation_prompts": validation_prompts, "search_seeds": search.SEARCH_SEEDS,
               "search_renders": search_renders, "rule": rule, "room_only": room_only, "trainer": trainer}
     if trainer == "distil":
         config["target_renders"] = target_renders

@@ -31,6 +31,7 @@ import typer
 from rich.console import Console
 
 from diffgraph.benchmarks import write_result
+from diffgraph.planner import search
 
 from . import paper_experiments as pe
 
@@ -49,7 +50,7 @@ def main(home: Path = typer.Option(..., help="Graph home of a paper_experiments 
          trainer: str = typer.Option("reinforce", help="reinforce (planner/train.py) or distil (planner/distil.py)."),
          targets: Path = typer.Option(None, help="distil: the training prompts' optima (read if present, "
                                       "else searched and written)."),
-         search_renders: int = typer.Option(pe.SEARCH_RENDERS, help="distil: renders per training prompt's optimum."),
+         search_renders: int = typer.Option(search.SEARCH_RENDERS, help="distil: renders per training optimum."),
          save_planner_to: Path = typer.Option(None, help="Also save the kept planner here."),
          out: Path = typer.Option(None, help="JSON to write (default: "
                                 "results/planner_batch_<trainer>_B<b>_S<steps>.json).")) -> None:

@@ -2,14 +2,14 @@
 
 REINFORCE (train.py) learns an expert's coefficient from how the reward responds to random
 draws of all the prompt's coefficients at once. A derivative-free search per training prompt
-(CMA-ES at a fixed render budget, benchmarks/paper_experiments.per_prompt_optimum) spends the
-same renders on finding what the reward wants for that one prompt. Fitting the planner's Beta
-means to those targets turns a noisy policy gradient into a supervised fit of the same
-objective; what carries over to prompts never searched is what the targets share, such as
-one expert's natural strength or another's being a poor match for what was asked.
+(CMA-ES at a fixed render budget, search.py) spends renders on finding what the reward wants
+for that one prompt. Fitting the planner's Beta means to those targets turns a noisy policy
+gradient into a supervised fit of the same objective; what carries over to prompts never
+searched is what the targets share, such as one expert's natural strength or another's being
+a poor match for what was asked.
 
-Targets must come from training prompts (search seeds disjoint from evaluation seeds); model
-selection is on validation prompts as in train.py (``KeepBest``). The loss is the squared
+Targets must come from training prompts (search.search_targets, on search seeds disjoint from
+evaluation seeds); model selection is on validation prompts as in train.py (``KeepBest``). The loss is the squared
 error of the Beta means plus the VGAE's KL term; the latent noise stays on in training, so the
 fit is of the encoder's distribution, not of one point.
 """
@@ -35,12 +35,13 @@ Targets = Mapping[str, Mapping[str, float]]  # prompt -> {expert id: coefficient
 
 @dataclass(frozen=True)
 class DistilConfig:
-    epochs: int = 300  # full passes over the training prompts (one Adam step each)
+    epochs: int = 60  # full passes over the training prompts (one Adam step each)
     lr: float = 1e-2
     weight_decay: float = 0.01
     beta_kl: float = 1e-3  # weight of the VGAE's KL term, as in TrainConfig
     seed: int = 0
-    validate_every: int = 25  # epochs between scorings of the Beta-mean policy on the validation prompts
+    validate_every: int = 5  # epochs between scorings of the Beta-mean policy on the validation prompts: the
+    # fit passes its best within tens of epochs, then learns the targets' search noise (RESULTS.md)
 
 
 def distil(store: "GraphStore", targets: Targets, select: Select, reward: Reward, *,

@@ -190,6 +190,29 @@ def test_planner_training_and_generate_through_the_commands(graph, tmp_path):
     assert all(e["id"] in SD15_IDS for e in result["experts"]) and result["experts"], {k: result[k] for k in ("summary", "components", "notes")}
 
 
+def test_planner_training_by_distillation_through_the_command(graph):
+    """`planner train --trainer distil` on the SD 1.5 base: the search starts from a constant
+    tuned on the validation prompts, and the checkpoint records the trainer, the start and the
+    budget; an unknown trainer is one line and leaves the saved planner as it was."""
+    import json as json_module
+
+    from diffgraph.planner.search import CONSTANTS
+
+    saved = get_settings().home / "planner" / "sd15" / "planner.json"
+    command = ["planner", "train", "--base-model", "SD 1.5", "--trainer", "distil", "--steps", "3",
+               "--target-renders", "4", "--prompts", "30"]
+    trained = CliRunner().invoke(app, command, env={"COLUMNS": "300"})
+    assert trained.exit_code == 0, trained.output[-3000:]
+    assert "loss: first" in trained.output and "validation reward:" in trained.output
+    meta = json_module.loads(saved.read_text())
+    assert meta["training"]["config"]["trainer"] == "distil" and meta["training"]["config"]["epochs"] == 3
+    assert meta["training"]["search_start"] in CONSTANTS and meta["training"]["target_renders"] == 4
+    before = saved.read_bytes()
+    refused = CliRunner().invoke(app, ["planner", "train", "--base-model", "SD 1.5", "--trainer", "cma"])
+    assert refused.exit_code != 0 and "unknown trainer 'cma': reinforce or distil" in refused.output
+    assert len(refused.output.strip().splitlines()) == 1 and saved.read_bytes() == before
+
+
 def test_the_pass_survives_the_library_changing_under_it(graph):
     """A file edited after its expert was built is a new version at the next pass (hashed again,
     alone); a folder the user deleted leaves its experts "removed", the rest untouched."""
