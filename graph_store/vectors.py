@@ -14,8 +14,12 @@ Space: inner product on unit vectors (= cosine). Chroma's "cosine" space renorma
 vectors it stores, so ``get`` would not return what we put in and exported graphs would not
 round-trip bit for bit; with "ip" it does, and ``upsert`` checks the vectors are unit length.
 
-Metadata per vector: kind, base_model, status (mirrors the catalog) and description_sha256
-(the hash of the document it embeds, so reconcile can tell a stale embedding from a current one).
+Metadata per vector: kind, base_model, status (mirrors the catalog), description_sha256 (the
+hash of the document it embeds, so reconcile can tell a stale embedding from a current one) and
+vector_sha256 (the hash of the vector's float32 bytes as stored: a bit flipped in Chroma's index
+files leaves a vector unit length to within any tolerance, so only its hash shows the damage;
+see ``read_back``). Vectors written before the hash existed carry none and are checked for unit
+length only.
 """
 
 from __future__ import annotations
@@ -97,6 +101,12 @@ class RefuseToEmbed(EmbeddingFunction):
 
 def description_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def vector_sha256(vector: np.ndarray) -> str:
+    """The hash of a vector's little-endian float32 bytes (Chroma's "ip" space returns them
+    bit for bit)."""
+    return hashlib.sha256(np.asarray(vector, dtype="<f4").tobytes()).hexdigest()
 
 
 def partition_name(base_model: str, kind: str) -> str:
@@ -194,7 +204,7 @@ class VectorStore:
             if abs(float(np.linalg.norm(vector)) - 1.0) > 1e-3:
                 raise ValueError(f"embedding of {expert_id} is not unit length (inner product is used as cosine)")
             metadata = {"kind": kind, "base_model": base_model, "status": status,
-                        "description_sha256": description_sha256(document)}
+                        "description_sha256": description_sha256(document), "vector_sha256": vector_sha256(vector)}
             groups.setdefault((base_model, kind), []).append((expert_id, vector, metadata, document))
         for (base_model, kind), group in groups.items():
             col = self._collection(partition_name(base_model, kind), base_model, kind)
@@ -300,21 +310,24 @@ class VectorStore:
     def read_back(self) -> int:
         """Read every partition end to end: its count, every vector, and one nearest-neighbour
         query, which is what loads its index (see vector_recovery). Raises what Chroma raises, or
-        VectorsUnreadable when a vector comes back damaged (not finite or not unit length, which
-        ``upsert_many`` guarantees it was) or fewer vectors can be read than are counted. Returns
-        the number of vectors read."""
+        VectorsUnreadable when a vector comes back damaged (not finite, not unit length, or not
+        the bytes its vector_sha256 metadata records, all of which ``upsert_many`` guarantees it
+        was) or fewer vectors can be read than are counted. Returns the number of vectors read."""
         total = 0
         for col in self._partitions():
             n, read, sample = col.count(), 0, None
             while read < n:
-                page = col.get(include=["embeddings"], limit=_PAGE, offset=read)
+                page = col.get(include=["embeddings", "metadatas"], limit=_PAGE, offset=read)
                 if not page["ids"]:
                     break
                 vectors = np.asarray(page["embeddings"], dtype=np.float32).reshape(len(page["ids"]), -1)
                 norms = np.linalg.norm(vectors, axis=1)
-                damaged = int((~np.isfinite(norms) | (np.abs(norms - 1.0) > 1e-3)).sum())
+                hashes = [(meta or {}).get("vector_sha256") for meta in page["metadatas"]]
+                altered = np.array([want is not None and want != vector_sha256(v) for v, want in zip(vectors, hashes)])
+                damaged = int((~np.isfinite(norms) | (np.abs(norms - 1.0) > 1e-3) | altered).sum())
                 if damaged:
-                    raise VectorsUnreadable(f"{damaged} vectors of {col.name} came back damaged (not unit length)")
+                    raise VectorsUnreadable(f"{damaged} vectors of {col.name} came back damaged "
+                                            "(not unit length or not the bytes stored)")
                 read, sample = read + len(page["ids"]), vectors[:1]
             if read != n:
                 raise VectorsUnreadable(f"{col.name} counts {n} vectors but only {read} can be read")

@@ -90,6 +90,14 @@ def overwrite(path: Path, offset: int, data: bytes) -> None:
         f.write(data)
 
 
+def _flip(path: Path, offset: int, n: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        data = f.read(n)
+        f.seek(offset)
+        f.write(bytes(b ^ 0xFF for b in data))
+
+
 def _impossible_count(path: Path) -> None:
     header = bytearray(path.read_bytes())
     header[12:20] = struct.pack("<Q", 2**60)  # cur_element_count after (int version, size_t offset, size_t max)
@@ -101,6 +109,9 @@ DAMAGE = {
     "truncated index data (interrupted flush)": lambda h: os.truncate(index_folder(h) / "data_level0.bin", 100_000),
     "index data overwritten": lambda h: overwrite(index_folder(h) / "data_level0.bin", 0,
                                                    np.random.default_rng(1).bytes(1_000_000)),
+    # HNSW's level-0 element: 4 + 2M x 4 bytes of links (Chroma's M = 16), then the vector; two
+    # bytes of the first vector's third component flipped keep it unit length to within 1e-3
+    "bits of one stored vector flipped (bad disk)": lambda h: _flip(index_folder(h) / "data_level0.bin", 140, 2),
     "torn index metadata": lambda h: os.truncate(index_folder(h) / "index_metadata.pickle", 1000),
     "index metadata garbage": lambda h: (index_folder(h) / "index_metadata.pickle").write_bytes(
         np.random.default_rng(2).bytes(2000)),
