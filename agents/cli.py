@@ -290,7 +290,7 @@ def planner_train(
     if result["validation"]:
         best = max(result["validation"], key=lambda v: v[1])
         console.print(f"validation reward: {result['validation'][0][1]:.4f} untrained, {best[1]:.4f} kept "
-                      f"(step {best[0]})")
+                      f"({unit[:-1]} {best[0]})")
     console.print(f"[green]checkpoint:[/] {result['checkpoint']}")
 
 

@@ -21,11 +21,10 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch_geometric.data import Batch
 
 from .model import VGAEPlanner
-from .train import KeepBest, Reward, Select, TrainResult, episodes, seeded_planner
+from .train import KeepBest, Reward, Select, TrainResult, episodes, seeded_planner, training_bar
 
 if TYPE_CHECKING:
     from ..graph_store.store import GraphStore
@@ -41,7 +40,7 @@ class DistilConfig:
     beta_kl: float = 1e-3  # weight of the VGAE's KL term, as in TrainConfig
     seed: int = 0
     validate_every: int = 5  # epochs between scorings of the Beta-mean policy on the validation prompts: the
-    # fit passes its best within tens of epochs, then learns the targets' search noise (RESULTS.md)
+    # fit passes its best within tens of epochs, then memorises the training prompts (RESULTS.md)
 
 
 def distil(store: "GraphStore", targets: Targets, select: Select, reward: Reward, *,
@@ -70,13 +69,9 @@ def distil(store: "GraphStore", targets: Targets, select: Select, reward: Reward
     generator = torch.Generator().manual_seed(config.seed)
     optimiser = torch.optim.AdamW(planner.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     history: list[float] = []
-    planner.train()
     keeper = KeepBest(planner, held_out, reward)
-    keeper.validate(0)
-    columns = (TextColumn("planner (distil)"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn())
-    with Progress(*columns, console=console, disable=not progress) as bar:
-        task = bar.add_task("distil", total=config.epochs, loss="-")
+    with training_bar("planner (distil)", "loss", console, progress) as bar:
+        task = bar.add_task("distil", total=config.epochs, value="-")
         for epoch in range(1, config.epochs + 1):
             out = planner(graph, generator)
             loss = torch.mean((out.coefficients() - goal) ** 2) + config.beta_kl * out.kl()
@@ -84,7 +79,7 @@ def distil(store: "GraphStore", targets: Targets, select: Select, reward: Reward
             loss.backward()
             optimiser.step()
             history.append(loss.item())
-            bar.update(task, advance=1, loss=f"{history[-1]:.4f}")
+            bar.update(task, advance=1, value=f"{history[-1]:.4f}")
             if epoch % config.validate_every == 0 or epoch == config.epochs:
                 keeper.validate(epoch)
     planner.training_info = {"config": {"trainer": "distil", **asdict(config)}, "prompts": len(data),

@@ -163,12 +163,16 @@ def seeded_planner(schema: FeatureSchema, seed: int) -> VGAEPlanner:
 class KeepBest:
     """Model selection on validation prompts (module docstring): scores the Beta-mean policy on
     ``held_out`` when asked and, at the end, puts back the best weights seen. With no
-    validation prompts it does nothing and the last weights stay."""
+    validation prompts it does nothing and the last weights stay. Made when a run starts: it
+    puts the planner in train mode and scores the untrained policy as step 0, so a run that
+    never beats its start keeps it."""
 
     def __init__(self, planner: VGAEPlanner, held_out: Sequence[Episode], reward: Reward):
         self.planner, self.held_out, self.reward = planner, held_out, reward
         self.scores: list[tuple[int, float]] = []
         self.best: tuple[float, int, dict] | None = None
+        planner.train()
+        self.validate(0)
 
     def validate(self, step: int) -> None:
         if self.held_out:
@@ -183,6 +187,14 @@ class KeepBest:
             self.planner.load_state_dict(self.best[2])
             self.planner.training_info.update(validation=self.scores, validation_prompts=len(self.held_out),
                                               kept_step=self.best[1])
+
+
+def training_bar(label: str, measure: str, console: Console | None, progress: bool) -> Progress:
+    """A training run's progress bar: ``label``, steps done of all, and the latest ``measure``,
+    which ``update`` receives as ``value``."""
+    return Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(),
+                    TextColumn(f"{measure} {{task.fields[value]}}"), TimeElapsedColumn(), console=console,
+                    disable=not progress)
 
 
 def train(store: "GraphStore", prompts: Sequence[str], select: Select, reward: Reward, *,
@@ -210,13 +222,9 @@ def train(store: "GraphStore", prompts: Sequence[str], select: Select, reward: R
     b, k = min(config.prompts_per_step, len(data)), config.samples_per_prompt
     history: list[float] = []
     queue: list[Episode] = []
-    planner.train()
     keeper = KeepBest(planner, held_out, reward)
-    keeper.validate(0)
-    columns = (TextColumn("planner"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("mean reward {task.fields[reward]}"), TimeElapsedColumn())
-    with Progress(*columns, console=console, disable=not progress) as bar:
-        task = bar.add_task("train", total=config.steps, reward="-")
+    with training_bar("planner", "mean reward", console, progress) as bar:
+        task = bar.add_task("train", total=config.steps, value="-")
         for _ in range(config.steps):
             batch = []
             while len(batch) < b:  # every prompt once per epoch, in a fresh order each epoch
@@ -237,7 +245,7 @@ def train(store: "GraphStore", prompts: Sequence[str], select: Select, reward: R
             loss.backward()
             optimiser.step()
             history.append(rewards.mean().item())
-            bar.update(task, advance=1, reward=f"{history[-1]:.4f}")
+            bar.update(task, advance=1, value=f"{history[-1]:.4f}")
             if (len(history) % config.validate_every == 0) or len(history) == config.steps:
                 keeper.validate(len(history))
     planner.training_info = {"config": asdict(config), "prompts": len(data), "first_mean_reward": history[0],
