@@ -9,8 +9,9 @@ misbehaves (chroma #7090, #7238): a torn ``index_metadata.pickle``, a truncated 
 Rules:
 - Readable means: Chroma opens the folder, and every partition answers a count, a read of
   every vector (each still unit length and the bytes its ``vector_sha256`` records, as
-  ``VectorStore.upsert_many`` stored it) and a nearest neighbour query. A folder that merely opens is not enough: Chroma loads a partition's index on
-  first use, and that is where damage shows.
+  ``VectorStore.upsert_many`` stored it) and a nearest neighbour query. A folder that merely
+  opens is not enough: Chroma loads a partition's index on first use, and that is where damage
+  shows.
 - The check runs in a child process, because on some damage Chroma's native index loader
   crashes the whole process (SIGSEGV) instead of raising (chroma #7238); a crash, an exception
   or a hang in the child all mean unreadable, and the caller survives to say so.

@@ -9,9 +9,9 @@ searched is what the targets share, such as one expert's natural strength or ano
 a poor match for what was asked.
 
 Targets must come from training prompts (search.search_targets, on search seeds disjoint from
-evaluation seeds); model selection is on validation prompts as in train.py (``KeepBest``). The loss is the squared
-error of the Beta means plus the VGAE's KL term; the latent noise stays on in training, so the
-fit is of the encoder's distribution, not of one point.
+evaluation seeds); model selection is on validation prompts as in train.py (``KeepBest``). The
+loss is the squared error of the Beta means plus the VGAE's KL term; the latent noise stays on
+in training, so the fit is of the encoder's distribution, not of one point.
 """
 
 from __future__ import annotations
